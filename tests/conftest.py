@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny open_clip models built from config dicts (never downloaded)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+# A CLIP small enough for CPU tests. The vocabulary is open_clip's real one (49408 tokens), so the
+# tokenizer shipped inside open_clip works with it offline.
+TINY_CLIP_CFG: dict = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture
+def tiny_clip_cfg() -> dict:
+    """A fresh copy of the tiny CLIP architecture (safe to mutate)."""
+    return copy.deepcopy(TINY_CLIP_CFG)
+
+
+@pytest.fixture
+def tiny_clip(tiny_clip_cfg):
+    """An unconverted open_clip.CLIP with random weights, in eval mode."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**tiny_clip_cfg)
+    return model.eval()

@@ -1,0 +1,173 @@
+"""The two data types every reader returns and every model consumes.
+
+`ClassificationTask` is all a model needs to classify one evaluation set (class names and the
+prompt templates to embed them with); `ImageListDataset` is a plain list of `(path, label)` pairs
+that opens images lazily with PIL.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+
+class CorruptImageError(OSError):
+    """An image file that PIL cannot open or decode completely."""
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder, image folder or split file is not where the CoOp layout puts it."""
+
+
+class MalformedDatasetError(ValueError):
+    """A dataset is on disk but its files disagree with the layout (bad JSON, gaps in labels, ...)."""
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """What a model needs to classify one evaluation set.
+
+    `classnames[i]` is the name of label `i`; each template holds one `{}` for the class name
+    (e.g. ``"a photo of a {}."``). Lists are stored as tuples so a task is hashable.
+    """
+
+    name: str
+    classnames: tuple[str, ...]
+    templates: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # frozen: normalise through object.__setattr__ so callers may pass lists.
+        object.__setattr__(self, "classnames", tuple(self.classnames))
+        object.__setattr__(self, "templates", tuple(self.templates))
+        if not self.classnames:
+            raise ValueError(f"ClassificationTask {self.name!r} has no class names.")
+        if not self.templates:
+            raise ValueError(f"ClassificationTask {self.name!r} has no templates.")
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(
+                f"ClassificationTask {self.name!r}: every template needs exactly one '{{}}' for the "
+                f"class name; these do not: {bad}"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels are 0 .. num_classes - 1)."""
+        return len(self.classnames)
+
+
+def load_rgb_image(path: str) -> Image.Image:
+    """Open `path` with PIL, decode it fully and return it as RGB.
+
+    PIL decodes lazily, so `load()` is forced here: a truncated file then fails now, naming the
+    file, instead of deep inside a transform or a DataLoader worker.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Some other code switched PIL to pad truncated files silently; they cannot be detected then.
+        warnings.warn(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images are padded silently instead of "
+            "reported. Set it back to False to detect them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise CorruptImageError(
+            f"Cannot read image {path!r}: {err}. Replace or delete the file, or pass "
+            "skip_corrupt=true (data.skip_corrupt=true) to skip unreadable images."
+        ) from err
+
+
+class ImageListDataset(Dataset):
+    """A classification dataset given as a list of `(image path, label)` pairs.
+
+    Args:
+        samples: `(path, label)` pairs; labels index `classnames`.
+        classnames: class names, `classnames[label]` names the class of `label`.
+        transform: applied to the PIL RGB image; settable later (`ds.transform = ...`).
+        skip_corrupt: if False (default) an unreadable or truncated image raises
+            `CorruptImageError` naming the file. If True, the bad sample is replaced by the next
+            readable one (wrapping around), logged, and counted in `corrupt_count`.
+        name: a label for messages and logs (e.g. ``"oxford_pets/test"``).
+
+    `corrupt_count` counts the distinct bad files met in *this* process; with DataLoader workers
+    each worker keeps its own count (the warnings in the log cover all of them).
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classnames: Sequence[str],
+        transform: Callable[[Image.Image], Any] | None = None,
+        skip_corrupt: bool = False,
+        name: str = "",
+    ) -> None:
+        self.samples: list[tuple[str, int]] = [(str(path), int(label)) for path, label in samples]
+        self.classnames: list[str] = list(classnames)
+        self.transform = transform
+        self.skip_corrupt = skip_corrupt
+        self.name = name
+        self._corrupt_indices: set[int] = set()
+        bad_labels = sorted({label for _, label in self.samples if not 0 <= label < len(self.classnames)})
+        if bad_labels:
+            raise ValueError(
+                f"Dataset {name!r}: labels {bad_labels[:10]} are outside 0..{len(self.classnames) - 1} "
+                f"({len(self.classnames)} class names)."
+            )
+
+    @property
+    def corrupt_count(self) -> int:
+        """How many distinct unreadable images were skipped so far (this process only)."""
+        return len(self._corrupt_indices)
+
+    @property
+    def labels(self) -> list[int]:
+        """The label of every sample, in order (no image is opened)."""
+        return [label for _, label in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not self.skip_corrupt:
+            path, label = self.samples[index]
+            return self._transformed(load_rgb_image(path)), label
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if candidate in self._corrupt_indices:
+                continue
+            path, label = self.samples[candidate]
+            try:
+                image = load_rgb_image(path)
+            except CorruptImageError as err:
+                self._corrupt_indices.add(candidate)
+                log.warning(
+                    "%s: skipping corrupt image %s (%d skipped so far): %s",
+                    self.name or "dataset",
+                    path,
+                    self.corrupt_count,
+                    err.__cause__ or err,
+                )
+                continue
+            return self._transformed(image), label
+        raise CorruptImageError(f"Dataset {self.name!r}: none of its {len(self.samples)} images is readable.")
+
+    def _transformed(self, image: Image.Image) -> Any:
+        return self.transform(image) if self.transform is not None else image
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, samples={len(self.samples)}, "
+            f"classes={len(self.classnames)}, skip_corrupt={self.skip_corrupt})"
+        )

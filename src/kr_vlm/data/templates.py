@@ -1,0 +1,62 @@
+"""Prompt templates per dataset: one `{}` stands for the class name.
+
+Three kinds, chosen by `get_templates(dataset_name, kind)`:
+
+- `simple`: ``"a photo of a {}."``, CLIP-LoRA's training template.
+- `coop`: the one hand-written template per dataset of CoOp's zero-shot CLIP
+  (`CUSTOM_TEMPLATES` in KaiyangZhou/CoOp `trainers/zsclip.py`).
+- `clip80`: the 80 ImageNet templates of OpenAI's CLIP prompt-engineering notebook, taken from
+  `open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES`.
+
+Class names need no cleaning here: the readers already turn underscores into spaces, as CoOp and
+CLIP-LoRA do when they build prompts.
+"""
+
+from __future__ import annotations
+
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+from kr_vlm.data.registry import dataset_info
+
+SIMPLE_TEMPLATE = "a photo of a {}."
+
+# Keyed by CoOp's dataset class names (`DatasetInfo.coop_name`), copied from CoOp's zsclip.py.
+COOP_TEMPLATES: dict[str, str] = {
+    "OxfordPets": "a photo of a {}, a type of pet.",
+    "OxfordFlowers": "a photo of a {}, a type of flower.",
+    "FGVCAircraft": "a photo of a {}, a type of aircraft.",
+    "DescribableTextures": "{} texture.",
+    "EuroSAT": "a centered satellite photo of {}.",
+    "StanfordCars": "a photo of a {}.",
+    "Food101": "a photo of {}, a type of food.",
+    "SUN397": "a photo of a {}.",
+    "Caltech101": "a photo of a {}.",
+    "UCF101": "a photo of a person doing {}.",
+    "ImageNet": "a photo of a {}.",
+    "ImageNetSketch": "a photo of a {}.",
+    "ImageNetV2": "a photo of a {}.",
+    "ImageNetA": "a photo of a {}.",
+    "ImageNetR": "a photo of a {}.",
+}
+
+# Datasets CoOp does not have. digits: OpenAI CLIP's MNIST prompt (CLIP repo, data/prompts.md).
+OTHER_TEMPLATES: dict[str, str] = {
+    "digits": 'a photo of the number: "{}".',
+}
+
+# open_clip stores the templates as functions of the class name; "{}" turns them back into strings.
+CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
+
+TEMPLATE_KINDS = ("simple", "coop", "clip80")
+
+
+def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
+    """The prompt templates of `kind` (`simple`, `coop` or `clip80`) for dataset `dataset_name`."""
+    info = dataset_info(dataset_name)
+    if kind == "simple":
+        return (SIMPLE_TEMPLATE,)
+    if kind == "coop":
+        return (COOP_TEMPLATES[info.coop_name] if info.coop_name else OTHER_TEMPLATES[info.name],)
+    if kind == "clip80":
+        return CLIP_IMAGENET_TEMPLATES
+    raise ValueError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

@@ -1,0 +1,163 @@
+"""Write tiny datasets in CoOp's folder layout for tests (importable: `from coop_layout import ...`).
+
+Every image is a small solid-colour JPEG whose colour depends only on its class, so a model can
+learn the tiny sets quickly. `make_coop_dataset` returns what a reader should find.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from kr_vlm.data.registry import DATASETS
+
+SPLITS = ("train", "val", "test")
+RAW_NAMES = ["red_fox", "blue_whale", "green_apple", "yellow_cab", "white_tiger", "black_swan"]
+
+
+@dataclass
+class FakeDataset:
+    """What `make_coop_dataset` wrote: the dataset folder, the expected readable class names
+    (index = label) and the number of images per split (`imagenet` counts `val` and `test` alike)."""
+
+    path: Path
+    classnames: list[str]
+    counts: dict[str, int]
+
+
+def write_image(path: Path, label: int, index: int = 0, size: int = 8) -> None:
+    """Write a solid-colour `size`x`size` image; the colour encodes `label` (format from suffix)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colour = ((label * 97 + index) % 256, (label * 57 + 80) % 256, (label * 31 + 160) % 256)
+    Image.new("RGB", (size, size), colour).save(path)
+
+
+def _raw_name(label: int) -> str:
+    return RAW_NAMES[label] if label < len(RAW_NAMES) else f"thing_{label}"
+
+
+def _per_split(per_class: int | dict[str, int]) -> dict[str, int]:
+    return per_class if isinstance(per_class, dict) else dict.fromkeys(SPLITS, per_class)
+
+
+def _wnid(index: int) -> str:
+    return f"n{1440764 + 7 * index:08d}"
+
+
+def _write_split_zhou(dataset_dir: Path, name: str, classes: int, counts: dict[str, int]) -> list[str]:
+    info = DATASETS[name]
+    image_root = info.reader.keywords["image_dir"]
+    table: dict[str, list] = {}
+    for split in SPLITS:
+        entries = []
+        for label in range(classes):
+            raw = _raw_name(label)
+            for i in range(counts[split]):
+                if name == "stanford_cars":  # CoOp's paths start with cars_train/ or cars_test/
+                    rel = f"cars_{'test' if split == 'test' else 'train'}/{label:03d}{split}{i:03d}.jpg"
+                elif name in ("oxford_pets", "oxford_flowers"):  # flat image folders
+                    rel = f"{raw}_{split}_{i}.jpg"
+                else:
+                    rel = f"{raw}/{split}_{i:03d}.jpg"
+                write_image(dataset_dir / image_root / rel, label, i)
+                entries.append([rel, label, raw])
+        table[split] = entries
+    (dataset_dir / info.reader.keywords["split_file"]).write_text(json.dumps(table))
+    if name == "oxford_flowers":
+        cat_to_name = {str(label + 1): _raw_name(label) for label in range(classes)}
+        (dataset_dir / "cat_to_name.json").write_text(json.dumps(cat_to_name))
+    return [_raw_name(label).replace("_", " ") for label in range(classes)]
+
+
+def _write_fgvc(dataset_dir: Path, classes: int, counts: dict[str, int]) -> list[str]:
+    variants = [f"Jet-{label}00 {_raw_name(label)}" for label in range(classes)]
+    (dataset_dir / "variants.txt").write_text("".join(f"{v}\n" for v in variants))
+    image_id = 1000000
+    for split in SPLITS:
+        lines = []
+        for label, variant in enumerate(variants):
+            for i in range(counts[split]):
+                image_id += 1
+                write_image(dataset_dir / "images" / f"{image_id}.jpg", label, i)
+                lines.append(f"{image_id} {variant}\n")
+        (dataset_dir / f"images_variant_{split}.txt").write_text("".join(lines))
+    return [v.replace("_", " ") for v in variants]
+
+
+def _write_classnames_txt(dataset_dir: Path, wnids: list[str]) -> None:
+    lines = [f"{wnid} {_raw_name(index).replace('_', ' ')}\n" for index, wnid in enumerate(wnids)]
+    (dataset_dir / "classnames.txt").write_text("".join(lines))
+
+
+def _write_imagenet(dataset_dir: Path, classes: int, counts: dict[str, int]) -> FakeDataset:
+    wnids = [_wnid(label) for label in range(classes)]
+    _write_classnames_txt(dataset_dir, wnids)
+    for label, wnid in enumerate(wnids):
+        for i in range(counts["train"]):
+            write_image(dataset_dir / "images" / "train" / wnid / f"{wnid}_{i}.JPEG", label, i)
+        for i in range(counts["test"]):
+            write_image(
+                dataset_dir / "images" / "val" / wnid / f"ILSVRC2012_val_{label:04d}{i:04d}.JPEG", label, i
+            )
+    classnames = [_raw_name(label).replace("_", " ") for label in range(classes)]
+    totals = {
+        "train": classes * counts["train"],
+        "val": classes * counts["test"],
+        "test": classes * counts["test"],
+    }
+    return FakeDataset(dataset_dir, classnames, totals)
+
+
+def _write_shift_set(dataset_dir: Path, name: str, classes: int, counts: dict[str, int]) -> FakeDataset:
+    image_dir = dataset_dir / DATASETS[name].reader.keywords["image_dir"]
+    image_dir.mkdir(parents=True, exist_ok=True)
+    if name in ("imagenet_a", "imagenet_r"):
+        # 200 of ImageNet's 1000 classes in reality: here every second wnid of classnames.txt.
+        all_wnids = [_wnid(index) for index in range(2 * classes)]
+        chosen = list(range(1, 2 * classes, 2))
+        (image_dir / "README.txt").write_text("not a class folder\n")
+    else:
+        all_wnids = [_wnid(index) for index in range(classes)]
+        chosen = list(range(classes))
+    _write_classnames_txt(dataset_dir, all_wnids)
+    for label, index in enumerate(chosen):
+        folder = str(index) if name == "imagenet_v2" else all_wnids[index]
+        for i in range(counts["test"]):
+            write_image(image_dir / folder / f"{i:04d}.jpeg", label, i)
+    names = [_raw_name(index).replace("_", " ") for index in chosen]
+    return FakeDataset(dataset_dir, names, {"test": classes * counts["test"]})
+
+
+def make_coop_dataset(
+    root: str | Path, name: str, classes: int = 3, per_class: int | dict[str, int] = 2
+) -> FakeDataset:
+    """Write dataset `name` (a kr_vlm name, not `digits`) in CoOp's layout under `root`.
+
+    Args:
+        root: the data root (`$DATA`); the dataset goes to `root/<CoOp folder>`.
+        name: one of `kr_vlm.data.registry.DATASET_NAMES` except `digits`.
+        classes: number of classes.
+        per_class: images per class in every split, or a dict `{"train": n, "val": n, "test": n}`.
+            ImageNet writes `train` and `test` (its val folder); the shift sets write `test`.
+
+    ImageNet-A and -R get class folders for every *second* wnid of their `classnames.txt`, so their
+    labels (index among their own folders) differ from ImageNet's indices, as in the real sets.
+    """
+    info = DATASETS[name]
+    if info.folder is None:
+        raise ValueError(f"{name!r} is not a CoOp dataset on disk.")
+    counts = _per_split(per_class)
+    dataset_dir = Path(root) / info.folder
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    if name == "imagenet":
+        return _write_imagenet(dataset_dir, classes, counts)
+    if info.splits == ("test",):
+        return _write_shift_set(dataset_dir, name, classes, counts)
+    if name == "fgvc_aircraft":
+        classnames = _write_fgvc(dataset_dir, classes, counts)
+    else:
+        classnames = _write_split_zhou(dataset_dir, name, classes, counts)
+    return FakeDataset(dataset_dir, classnames, {split: classes * counts[split] for split in SPLITS})

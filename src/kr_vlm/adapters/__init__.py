@@ -4,7 +4,13 @@ Nothing here knows about CLIP, Lightning or data.
 """
 
 from kr_vlm.adapters.config import METHODS, AdapterConfig
-from kr_vlm.adapters.inject import adapted_layers, inject_adapters, merge_adapters, unmerge_adapters
+from kr_vlm.adapters.inject import (
+    adapted_layers,
+    count_parameters,
+    inject_adapters,
+    merge_adapters,
+    unmerge_adapters,
+)
 from kr_vlm.adapters.io import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from kr_vlm.adapters.kradapter import KRAdapterLinear, kradapter_shapes
 
@@ -14,6 +20,7 @@ __all__ = [
     "KRAdapterLinear",
     "adapted_layers",
     "adapter_state_dict",
+    "count_parameters",
     "inject_adapters",
     "kradapter_shapes",
     "load_adapter_state_dict",

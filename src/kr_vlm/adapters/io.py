@@ -1,0 +1,201 @@
+"""Save and load adapters: ``adapter_config.json`` plus ``adapter_model.safetensors`` (adapter tensors only).
+
+Which tensors are saved, keyed by the model's own ``state_dict`` names:
+
+- ``kradapter``: ``<layer>.kr_u``, ``<layer>.kr_v``;
+- ``lora``: ``<layer>.lora_A.default.weight``, ``<layer>.lora_B.default.weight`` (``dora`` adds
+  ``<layer>.lora_magnitude_vector.default.weight``); ``lokr``: ``<layer>.lokr_w1.default``, ... ;
+  ``loha``: ``<layer>.hada_w1_a.default``, ...;
+- ``vera``: ``<layer>.vera_lambda_b.default``, ``<layer>.vera_lambda_d.default``; ``randlora``:
+  ``<layer>.randlora_lambda.default``, ``<layer>.randlora_gamma.default``. Their frozen random projections
+  (``vera_A`` / ``vera_B``, ``randlora_A`` / ``randlora_B``) are one tensor shared by all layers; they are
+  saved once, under the first adapted layer's name (``<first layer>.vera_A.default``). peft can regenerate
+  them from ``projection_prng_key``, but the result depends on the platform (peft warns so; RandLoRA even
+  draws them in bfloat16 or float16 depending on the hardware), so saving them makes loading exact;
+- ``full``: ``<layer>.weight`` and ``<layer>.bias``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import kr_vlm
+from kr_vlm.adapters.config import AdapterConfig
+from kr_vlm.adapters.full import FullFineTuneLinear
+from kr_vlm.adapters.inject import (
+    CONFIG_ATTRIBUTE,
+    adapted_layers,
+    inject_adapters,
+    is_adapted_layer,
+    truncated_list,
+)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+
+
+def _layer_adapter_tensors(layer: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The adapter tensors of one adapted layer, by their names inside it."""
+    if isinstance(layer, FullFineTuneLinear):
+        yield from layer.named_parameters()  # weight and bias; the initial_weight buffer is not saved
+        return
+    # KRAdapter and peft layers keep the frozen original as ``base_layer``; everything else is the adapter.
+    for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
+        if not name.startswith("base_layer."):
+            yield name, tensor
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter tensors of ``model`` (detached, sharing memory with the model), keyed by state-dict name.
+
+    See the module docstring for the names per method. A tensor shared by several layers (VeRA's and
+    RandLoRA's random projections) appears once, under the first layer's name.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for layer_name, layer in model.named_modules():
+        if not is_adapted_layer(layer):
+            continue
+        for name, tensor in _layer_adapter_tensors(layer):
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            tensors[f"{layer_name}.{name}" if layer_name else name] = tensor.detach()
+    return tensors
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state_dict`` into ``model``'s adapter tensors, strictly.
+
+    Every adapter tensor of the model must be given, with the same shape, and nothing else: otherwise a
+    ``ValueError`` names the missing, unexpected and mis-shaped tensors and nothing is loaded. Values are
+    cast to the model tensors' dtype and device.
+    """
+    merged = [name for name, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"Cannot load adapter weights into merged layers ({truncated_list(merged)}): their base weights hold the "
+            "old update. Call kr_vlm.adapters.unmerge_adapters(model) first."
+        )
+    expected = adapter_state_dict(model)
+    missing = [name for name in expected if name not in state_dict]
+    unexpected = [name for name in state_dict if name not in expected]
+    mismatched = [
+        f"{name} (given {tuple(state_dict[name].shape)}, model has {tuple(tensor.shape)})"
+        for name, tensor in expected.items()
+        if name in state_dict and tuple(state_dict[name].shape) != tuple(tensor.shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {truncated_list(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {truncated_list(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} with a different shape: {truncated_list(mismatched)}")
+    if problems:
+        raise ValueError(
+            "The adapter weights do not fit the model's adapters; " + "; ".join(problems) + ". "
+            "Were they saved from a model with the same architecture and adapter config?"
+        )
+    with torch.no_grad():
+        for name, tensor in expected.items():
+            tensor.copy_(state_dict[name])
+
+
+def _injected_module(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the module inside ``model`` that ``inject_adapters`` recorded its config on."""
+    found = [(name, module) for name, module in model.named_modules() if hasattr(module, CONFIG_ATTRIBUTE)]
+    if len(found) > 1:
+        names = ", ".join(name or "<model>" for name, _ in found)
+        raise ValueError(f"Several modules hold adapter configs ({names}); pass the one to save or load.")
+    return found[0] if found else None
+
+
+def _safetensors_ready(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous, and no two tensors on one storage (safetensors refuses shared memory)."""
+    ready: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        ready[name] = tensor
+    return ready
+
+
+def save_adapters(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the adapters in ``model``.
+
+    ``model`` is the module given to ``inject_adapters`` or any module that contains it (e.g. a classifier
+    wrapping it); names are relative to the injected module, so ``load_adapters`` takes that module's kind
+    (e.g. a freshly built base model). Returns the directory.
+    """
+    found = _injected_module(model)
+    if found is None:
+        raise ValueError("The model holds no adapters from kr_vlm.adapters.inject_adapters; nothing to save.")
+    _, injected = found
+    config: AdapterConfig = getattr(injected, CONFIG_ATTRIBUTE)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        _safetensors_ready(adapter_state_dict(injected)), directory / WEIGHTS_FILE, metadata={"format": "pt"}
+    )
+    header = {"format_version": FORMAT_VERSION, "kr_vlm_version": kr_vlm.__version__}
+    (directory / CONFIG_FILE).write_text(json.dumps({**header, **config.to_dict()}, indent=2) + "\n")
+    return directory
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    """The ``AdapterConfig`` stored in ``directory/adapter_config.json`` by ``save_adapters``."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No adapter config at {path}. load_adapters needs a directory written by save_adapters, holding "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}."
+        )
+    data = json.loads(path.read_text())
+    version = data.pop("format_version", None)
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has adapter format version {version!r}; this kr_vlm ({kr_vlm.__version__}) reads version "
+            f"{FORMAT_VERSION}."
+        )
+    data.pop("kr_vlm_version", None)
+    return AdapterConfig.from_dict(data)
+
+
+def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load adapters saved by ``save_adapters`` into ``model`` and return it.
+
+    A model without adapters gets them injected from the saved config first; a model that already holds
+    adapters must hold them with an equal config. The tensors are then loaded strictly
+    (see ``load_adapter_state_dict``).
+    """
+    config = read_adapter_config(directory)
+    weights_path = Path(directory) / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise FileNotFoundError(
+            f"No adapter weights at {weights_path}; save_adapters writes them next to {CONFIG_FILE}."
+        )
+    found = _injected_module(model)
+    if found is None:
+        inject_adapters(model, config)
+        injected = model
+    else:
+        _, injected = found
+        existing = getattr(injected, CONFIG_ATTRIBUTE)
+        if existing != config:
+            raise ValueError(
+                f"The model already holds adapters with {existing}, but {directory} holds {config}. "
+                "Load into a freshly built base model instead."
+            )
+    load_adapter_state_dict(injected, load_file(weights_path))
+    return model

@@ -1,0 +1,301 @@
+"""KRAdapter: a Khatri-Rao product update for ``nn.Linear`` (arXiv 2508.00230).
+
+For a weight ``W0`` of shape ``(d_out, d_in)`` let ``k = min(d_out, d_in)`` and ``K = max(d_out, d_in)``.
+The trainable factors are ``U`` of shape ``(k, r)`` and ``V`` of shape ``(k, r2)`` with ``r * r2 >= K``.
+Row ``i`` of the ``(k, K)`` matrix ``M`` is ``kron(V[i], U[i])`` cut to length ``K`` (entry ``a * r + b``
+is ``V[i, a] * U[i, b]``); the k axis lies on the smaller side of the layer, so ``ΔW = M`` when
+``d_out <= d_in`` and ``ΔW = Mᵀ`` otherwise. The layer computes ``y = x (W0 + s ΔW)ᵀ + b``.
+
+Every row of ``M`` is an independent rank-one outer product, so ``M`` is generically full rank with only
+``k * (r + r2)`` parameters (about ``2 k sqrt(K)``), unlike LoRA's ``B @ A``.
+
+The authors' snippet builds ``ΔW`` on every call and adds a second matmul ``x @ ΔWᵀ``; autograd then keeps
+the dense ``ΔW`` alive for backward. Here a custom autograd Function runs ONE matmul with the fused weight
+``W0 + s ΔW`` and, in backward, rebuilds that weight from the factors instead of storing it. The factor
+gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted against the factors:
+``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[int, int, int, int]:
+    """Return ``(k, K, r, r2)`` for a ``(d_out, d_in)`` weight.
+
+    ``k = min(d_out, d_in)``, ``K = max(d_out, d_in)``, ``r = floor(sqrt(k))`` unless ``rank`` is given, and
+    ``r2 = ceil(K / r)``, the smallest ``r2`` with ``r * r2 >= K``. For every ``r <= sqrt(K)`` (the default
+    included) this is the authors' ``r + d`` rule; for a larger custom rank their rule would keep
+    ``r2 = r`` and pay for columns that are cut off, so the smallest sufficient ``r2`` is used instead.
+    Trainable parameters: ``k * (r + r2)``.
+    """
+    if d_out < 1 or d_in < 1:
+        raise ValueError(f"KRAdapter needs a weight with positive dimensions, got ({d_out}, {d_in}).")
+    k, big_k = min(d_out, d_in), max(d_out, d_in)
+    if rank is None:
+        rank = math.isqrt(k)
+    elif isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= k:
+        raise ValueError(
+            f"KRAdapter rank must be an integer in [1, min(d_out, d_in)] = [1, {k}] for a ({d_out}, {d_in}) "
+            f"weight, got {rank!r}. Leave it as None for the default floor(sqrt({k})) = {math.isqrt(k)}."
+        )
+    rank2 = -(-big_k // rank)
+    return k, big_k, rank, rank2
+
+
+def _khatri_rao_update(u: torch.Tensor, v: torch.Tensor, big_k: int, transposed: bool) -> torch.Tensor:
+    """The unscaled update ``ΔW`` shaped ``(d_out, d_in)``, built with plain (differentiable) torch ops.
+
+    ``transposed`` means ``d_out > d_in`` (``ΔW = Mᵀ``). That case is built directly in the ``(r2, r, k)``
+    layout, so cutting to ``K`` rows keeps the result contiguous and no transposed copy is made.
+    """
+    if transposed:
+        return (v.t()[:, None, :] * u.t()[None, :, :]).flatten(0, 1)[:big_k]
+    return (v[:, :, None] * u[:, None, :]).flatten(1)[:, :big_k]
+
+
+def _blocks(matrix: torch.Tensor, rank: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of a ``(k, K)`` matrix (``(K, k)`` if ``transposed``) split along ``K`` into ``r``-blocks.
+
+    Returns the full blocks as a 3-D view, ``(k, q, r)`` (``(q, r, k)`` if transposed) with ``q = K // r``,
+    and the cut-off last block of ``K % r`` entries (empty when ``r`` divides ``K``). No copies.
+    """
+    block_dim = 0 if transposed else 1
+    full_blocks = matrix.shape[block_dim] // rank
+    cut = full_blocks * rank
+    full = matrix.narrow(block_dim, 0, cut).unflatten(block_dim, (full_blocks, rank))
+    return full, matrix.narrow(block_dim, cut, matrix.shape[block_dim] - cut)
+
+
+def _fused_weight(
+    base_weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``W0 + s ΔW`` written straight into a new ``compute_dtype`` tensor in one pass over ``W0``.
+
+    ``addcmul`` forms ``W0[i, a r + b] + s V[i, a] U[i, b]`` in the promoted dtype of its inputs (float32
+    with float32 factors) and rounds once on the store, so neither ``ΔW`` nor an uncast sum is materialised.
+    """
+    rank = u.shape[1]
+    fused = torch.empty(base_weight.shape, dtype=compute_dtype, device=base_weight.device)
+    base_full, base_tail = _blocks(base_weight, rank, transposed)
+    fused_full, fused_tail = _blocks(fused, rank, transposed)
+    if transposed:  # row a r + b of W0 pairs with V[:, a] * U[:, b]; the factors are read transposed
+        u, v = u.t(), v.t()
+        full_blocks, tail = base_full.shape[0], base_tail.shape[0]
+        torch.addcmul(base_full, v[:full_blocks, None, :], u[None, :, :], value=scaling, out=fused_full)
+        if tail:
+            torch.addcmul(base_tail, v[full_blocks], u[:tail], value=scaling, out=fused_tail)
+    else:  # column a r + b of W0 pairs with V[:, a] * U[:, b]
+        full_blocks, tail = base_full.shape[1], base_tail.shape[1]
+        torch.addcmul(base_full, v[:, :full_blocks, None], u[:, None, :], value=scaling, out=fused_full)
+        if tail:
+            torch.addcmul(base_tail, v[:, full_blocks, None], u[:, :tail], value=scaling, out=fused_tail)
+    return fused
+
+
+def _factor_grads(
+    weight_grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contract the ``(k, K)`` dense gradient of ``M`` against the factors.
+
+    ``G[i, a r + b]`` pairs with ``V[i, a] U[i, b]``: ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and
+    ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``. The full ``r``-blocks are a free ``(k, q, r)`` view (a
+    batched matrix-vector product each); the cut-off last block is added separately, so ``G`` is never padded.
+    """
+    full, tail = _blocks(weight_grad, u.shape[1], transposed=False)
+    full_blocks, tail_size = full.shape[1], tail.shape[1]
+    grad_u = torch.einsum("iab,ia->ib", full, v[:, :full_blocks])
+    grad_v = torch.einsum("iab,ib->ia", full, u)
+    if tail_size:
+        grad_u[:, :tail_size] += tail * v[:, full_blocks, None]
+        grad_v = torch.cat([grad_v, (tail * u[:, :tail_size]).sum(1, keepdim=True)], dim=1)
+    return grad_u * scaling, grad_v * scaling
+
+
+class _KRAdapterLinearFunction(torch.autograd.Function):
+    """``F.linear(x, W0 + s ΔW, b)`` with one matmul; backward rebuilds the fused weight from the factors.
+
+    Saved for backward: ``x`` (as the matmul saw it), the base weight parameter itself (no copy) and the
+    two factors; never the dense ``ΔW`` or the fused weight. Autocast is decided by the caller: every tensor
+    arrives in ``compute_dtype`` except the base weight and the factors, and the inner ops run with
+    autocast disabled, so the same code serves CPU and CUDA, fp32, fp16 and bf16.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x: torch.Tensor,
+        base_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        u: torch.Tensor,
+        v: torch.Tensor,
+        scaling: float,
+        transposed: bool,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            weight = _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
+            out = F.linear(x, weight, bias)
+        ctx.save_for_backward(x, base_weight, u, v)
+        ctx.scaling, ctx.transposed, ctx.compute_dtype = scaling, transposed, compute_dtype
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        x, base_weight, u, v = ctx.saved_tensors
+        needs_x, needs_w, needs_b, needs_u, needs_v = ctx.needs_input_grad[:5]
+        scaling, transposed, compute_dtype = ctx.scaling, ctx.transposed, ctx.compute_dtype
+        grad_x = grad_w = grad_b = grad_u = grad_v = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            grad_out = grad_out.to(compute_dtype)
+            if needs_x:
+                weight = _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
+                grad_x = grad_out @ weight
+            grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+            if needs_w or needs_u or needs_v:
+                x_2d = x.reshape(-1, x.shape[-1])
+                # The dense gradient of M (k, K): one matmul, in whichever orientation puts k first.
+                grad_m = x_2d.t() @ grad_out_2d if transposed else grad_out_2d.t() @ x_2d
+                if needs_w:
+                    grad_w = (grad_m.t() if transposed else grad_m).to(base_weight.dtype)
+                if needs_u or needs_v:
+                    grad_u, grad_v = _factor_grads(grad_m, u.to(compute_dtype), v.to(compute_dtype), scaling)
+                    grad_u, grad_v = grad_u.to(u.dtype), grad_v.to(v.dtype)
+            if needs_b and ctx.has_bias:
+                grad_b = grad_out_2d.sum(0)
+        return grad_x, grad_w, grad_b, grad_u, grad_v, None, None, None
+
+
+class KRAdapterLinear(nn.Module):
+    """An ``nn.Linear`` plus a trainable Khatri-Rao update ``s ΔW`` (see the module docstring).
+
+    Args:
+        base: the layer to adapt; kept as the frozen submodule ``base_layer``.
+        rank: ``r``, the width of ``U``; default ``floor(sqrt(min(d_out, d_in)))``.
+        scaling: ``s``, the factor on the update (the authors use 2).
+        factor_dtype: dtype of the trainable factors (float32 even when the base weight is half).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int | None = None,
+        scaling: float = 2.0,
+        factor_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"KRAdapterLinear adapts torch.nn.Linear layers only, got {type(base).__name__}. "
+                "Target the Linear submodules by name instead."
+            )
+        if not factor_dtype.is_floating_point:
+            raise TypeError(f"factor_dtype must be a floating point dtype, got {factor_dtype}.")
+        self.base_layer = base
+        for param in base.parameters():
+            param.requires_grad_(False)
+        k, big_k, rank, rank2 = kradapter_shapes(base.out_features, base.in_features, rank)
+        self.rank, self.rank2, self.scaling = rank, rank2, float(scaling)
+        self.merged = False
+        device = base.weight.device
+        self.kr_u = nn.Parameter(torch.zeros(k, rank, device=device, dtype=factor_dtype))
+        self.kr_v = nn.Parameter(torch.empty(k, rank2, device=device, dtype=factor_dtype))
+        # a=5 (not sqrt(5)) as in the authors' code: a small uniform range, the update starts at zero via U.
+        nn.init.kaiming_uniform_(self.kr_v, a=5)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (without the update unless merged), so code reading ``.weight`` works."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def _transposed(self) -> bool:
+        # The k axis is the smaller side; ΔW = Mᵀ when the outputs are the larger side.
+        return self.out_features > self.in_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
+        big_k = max(self.out_features, self.in_features)
+        return self.scaling * _khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        bias = self.base_layer.bias
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Cast as autocast would cast F.linear's inputs. Doing it outside the Function lets autograd
+            # route the gradients of x (and of a trainable bias) back through the casts.
+            compute_dtype = torch.get_autocast_dtype(device_type)
+            x = x.to(compute_dtype)
+            bias = None if bias is None else bias.to(compute_dtype)
+        else:
+            # Like nn.Linear: no silent casts; a dtype mismatch between x and the weight is F.linear's error.
+            compute_dtype = self.base_layer.weight.dtype
+        return _KRAdapterLinearFunction.apply(
+            x,
+            self.base_layer.weight,
+            bias,
+            self.kr_u,
+            self.kr_v,
+            self.scaling,
+            self._transposed,
+            compute_dtype,
+        )
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Add ``s ΔW`` into the base weight in place (summed in float32, then cast)."""
+        if self.merged:
+            warnings.warn("KRAdapterLinear is already merged; merge() did nothing.", stacklevel=2)
+            return
+        self._add_to_base(+1.0)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract ``s ΔW`` from the base weight, restoring it (to rounding)."""
+        if not self.merged:
+            warnings.warn("KRAdapterLinear is not merged; unmerge() did nothing.", stacklevel=2)
+            return
+        self._add_to_base(-1.0)
+        self.merged = False
+
+    def _add_to_base(self, sign: float) -> None:
+        weight = self.base_layer.weight
+        delta = self.delta_weight().to(torch.float32)
+        weight.copy_(torch.add(weight.to(torch.float32), delta, alpha=sign).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        k = min(self.in_features, self.out_features)
+        trainable = self.kr_u.numel() + self.kr_v.numel()
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, k={k}, r={self.rank}, "
+            f"r2={self.rank2}, scaling={self.scaling}, trainable={trainable}, merged={self.merged}"
+        )

@@ -1,0 +1,562 @@
+"""Adapter library: config, injection, delta weights, merging, saving and loading, for every method.
+
+The models are tiny and built here (no CLIP, no downloads), which also shows that kr_vlm.adapters works on
+any module tree: a custom transformer, a Hugging Face-style tree, and a tiny transformers Llama.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kr_vlm.adapters import (
+    METHODS,
+    AdapterConfig,
+    KRAdapterLinear,
+    adapted_layers,
+    adapter_state_dict,
+    inject_adapters,
+    load_adapter_state_dict,
+    load_adapters,
+    merge_adapters,
+    save_adapters,
+    unmerge_adapters,
+)
+from kr_vlm.adapters.full import FullFineTuneLinear
+from kr_vlm.adapters.inject import count_parameters
+from kr_vlm.adapters.peft_bridge import PeftLayerView
+
+WIDTH, HIDDEN = 16, 24
+
+# Small options for every method that adapts layers (peft defaults where they are small enough).
+METHOD_OPTIONS: dict[str, dict] = {
+    "kradapter": {"rank": 3, "scaling": 2.0},
+    "lora": {"r": 2, "lora_alpha": 4},
+    "dora": {"r": 2, "lora_alpha": 4},
+    "vera": {"r": 4},
+    "lokr": {"r": 2},
+    "loha": {"r": 2},
+    "randlora": {"r": 4},
+    "full": {},
+}
+ADAPTING_METHODS = list(METHOD_OPTIONS)
+TARGETS = ["q_proj", "v_proj", "fc1", "fc2"]  # square and both rectangular orientations
+
+
+class Attention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.q_proj(x) @ self.k_proj(x).transpose(-1, -2) / WIDTH**0.5
+        return self.o_proj(scores.softmax(-1) @ self.v_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.self_attn = Attention()
+        self.fc1 = nn.Linear(WIDTH, HIDDEN)
+        self.fc2 = nn.Linear(HIDDEN, WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.norm(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+class TinyTransformer(nn.Module):
+    """Hugging Face-style names: ``model.layers.0.self_attn.q_proj``, ``model.layers.0.fc1``, ..."""
+
+    def __init__(self, depth: int = 2) -> None:
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(Block() for _ in range(depth))
+        self.head = nn.Linear(WIDTH, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.model.layers:
+            x = block(x)
+        return self.head(x)
+
+
+def build_model(seed: int = 0) -> TinyTransformer:
+    torch.manual_seed(seed)
+    return TinyTransformer().eval()
+
+
+def inputs() -> torch.Tensor:
+    return torch.randn(2, 5, WIDTH, generator=torch.Generator().manual_seed(123))
+
+
+def adapted(method: str, seed: int = 0, adapter_seed: int = 1) -> TinyTransformer:
+    """A model with ``method`` injected and its adapters moved away from their (often zero-update) init."""
+    model = build_model(seed)
+    torch.manual_seed(adapter_seed)
+    inject_adapters(model, AdapterConfig(method, TARGETS, **METHOD_OPTIONS[method]))
+    # RandLoRA's default scaling (alpha / r = 160) makes its update large per unit of its parameters.
+    scale = 1e-4 if method == "randlora" else 0.05
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * scale)
+    return model.eval()
+
+
+def module_of(layer) -> nn.Module:
+    return layer.module if isinstance(layer, PeftLayerView) else layer
+
+
+def base_weight(layer) -> torch.Tensor:
+    module = module_of(layer)
+    return module.initial_weight if isinstance(module, FullFineTuneLinear) else module.base_layer.weight
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_methods_are_the_documented_ones():
+    assert METHODS == ("kradapter", "lora", "dora", "vera", "lokr", "loha", "randlora", "full", "none")
+
+
+def test_unknown_method_lists_valid_methods():
+    with pytest.raises(ValueError, match="Unknown adapter method 'lorra'.*kradapter, lora, dora"):
+        AdapterConfig("lorra", ["q_proj"])
+
+
+@pytest.mark.parametrize(
+    ("method", "option", "valid"),
+    [
+        ("lora", "rank", "lora_alpha"),
+        ("vera", "lora_alpha", "d_initial"),
+        ("kradapter", "r", "factor_dtype, rank"),
+    ],
+)
+def test_unknown_option_names_valid_options(method, option, valid):
+    with pytest.raises(ValueError, match=f"Unknown option '{option}' for method '{method}'.*{valid}"):
+        AdapterConfig(method, ["q_proj"], **{option: 2})
+
+
+def test_reserved_peft_options_say_why():
+    with pytest.raises(ValueError, match="'use_dora'.*method='dora'"):
+        AdapterConfig("lora", ["q_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="'modules_to_save'.*would not save"):
+        AdapterConfig("lora", ["q_proj"], modules_to_save=["head"])
+    with pytest.raises(ValueError, match="Unknown option 'r' for method 'full'. Valid options: none"):
+        AdapterConfig("full", ["q_proj"], r=2)
+
+
+def test_kradapter_factor_dtype_is_a_name():
+    assert AdapterConfig("kradapter", ["q_proj"], factor_dtype=torch.bfloat16).options == {
+        "factor_dtype": "bfloat16"
+    }
+    assert (
+        AdapterConfig("kradapter", ["q_proj"], factor_dtype="torch.float64").options["factor_dtype"]
+        == "torch.float64"
+    )
+    with pytest.raises(ValueError, match="floating point torch dtype"):
+        AdapterConfig("kradapter", ["q_proj"], factor_dtype="int8")
+    model = inject_adapters(build_model(), AdapterConfig("kradapter", ["fc1"], factor_dtype="float64"))
+    assert model.model.layers[0].fc1.kr_u.dtype == torch.float64
+
+
+def test_config_dict_round_trip_is_json_safe():
+    config = AdapterConfig("lora", ("q_proj", "v_proj"), r=4, lora_alpha=8, rank_pattern={"q_proj": 2})
+    data = json.loads(json.dumps(config.to_dict()))
+    assert data == {
+        "method": "lora",
+        "target_modules": ["q_proj", "v_proj"],
+        "options": {"r": 4, "lora_alpha": 8, "rank_pattern": {"q_proj": 2}},
+    }
+    assert AdapterConfig.from_dict(data) == config
+    regex = AdapterConfig("kradapter", r".*\.(q|v)_proj", scaling=1.0)
+    assert AdapterConfig.from_dict(regex.to_dict()) == regex
+    assert AdapterConfig.from_dict({"method": "none"}) == AdapterConfig("none")
+    with pytest.raises(ValueError, match="Unknown adapter config keys"):
+        AdapterConfig.from_dict({"method": "lora", "target_modules": ["q"], "r": 2})
+
+
+def test_config_accepts_hydra_containers():
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.create({"targets": ["q_proj"], "pattern": {"q_proj": 2}})
+    config = AdapterConfig("lora", node.targets, rank_pattern=node.pattern)
+    assert config == AdapterConfig("lora", ["q_proj"], rank_pattern={"q_proj": 2})
+    json.dumps(config.to_dict())
+
+
+def test_config_target_validation():
+    with pytest.raises(ValueError, match="needs target_modules"):
+        AdapterConfig("lora", [])
+    with pytest.raises(ValueError, match="needs target_modules"):
+        AdapterConfig("full")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        AdapterConfig("lora", "q_proj(")
+    with pytest.raises(ValueError, match="adapts nothing"):
+        AdapterConfig("none", ["q_proj"])
+    with pytest.raises(TypeError, match="non-empty strings"):
+        AdapterConfig("lora", ["q_proj", 3])
+
+
+# ---------------------------------------------------------------- injection and the layer interface
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_injection_replaces_exactly_the_targets(method):
+    model = adapted(method)
+    names = [name for name, _ in adapted_layers(model)]
+    expected = [
+        f"model.layers.{i}.{part}" for i in range(2) for part in ("self_attn.q_proj", "self_attn.v_proj")
+    ]
+    expected += [f"model.layers.{i}.{part}" for i in range(2) for part in ("fc1", "fc2")]
+    assert sorted(names) == sorted(expected)
+    assert names == [name for name, _ in model.named_modules() if name in set(expected)]  # module order
+    assert model.kr_vlm_adapter_config == AdapterConfig(method, TARGETS, **METHOD_OPTIONS[method])
+    for _, layer in adapted_layers(model):
+        assert hasattr(layer, "delta_weight") and hasattr(layer, "merge") and hasattr(layer, "unmerge")
+        assert layer.merged is False
+    first = dict(adapted_layers(model))["model.layers.0.fc1"]
+    assert (first.out_features, first.in_features) == (HIDDEN, WIDTH)
+    if method == "kradapter":
+        assert isinstance(first, KRAdapterLinear)
+    elif method == "full":
+        assert isinstance(first, FullFineTuneLinear)
+    else:
+        assert isinstance(first, PeftLayerView) and first.module is model.get_submodule("model.layers.0.fc1")
+        assert list(first.parameters())
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_only_adapter_tensors_train(method):
+    model = adapted(method)
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    adapter_tensors = adapter_state_dict(model)
+    parameter_names = {name for name, _ in model.named_parameters()}
+    # Everything that trains is saved; what is saved and is not a parameter is a frozen shared projection.
+    assert trainable == {name for name in adapter_tensors if name in parameter_names}
+    assert all(
+        ("vera_" in name or "randlora_" in name) for name in adapter_tensors if name not in parameter_names
+    )
+    assert trainable  # something trains
+    if method != "full":
+        assert not any(name.endswith(("base_layer.weight", "base_layer.bias")) for name in trainable)
+        assert not any(name.startswith("head.") or ".norm." in name for name in trainable)
+    counted_trainable, total = count_parameters(model)
+    assert counted_trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert total == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_delta_weight_matches_forward(method):
+    model = adapted(method)
+    x = torch.randn(7, HIDDEN, generator=torch.Generator().manual_seed(5))
+    for name, layer in adapted_layers(model):
+        delta = layer.delta_weight()
+        assert delta.shape == (layer.out_features, layer.in_features), name
+        assert delta.abs().max() > 0, name
+        module = module_of(layer)
+        x_in = x[:, : layer.in_features]
+        bias = module.bias if isinstance(module, FullFineTuneLinear) else module.base_layer.bias
+        expected = nn.functional.linear(x_in, base_weight(layer), bias) + x_in @ delta.T
+        torch.testing.assert_close(module(x_in), expected, rtol=1e-4, atol=1e-5, msg=f"{method} {name}")
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_delta_weight_is_differentiable(method):
+    model = adapted(method)
+    _, layer = next(iter(adapted_layers(model)))
+    layer.delta_weight().square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_merge_and_unmerge(method):
+    model = adapted(method)
+    x = inputs()
+    expected = model(x)
+    originals = {name: base_weight(layer).detach().clone() for name, layer in adapted_layers(model)}
+    deltas = {name: layer.delta_weight().detach().clone() for name, layer in adapted_layers(model)}
+
+    merge_adapters(model)
+    assert all(layer.merged for _, layer in adapted_layers(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    for name, layer in adapted_layers(model):
+        module = module_of(layer)
+        merged_weight = module.weight if isinstance(module, FullFineTuneLinear) else module.base_layer.weight
+        # what merging added to the base weight is exactly delta_weight (DoRA included)
+        torch.testing.assert_close(merged_weight - originals[name], deltas[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.delta_weight(), deltas[name], rtol=1e-4, atol=1e-5)
+    merge_adapters(model)  # merging twice changes nothing
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+    unmerge_adapters(model)
+    assert not any(layer.merged for _, layer in adapted_layers(model))
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+    for name, layer in adapted_layers(model):
+        torch.testing.assert_close(base_weight(layer), originals[name], rtol=1e-5, atol=1e-6)
+    unmerge_adapters(model)  # unmerging an unmerged model changes nothing
+
+
+def test_full_finetuning_reports_weight_change():
+    model = build_model()
+    before = model.model.layers[0].fc1.weight
+    inject_adapters(model, AdapterConfig("full", ["fc1"]))
+    layer = model.model.layers[0].fc1
+    assert isinstance(layer, FullFineTuneLinear) and layer.weight is before  # same parameter, no copy
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+    assert set(adapter_state_dict(model)) == {
+        f"model.layers.{i}.fc1.{p}" for i in range(2) for p in ("weight", "bias")
+    }
+    assert "model.layers.0.fc1.initial_weight" not in model.state_dict()  # not persistent
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(inputs()).square().mean().backward()
+    optimizer.step()
+    torch.testing.assert_close(layer.delta_weight(), layer.weight.detach() - layer.initial_weight)
+    assert layer.delta_weight().abs().max() > 0
+
+
+def test_method_none_freezes_everything_and_replaces_nothing(tmp_path):
+    model = build_model()
+    reference = [type(module) for module in model.modules()]
+    inject_adapters(model, AdapterConfig("none"))
+    assert [type(module) for module in model.modules()] == reference
+    assert count_parameters(model)[0] == 0
+    assert list(adapted_layers(model)) == [] and adapter_state_dict(model) == {}
+    save_adapters(model, tmp_path / "none")
+    fresh = load_adapters(build_model(), tmp_path / "none")
+    assert fresh.kr_vlm_adapter_config == AdapterConfig("none") and count_parameters(fresh)[0] == 0
+
+
+def test_regex_targets_full_names():
+    model = build_model()
+    inject_adapters(model, AdapterConfig("kradapter", r"model\.layers\.1\.self_attn\.(q|k)_proj"))
+    assert [name for name, _ in adapted_layers(model)] == [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+    ]
+    # a full-match regex: the same pattern without the prefix matches nothing
+    with pytest.raises(ValueError, match="No module matches"):
+        inject_adapters(build_model(), AdapterConfig("lora", r"self_attn\.q_proj", r=2))
+
+
+def test_dotted_suffix_targets():
+    model = build_model()
+    inject_adapters(model, AdapterConfig("lora", ["layers.0.self_attn.q_proj", "head"], r=2))
+    assert [name for name, _ in adapted_layers(model)] == ["model.layers.0.self_attn.q_proj", "head"]
+    # a suffix matches whole name parts only ("proj" is not a suffix of "q_proj" after a dot)
+    with pytest.raises(ValueError, match="No module matches"):
+        inject_adapters(build_model(), AdapterConfig("lora", ["proj"], r=2))
+
+
+def test_vera_and_randlora_share_one_projection_saved_once():
+    for method, projection in (("vera", "vera_A"), ("randlora", "randlora_B")):
+        model = adapted(method)
+        names = [name for name in adapter_state_dict(model) if f".{projection}." in name]
+        assert names == [f"model.layers.0.self_attn.q_proj.{projection}.default"], method
+
+
+def test_transformers_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    base_logits = model(tokens).logits
+    for method in ("kradapter", "dora"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        inject_adapters(
+            model, AdapterConfig(method, ["q_proj", "v_proj", "down_proj"], **METHOD_OPTIONS[method])
+        )
+        assert len(list(adapted_layers(model))) == 6
+        torch.testing.assert_close(model(tokens).logits, base_logits)  # both start as the identity update
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.add_(0.05 * torch.randn_like(parameter))
+        adapted_logits = model(tokens).logits
+        assert not torch.allclose(adapted_logits, base_logits)
+        merge_adapters(model)
+        torch.testing.assert_close(model(tokens).logits, adapted_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_open_clip_mlp_layers_and_unconverted_attention(tiny_clip):
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = tiny_clip.encode_image(images)
+    with pytest.raises(ValueError, match="out_proj of torch.nn.MultiheadAttention"):
+        inject_adapters(tiny_clip, AdapterConfig("lora", ["out_proj"], r=2))
+    inject_adapters(tiny_clip, AdapterConfig("kradapter", ["mlp.c_fc", "mlp.c_proj"]))
+    assert len(list(adapted_layers(tiny_clip))) == 8  # 2 blocks x 2 towers x 2 layers
+    torch.testing.assert_close(tiny_clip.encode_image(images), expected)  # U starts at zero
+
+
+# ---------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_save_load_round_trip(method, tmp_path):
+    model = adapted(method)
+    x = inputs()
+    expected = model(x)
+    save_adapters(model, tmp_path / method)
+    written = json.loads((tmp_path / method / "adapter_config.json").read_text())
+    assert written["method"] == method and written["format_version"] == 1 and "kr_vlm_version" in written
+    saved = load_file(tmp_path / method / "adapter_model.safetensors")
+    assert saved.keys() == adapter_state_dict(model).keys()
+
+    # A fresh base model whose adapters would be initialised differently; loading must overwrite them all.
+    fresh = build_model()
+    torch.manual_seed(99)
+    load_adapters(fresh, tmp_path / method)
+    torch.testing.assert_close(fresh(x), expected, rtol=0, atol=0)
+    for name, tensor in adapter_state_dict(fresh).items():
+        torch.testing.assert_close(tensor, adapter_state_dict(model)[name], rtol=0, atol=0)
+
+    # Loading into a model that already holds an equal config works too.
+    again = adapted(method, adapter_seed=7)
+    load_adapters(again, tmp_path / method)
+    torch.testing.assert_close(again(x), expected, rtol=0, atol=0)
+
+
+def test_saved_projections_make_loading_exact(tmp_path):
+    model = adapted("vera")
+    save_adapters(model, tmp_path)
+    fresh = build_model()
+    inject_adapters(fresh, model.kr_vlm_adapter_config)
+    projection = adapter_state_dict(fresh)["model.layers.0.self_attn.q_proj.vera_A.default"]
+    projection.zero_()  # as if this platform had generated different random projections
+    load_adapters(fresh, tmp_path)
+    # every layer shares the projection, so the one saved tensor restores it everywhere
+    shared = fresh.model.layers[1].fc2.vera_A["default"]
+    torch.testing.assert_close(shared, model.model.layers[1].fc2.vera_A["default"], rtol=0, atol=0)
+    torch.testing.assert_close(fresh(inputs()), model(inputs()), rtol=0, atol=0)
+
+
+def test_save_handles_shared_storage(tmp_path):
+    """safetensors refuses tensors that share memory; layers whose weights view one buffer still save."""
+    model = build_model()
+    storage = torch.randn(2 * WIDTH, WIDTH)
+    model.model.layers[0].self_attn.q_proj.weight = nn.Parameter(storage[:WIDTH])
+    model.model.layers[0].self_attn.k_proj.weight = nn.Parameter(storage[WIDTH:])
+    inject_adapters(model, AdapterConfig("full", ["layers.0.self_attn.q_proj", "layers.0.self_attn.k_proj"]))
+    save_adapters(model, tmp_path)
+    fresh = load_adapters(build_model(), tmp_path)
+    torch.testing.assert_close(fresh(inputs()), model(inputs()), rtol=0, atol=0)
+
+
+def test_save_from_a_wrapping_module(tmp_path):
+    inner = adapted("lora")
+    wrapper = nn.Sequential(inner)
+    save_adapters(wrapper, tmp_path)  # names are relative to the injected module
+    assert "model.layers.0.fc1.lora_A.default.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    fresh = load_adapters(build_model(), tmp_path)
+    torch.testing.assert_close(fresh(inputs()), inner(inputs()), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_no_match_lists_linear_layers():
+    with pytest.raises(ValueError) as error:
+        inject_adapters(build_model(), AdapterConfig("lora", ["query"], r=2))
+    message = str(error.value)
+    assert "No module matches target_modules=['query']" in message
+    assert "fc1, fc2, head, k_proj, o_proj, q_proj, v_proj" in message  # the distinct endings
+    assert "model.layers.0.self_attn.q_proj" in message
+
+
+def test_no_match_message_is_truncated_for_many_layers():
+    many = nn.Sequential(*(nn.Linear(2, 2) for _ in range(300)))
+    with pytest.raises(ValueError, match=r"300 nn.Linear layers.*and 275 more\.") as error:
+        inject_adapters(many, AdapterConfig("lora", ["nothing"], r=1))
+    assert len(str(error.value)) < 1000
+
+
+def test_non_linear_target_is_an_error():
+    with pytest.raises(ValueError, match=r"not nn.Linear: model.layers.0.norm \(LayerNorm\)"):
+        inject_adapters(build_model(), AdapterConfig("kradapter", ["norm", "fc1"]))
+
+
+def test_multihead_attention_out_proj_is_refused():
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2, batch_first=True), "fc": nn.Linear(8, 8)})
+    with pytest.raises(ValueError, match="out_proj of torch.nn.MultiheadAttention: attn.out_proj"):
+        inject_adapters(model, AdapterConfig("kradapter", ["out_proj", "fc"]))
+
+
+def test_double_injection_is_an_error():
+    model = adapted("kradapter")
+    with pytest.raises(RuntimeError, match="already holds adapters"):
+        inject_adapters(model, AdapterConfig("lora", ["fc1"], r=2))
+    frozen = inject_adapters(build_model(), AdapterConfig("none"))
+    with pytest.raises(RuntimeError, match="already holds adapters"):
+        inject_adapters(frozen, AdapterConfig("none"))
+
+
+def test_load_state_dict_is_strict():
+    model = adapted("kradapter")
+    good = {name: tensor.clone() for name, tensor in adapter_state_dict(model).items()}
+
+    wrong_shape = dict(good, **{"model.layers.0.fc1.kr_v": torch.zeros(3, 3)})
+    with pytest.raises(ValueError, match=r"different shape: model.layers.0.fc1.kr_v \(given \(3, 3\)"):
+        load_adapter_state_dict(model, wrong_shape)
+    missing = {name: tensor for name, tensor in good.items() if name != "model.layers.1.fc2.kr_u"}
+    with pytest.raises(ValueError, match="1 missing: model.layers.1.fc2.kr_u"):
+        load_adapter_state_dict(model, missing)
+    extra = dict(good, **{"model.layers.0.fc1.lora_A.default.weight": torch.zeros(2, 16)})
+    with pytest.raises(ValueError, match="1 unexpected: model.layers.0.fc1.lora_A.default.weight"):
+        load_adapter_state_dict(model, extra)
+    # nothing was loaded by the failed calls
+    for name, tensor in adapter_state_dict(model).items():
+        assert torch.equal(tensor, good[name])
+
+    merge_adapters(model)
+    with pytest.raises(RuntimeError, match="unmerge_adapters"):
+        load_adapter_state_dict(model, good)
+
+
+def test_load_errors_name_the_problem(tmp_path):
+    model = adapted("lora")
+    save_adapters(model, tmp_path / "lora")
+
+    with pytest.raises(FileNotFoundError, match=f"No adapter config at {tmp_path / 'missing'}"):
+        load_adapters(build_model(), tmp_path / "missing")
+    (tmp_path / "lora_only_config").mkdir()
+    (tmp_path / "lora_only_config" / "adapter_config.json").write_text(
+        (tmp_path / "lora" / "adapter_config.json").read_text()
+    )
+    with pytest.raises(FileNotFoundError, match="No adapter weights at .*adapter_model.safetensors"):
+        load_adapters(build_model(), tmp_path / "lora_only_config")
+
+    with pytest.raises(ValueError, match="already holds adapters with"):
+        load_adapters(adapted("kradapter"), tmp_path / "lora")
+
+    # a checkpoint for a model with another shape names the mis-shaped tensors
+    tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    tensors["model.layers.0.fc1.lora_B.default.weight"] = torch.zeros(HIDDEN + 1, 2)
+    save_file(tensors, tmp_path / "lora" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="model.layers.0.fc1.lora_B.default.weight"):
+        load_adapters(build_model(), tmp_path / "lora")
+
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(dict(config, format_version=99)))
+    with pytest.raises(ValueError, match="format version 99"):
+        load_adapters(build_model(), tmp_path / "lora")
+
+
+def test_save_without_adapters_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="holds no adapters"):
+        save_adapters(build_model(), tmp_path)

@@ -1,0 +1,402 @@
+"""Load an open_clip CLIP offline, with its attention converted to separate q/k/v/out linears.
+
+Weights come from a local file, a local folder, or the caches open_clip downloads into (the Hugging
+Face hub cache and open_clip's URL cache). Nothing is downloaded unless asked for
+(``allow_download=True``) and Hugging Face offline mode (``HF_HUB_OFFLINE``) is off; missing weights
+raise :class:`WeightsNotFoundError`, which names the folders looked in and the command that fetches
+them on a connected machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+import open_clip
+import torch
+from huggingface_hub import try_to_load_from_cache
+from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+from open_clip.factory import parse_model_name
+from open_clip.pretrained import _get_safe_alternatives
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
+from torch import nn
+from torchvision.transforms import Compose, RandomHorizontalFlip
+
+from kr_vlm.models.attention import convert_attention
+
+__all__ = ["PRECISIONS", "WeightsNotFoundError", "load_clip"]
+
+log = logging.getLogger(__name__)
+
+#: Values of open_clip's ``precision`` (``amp*`` keep float32 weights; autocast is the trainer's job).
+PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16", "amp_bfloat16")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Preprocessing settings of a pretrained tag (open_clip merges these into the model's preprocess cfg).
+TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
+# open_clip's default location for weights fetched by URL (open_clip.pretrained.download_pretrained_from_url).
+OPEN_CLIP_URL_CACHE = Path("~/.cache/clip").expanduser()
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """Pretrained weights are neither in a cache nor at the given path (and were not downloaded)."""
+
+
+def _hub_offline() -> bool:
+    """Hugging Face offline mode, read now (huggingface_hub reads the variable once, at import)."""
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    from_env = any(str(flag).upper() in {"1", "ON", "YES", "TRUE"} for flag in flags if flag)
+    return from_env or huggingface_hub.constants.HF_HUB_OFFLINE
+
+
+def _hub_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
+    """The Hugging Face hub cache open_clip would use, honouring HF_HUB_CACHE / HF_HOME set at run time."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    hub_cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
+    if hub_cache:
+        return Path(hub_cache).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+def _hub_repo_folder(hub_cache: Path, repo_id: str) -> Path:
+    return hub_cache / f"models--{repo_id.replace('/', '--')}"
+
+
+def _cached_hub_file(repo_id: str, filenames: Sequence[str], hub_cache: Path) -> str | None:
+    """Path of the first of ``filenames`` present in the hub cache for ``repo_id`` (no network)."""
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache)
+        if isinstance(cached, str):
+            return cached
+    return None
+
+
+def _fetch_command(model_name: str, pretrained: str | None, cache_dir: str | os.PathLike | None) -> str:
+    arguments = [repr(model_name)]
+    if pretrained is not None:
+        arguments.append(f"pretrained={pretrained!r}")
+    if cache_dir is not None:
+        arguments.append(f"cache_dir={str(cache_dir)!r}")
+    return f'python -c "import open_clip; open_clip.create_model({", ".join(arguments)})"'
+
+
+def _weights_not_found(
+    what: str, looked_in: Sequence[str], command: str, reason: str
+) -> WeightsNotFoundError:
+    folders = "\n".join(f"  - {place}" for place in looked_in)
+    return WeightsNotFoundError(
+        f"{what} were not found locally. Looked in:\n{folders}\n{reason}\n"
+        f"On a machine with internet access, fetch them into open_clip's cache with\n  {command}\n"
+        "then copy that cache folder here (to the first folder above, or point HF_HUB_CACHE / cache_dir at "
+        "it), or pass pretrained=<path to a .safetensors/.bin/.pt file>."
+    )
+
+
+def _download_blocker(allow_download: bool) -> str | None:
+    """Why nothing may be downloaded now, or None when downloading is allowed."""
+    if _hub_offline():
+        return "Downloading is off: HF_HUB_OFFLINE is set."
+    if not allow_download:
+        return "Downloading is off: load_clip(..., allow_download=False), the default."
+    return None
+
+
+def _tag_weights(
+    model_name: str,
+    tag: str,
+    tag_cfg: dict[str, Any],
+    cache_dir: str | os.PathLike | None,
+    allow_download: bool,
+) -> str:
+    """Local path of the weights behind an open_clip pretrained tag, from the caches or downloaded."""
+    if "file" in tag_cfg:
+        return tag_cfg["file"]
+    looked_in = []
+    hf_hub = tag_cfg.get("hf_hub", "")
+    if hf_hub:
+        # open_clip's hf_hub entries are "org/repo/filename" or "org/repo/" (default weights filename).
+        repo_id, filename = os.path.split(hf_hub)
+        filename = filename or HF_WEIGHTS_NAME
+        hub_cache = _hub_cache_dir(cache_dir)
+        candidates = [*_get_safe_alternatives(filename), filename]  # the order open_clip downloads in
+        cached = _cached_hub_file(repo_id, candidates, hub_cache)
+        if cached is not None:
+            return cached
+        looked_in.append(
+            f"{_hub_repo_folder(hub_cache, repo_id)} (Hugging Face cache; files {', '.join(candidates)})"
+        )
+    url = tag_cfg.get("url", "")
+    if url:
+        url_file = Path(cache_dir).expanduser() if cache_dir is not None else OPEN_CLIP_URL_CACHE
+        url_file = url_file / os.path.basename(url)
+        if url_file.is_file():
+            return str(url_file)
+        looked_in.append(f"{url_file} (open_clip URL cache)")
+
+    blocker = _download_blocker(allow_download)
+    command = _fetch_command(model_name, tag, cache_dir)
+    what = f"Pretrained weights for model {model_name!r} (pretrained={tag!r})"
+    if blocker is not None:
+        raise _weights_not_found(what, looked_in, command, blocker)
+    log.info("Downloading pretrained weights for %s (pretrained=%r)", model_name, tag)
+    try:
+        return open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
+    except Exception as error:  # any network or hub failure: report it as missing weights
+        raise _weights_not_found(what, looked_in, command, f"Downloading failed: {error}") from error
+
+
+def _has_weights_file(folder: Path) -> bool:
+    # The file types open_clip's local-dir loader (factory._find_checkpoint_in_dir) picks up.
+    return any(any(folder.glob(f"*{suffix}")) for suffix in (".safetensors", ".bin", ".pth"))
+
+
+def _hf_hub_folder(repo_id: str, cache_dir: str | os.PathLike | None, allow_download: bool) -> Path:
+    """The cached snapshot folder of an open_clip hub repo (config + weights), downloaded if allowed."""
+    hub_cache = _hub_cache_dir(cache_dir)
+    config = _cached_hub_file(repo_id, ["open_clip_config.json"], hub_cache)
+    weights = _cached_hub_file(repo_id, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME], hub_cache)
+    if config is not None and weights is not None and Path(config).parent == Path(weights).parent:
+        return Path(config).parent
+
+    looked_in = [
+        f"{_hub_repo_folder(hub_cache, repo_id)} (Hugging Face cache; files open_clip_config.json and "
+        f"{HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME})"
+    ]
+    what = f"Config and weights of model 'hf-hub:{repo_id}'"
+    command = _fetch_command(f"hf-hub:{repo_id}", None, cache_dir)
+    blocker = _download_blocker(allow_download)
+    if blocker is not None:
+        raise _weights_not_found(what, looked_in, command, blocker)
+    log.info("Downloading config and weights of hf-hub:%s", repo_id)
+    try:
+        config = open_clip.pretrained.download_pretrained_from_hf(
+            repo_id, filename="open_clip_config.json", cache_dir=cache_dir
+        )
+        open_clip.pretrained.download_pretrained_from_hf(repo_id, cache_dir=cache_dir)
+    except Exception as error:  # any network or hub failure: report it as missing weights
+        raise _weights_not_found(what, looked_in, command, f"Downloading failed: {error}") from error
+    return Path(config).parent
+
+
+def _unknown_model_error(name: str) -> ValueError:
+    known = open_clip.list_models()
+    by_lower = {model.lower(): model for model in known}
+    close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)]
+    hint = f" Close matches: {', '.join(close)}." if close else ""
+    return ValueError(
+        f"Unknown open_clip model name {name!r}.{hint} open_clip.list_models() lists all {len(known)} "
+        "names; or pass model_cfg={...} to build a custom architecture under this name, or use "
+        "'hf-hub:org/repo' / 'local-dir:/path/to/folder'."
+    )
+
+
+@contextlib.contextmanager
+def _registered_model_config(name: str, model_cfg: dict[str, Any] | None) -> Iterator[None]:
+    """Make ``name`` resolve to ``model_cfg`` in open_clip's registry for the duration of the block.
+
+    open_clip's create_model and get_tokenizer only take registered names; removing the entry afterwards
+    keeps a custom architecture from lingering in (or shadowing) open_clip's global registry.
+    """
+    if model_cfg is None:
+        yield
+        return
+    missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(model_cfg)
+    if missing:
+        raise ValueError(
+            f"model_cfg for {name!r} lacks {sorted(missing)} (open_clip model configs need all three)"
+        )
+    registry = open_clip.factory._MODEL_CONFIGS
+    if name in registry:
+        raise ValueError(
+            f"model_cfg was given under the name {name!r}, which open_clip already defines; "
+            "choose another name for the custom architecture."
+        )
+    if "/" in name or ":" in name:
+        raise ValueError(f"a custom architecture name may not contain '/' or ':', got {name!r}")
+    registry[name] = copy.deepcopy(model_cfg)
+    try:
+        yield
+    finally:
+        registry.pop(name, None)
+
+
+def _looks_like_path(value: str) -> bool:
+    return value.lower().endswith(WEIGHT_SUFFIXES) or os.sep in value or "/" in value
+
+
+def _is_torchscript_archive(path: str) -> bool:
+    """OpenAI's original checkpoints (as in the open_clip / OpenAI ``clip`` URL cache) are TorchScript."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(entry.endswith("constants.pkl") for entry in archive.namelist())
+
+
+def _train_transform(preprocess_cfg: PreprocessCfg, crop_scale: tuple[float, float]) -> Compose:
+    """CLIP-LoRA's train augmentation: RandomResizedCrop(scale, bicubic) + horizontal flip + CLIP norm."""
+    transform = image_transform_v2(preprocess_cfg, is_train=True, aug_cfg=AugmentationCfg(scale=crop_scale))
+    # open_clip's train transform starts with RandomResizedCrop (bicubic) and has no flip.
+    transform.transforms.insert(1, RandomHorizontalFlip())
+    return transform
+
+
+def _architecture_weights(
+    name: str,
+    pretrained: str,
+    cache_dir: str | os.PathLike | None,
+    force_quick_gelu: bool | None,
+    allow_download: bool,
+) -> tuple[str, bool, dict[str, Any]]:
+    """``(weights file, use QuickGELU, preprocess overrides)`` for a named architecture's tag or file."""
+    tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not tag_cfg:
+        if os.path.isfile(pretrained):
+            return pretrained, bool(force_quick_gelu), {}
+        if _looks_like_path(pretrained):
+            raise WeightsNotFoundError(f"Pretrained weights file for model {name!r} not found: {pretrained}")
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ValueError(
+            f"pretrained={pretrained!r} is neither a pretrained tag of {name!r} "
+            f"(known tags: {tags or 'none'}) nor an existing weights file."
+        )
+
+    quick_gelu = bool(force_quick_gelu)
+    if tag_cfg.get("quick_gelu", False):
+        if force_quick_gelu is None:
+            quick_gelu = True
+            log.info(
+                "%s weights %r were trained with QuickGELU: building the model with QuickGELU "
+                "(force_quick_gelu=True).",
+                name,
+                pretrained,
+            )
+        elif not force_quick_gelu:
+            log.warning(
+                "%s weights %r were trained with QuickGELU but force_quick_gelu=False: "
+                "features will not match the original model.",
+                name,
+                pretrained,
+            )
+    checkpoint = _tag_weights(name, pretrained, tag_cfg, cache_dir, allow_download)
+    # create_model gets a file path, not the tag, so pass on the tag's preprocessing explicitly.
+    preprocess_overrides = {key: tag_cfg[key] for key in TAG_PREPROCESS_KEYS if key in tag_cfg}
+    return checkpoint, quick_gelu, preprocess_overrides
+
+
+def load_clip(
+    name: str,
+    pretrained: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    precision: str = "fp32",
+    model_cfg: dict[str, Any] | None = None,
+    force_quick_gelu: bool | None = None,
+    train_crop_scale: Sequence[float] = (0.08, 1.0),
+    allow_download: bool = False,
+) -> tuple[nn.Module, Compose, Compose, Callable[..., torch.Tensor]]:
+    """Build an open_clip model with converted attention, its train/eval transforms and tokenizer.
+
+    Args:
+        name: an open_clip architecture (``"ViT-B-16"``; see ``open_clip.list_models()``), a new name
+            for ``model_cfg``, ``"hf-hub:org/repo"`` (config and weights from the Hugging Face cache),
+            or ``"local-dir:/path"`` (a folder with ``open_clip_config.json`` and a weights file).
+        pretrained: None (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...;
+            see ``open_clip.list_pretrained_tags_by_model(name)``), or a local ``.safetensors``,
+            ``.bin``, ``.pt`` or ``.pth`` file (an open_clip state dict, or OpenAI's TorchScript file).
+            ``"local-dir:/path"`` or ``"hf-hub:org/repo"`` here means the same as in ``name`` (config
+            and weights both come from there; ``name`` is then only a label). Must be None when
+            ``name`` itself has one of these forms.
+        cache_dir: where open_clip caches downloads (default: the Hugging Face hub cache, honouring
+            ``HF_HUB_CACHE``/``HF_HOME``, and ``~/.cache/clip`` for URL-only weights).
+        device: device to build on (default CPU).
+        precision: one of :data:`PRECISIONS` (open_clip's meaning; ``fp16``/``bf16`` cast the weights
+            the way OpenAI's CLIP did, ``pure_*`` cast everything, ``amp*`` keep float32).
+        model_cfg: an open_clip model config dict (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...)
+            defining a custom architecture called ``name``; ``name`` must not be a built-in one.
+        force_quick_gelu: None picks QuickGELU when the pretrained tag was trained with it (all
+            ``openai`` tags) and logs it; True forces QuickGELU; False keeps the architecture's own
+            activation (``*-quickgelu`` names have QuickGELU built in) and warns if the tag expects QuickGELU.
+        train_crop_scale: the ``scale`` range of the train RandomResizedCrop.
+        allow_download: fetch missing weights from the internet (never when ``HF_HUB_OFFLINE`` is set).
+
+    Returns:
+        ``(model, preprocess_train, preprocess_val, tokenizer)``: the model in eval mode with every
+        attention converted (``...attn.q_proj`` etc. are ``nn.Linear``); the train transform
+        (RandomResizedCrop + horizontal flip + normalisation); open_clip's eval transform; the tokenizer.
+
+    Raises:
+        WeightsNotFoundError: the pretrained weights are not available locally (and were not downloaded).
+        ValueError: unknown model name or pretrained tag, bad precision, bad model_cfg.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    crop_scale = tuple(float(bound) for bound in train_crop_scale)
+    if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
+        raise ValueError(
+            f"train_crop_scale must be (low, high) with 0 < low <= high <= 1, got {train_crop_scale}"
+        )
+    pretrained = os.fspath(pretrained) if pretrained is not None else None
+
+    if pretrained is not None and parse_model_name(pretrained)[0] is not None:
+        # The folder / hub repo holds the architecture (open_clip_config.json) as well as the weights.
+        if model_cfg is not None:
+            raise ValueError(
+                f"pretrained={pretrained!r} brings its own model config: leave model_cfg at None."
+            )
+        log.info("Building %r from %s (architecture from its open_clip_config.json).", name, pretrained)
+        name, pretrained = pretrained, None
+
+    schema, identifier = parse_model_name(name)
+    checkpoint, quick_gelu, preprocess_overrides = None, bool(force_quick_gelu), {}
+    if schema is not None:
+        if pretrained is not None or model_cfg is not None:
+            raise ValueError(
+                f"{name!r} carries its own config and weights: leave pretrained and model_cfg at None."
+            )
+        if schema == "hf-hub":
+            name = f"local-dir:{_hf_hub_folder(identifier, cache_dir, allow_download)}"
+        elif not Path(identifier).is_dir() or not _has_weights_file(Path(identifier)):
+            # open_clip would only warn about a folder without weights and return a random model.
+            raise WeightsNotFoundError(
+                f"Model {name!r}: {identifier} is not a folder holding open_clip_config.json and a "
+                ".safetensors/.bin/.pth weights file (the layout of an open_clip Hugging Face repo)."
+            )
+    else:
+        if model_cfg is None and name not in open_clip.list_models():
+            raise _unknown_model_error(name)
+        if pretrained is not None:
+            checkpoint, quick_gelu, preprocess_overrides = _architecture_weights(
+                name, pretrained, cache_dir, force_quick_gelu, allow_download
+            )
+
+    with _registered_model_config(name, model_cfg):
+        model = open_clip.create_model(
+            name,
+            pretrained=checkpoint,
+            precision=precision,
+            device=device or "cpu",
+            force_quick_gelu=quick_gelu,
+            force_preprocess_cfg=preprocess_overrides,
+            cache_dir=cache_dir,
+            # OpenAI's original checkpoint is a TorchScript archive, which torch.load refuses under
+            # weights_only=True; everything else is loaded the safe way.
+            weights_only=not (checkpoint is not None and _is_torchscript_archive(checkpoint)),
+        )
+        tokenizer = open_clip.get_tokenizer(name)
+
+    convert_attention(model)
+    model.eval()
+    preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
+    preprocess_train = _train_transform(preprocess_cfg, crop_scale)
+    preprocess_val = image_transform_v2(preprocess_cfg, is_train=False)
+    return model, preprocess_train, preprocess_val, tokenizer

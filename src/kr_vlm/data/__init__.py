@@ -1,0 +1,19 @@
+"""Datasets in CoOp's layout, few-shot sampling, prompt templates, DataModules, the digits set.
+
+Nothing here knows about adapters or models.
+"""
+
+from kr_vlm.data.base import ClassificationTask, ImageListDataset
+from kr_vlm.data.datamodules import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.registry import DATASET_NAMES, build_dataset
+from kr_vlm.data.templates import get_templates
+
+__all__ = [
+    "DATASET_NAMES",
+    "ClassificationTask",
+    "DistributionShiftDataModule",
+    "FewShotDataModule",
+    "ImageListDataset",
+    "build_dataset",
+    "get_templates",
+]

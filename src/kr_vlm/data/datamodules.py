@@ -1,0 +1,385 @@
+"""Lightning DataModules: few-shot training on one dataset, and the distribution-shift protocol.
+
+The contract with the model side:
+
+- every constructor argument is plain (a Hydra config instantiates the module);
+- the caller hands in the model's transforms with `dm.set_transforms(train_transform,
+  eval_transform)` (before or after `setup()`; the data room knows nothing of models);
+- after `setup()` (any stage) the module exposes `train_task`, `val_tasks` and `test_tasks`
+  (`ClassificationTask`s: class names and prompt templates), where `val_tasks[i]` / `test_tasks[i]`
+  describe the loader `val_dataloader()[i]` / `test_dataloader()[i]`; the loader methods always
+  return lists, even of one;
+- batches are `(images, labels)`; labels index the class names of the loader's task;
+- `shots=0` is zero-shot: nothing is sampled and `train_dataloader()` is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
+from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
+from kr_vlm.data.fewshot import SUBSAMPLE_CHOICES, base_new_labels, few_shot_split, subsample_classes
+from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_info
+from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Any], Any]
+
+# The digits domains other than `clean` play the part of ImageNet's shifted test sets.
+DIGIT_SHIFT_SETS: tuple[str, ...] = tuple(f"digits_{domain}" for domain in DIGIT_DOMAINS if domain != "clean")
+# The shifted test sets evaluated by default for each source dataset.
+SHIFT_SETS: dict[str, tuple[str, ...]] = {"imagenet": IMAGENET_SHIFT_DATASETS, "digits": DIGIT_SHIFT_SETS}
+
+
+def _with_samples(
+    dataset: ImageListDataset, samples: list[tuple[str, int]], classnames: Sequence[str], name: str
+) -> ImageListDataset:
+    """A dataset of the same kind as `dataset` (e.g. drawn digits) holding only `samples`."""
+    return type(dataset)(
+        samples, classnames, transform=dataset.transform, skip_corrupt=dataset.skip_corrupt, name=name
+    )
+
+
+class FewShotDataModule(LightningDataModule):
+    """Few-shot training on one dataset as in CoOp / CLIP-LoRA; validation and test on the same dataset.
+
+    Training uses `shots` images per class sampled with `seed` (`kr_vlm.data.fewshot`), validation
+    min(`shots`, 4) per class of the val split, testing the whole test split. With `shots=0`
+    nothing is sampled: there is no training loader and validation uses the whole val split.
+
+    Args:
+        dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``digits``).
+        root: the data root, a CoOp-style `$DATA` folder (ignored by `digits`).
+        shots: training images per class; 0 for zero-shot evaluation.
+        seed: the few-shot sampling seed. It also seeds the training loader's shuffling (see
+            `train_dataloader`).
+        batch_size: training batch size (CLIP-LoRA: 32).
+        eval_batch_size: validation and test batch size.
+        num_workers: DataLoader worker processes.
+        train_templates: template kind of `train_task` (`simple`, `coop` or `clip80`; CLIP-LoRA
+            trains with the simple ``"a photo of a {}."``).
+        eval_templates: template kind of the validation and test tasks.
+        subsample: `all`, or CoOp's base-to-new protocol: `base` keeps the first ceil(n/2) classes,
+            `new` the others, relabelled from 0 (the split is sampled on all classes first, as CoOp).
+            The task name then gets the suffix ``_base`` or ``_new``.
+        skip_corrupt: skip unreadable images instead of failing (see `ImageListDataset`).
+        cache_dir: where sampled splits are cached as JSON (`kr_vlm.data.fewshot`); None: no cache.
+        pin_memory: pin batches in page-locked memory; None: only when CUDA is available.
+        persistent_workers: keep the worker processes of the training and validation loaders alive
+            between epochs. A few-shot epoch is short (16 shots x 37 classes / 32 = 19 batches), so
+            starting the workers again every epoch would cost more than the epoch.
+    """
+
+    def __init__(
+        self,
+        dataset: str,
+        root: str | Path = "data",
+        shots: int = 16,
+        seed: int = 1,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        train_templates: str = "simple",
+        eval_templates: str = "simple",
+        subsample: str = "all",
+        skip_corrupt: bool = False,
+        cache_dir: str | Path | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
+        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+            raise ValueError(f"shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
+        if shots > 0 and "train" not in info.splits:
+            raise ValueError(
+                f"{dataset!r} is an evaluation-only set (splits {list(info.splits)}): it cannot be trained "
+                "on. Use shots=0, or train on its source (e.g. imagenet) with DistributionShiftDataModule."
+            )
+        for argument, kind in (("train_templates", train_templates), ("eval_templates", eval_templates)):
+            if kind not in TEMPLATE_KINDS:
+                raise ValueError(f"{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}.")
+        if subsample not in SUBSAMPLE_CHOICES:
+            raise ValueError(f"subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}.")
+        for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value < 1:
+                raise ValueError(f"{argument} must be at least 1, got {value}.")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+
+        self.dataset = dataset
+        self.root = root
+        self.shots = shots
+        self.seed = seed
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.train_templates = train_templates
+        self.eval_templates = eval_templates
+        self.subsample = subsample
+        self.skip_corrupt = skip_corrupt
+        self.cache_dir = cache_dir
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers
+
+        self.train_transform: Transform | None = None
+        self.eval_transform: Transform | None = None
+        # Filled by setup():
+        self.train_task: ClassificationTask | None = None
+        self.val_tasks: list[ClassificationTask] = []
+        self.test_tasks: list[ClassificationTask] = []
+        self.train_dataset: ImageListDataset | None = None
+        self.val_datasets: list[ImageListDataset] = []
+        self.test_datasets: list[ImageListDataset] = []
+        self._is_set_up = False
+
+    @property
+    def task_name(self) -> str:
+        """The name of the source task: the dataset name, with ``_base`` / ``_new`` for a subsample."""
+        return self.dataset if self.subsample == "all" else f"{self.dataset}_{self.subsample}"
+
+    def set_transforms(self, train_transform: Transform | None, eval_transform: Transform | None) -> None:
+        """Set the image transforms: `train_transform` for training, `eval_transform` for val and test.
+
+        Call it with the model's preprocessing (e.g. from `kr_vlm.models.load_clip`) before the
+        loaders are used; calling it after `setup()` updates the existing datasets.
+        """
+        self.train_transform = train_transform
+        self.eval_transform = eval_transform
+        self._apply_transforms()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the file lists, sample the few-shot split and build every task, for any `stage`.
+
+        Everything is built on the first call whatever the stage (so the tasks exist after
+        `setup("fit")` as after `setup("test")`); later calls return at once. Images are opened
+        lazily by the loaders, so this lists files but decodes none.
+        """
+        if self._is_set_up:
+            return
+        read = {"skip_corrupt": self.skip_corrupt}
+        # The test split comes first: it exists for every dataset, and a missing source set is an error here.
+        source_test = build_dataset(self.dataset, self.root, "test", **read)
+        classnames = list(source_test.classnames)
+
+        if self.shots > 0:
+            source_train = build_dataset(self.dataset, self.root, "train", **read)
+            source_val = build_dataset(self.dataset, self.root, "val", **read)
+            split = few_shot_split(
+                self.dataset,
+                source_train.samples,
+                source_val.samples,
+                self.shots,
+                self.seed,
+                cache_dir=self.cache_dir,
+                classnames=classnames,
+            )
+            train_samples, val_samples = split.train, split.val
+        else:
+            # Zero-shot: nothing to sample; validation (if the dataset has a val split) uses all of it.
+            source_train, train_samples = None, []
+            has_val = "val" in dataset_info(self.dataset).splits
+            source_val = build_dataset(self.dataset, self.root, "val", **read) if has_val else None
+            val_samples = source_val.samples if source_val is not None else []
+
+        def keep_subsample(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
+            return subsample_classes(samples, classnames, self.subsample)[0]
+
+        task_classnames = [classnames[label] for label in base_new_labels(len(classnames), self.subsample)]
+        name = self.task_name
+        self.train_task = ClassificationTask(
+            name, task_classnames, get_templates(self.dataset, self.train_templates)
+        )
+        eval_task = ClassificationTask(
+            name, task_classnames, get_templates(self.dataset, self.eval_templates)
+        )
+        if source_train is not None:
+            self.train_dataset = _with_samples(
+                source_train, keep_subsample(train_samples), task_classnames, f"{name}/train"
+            )
+        if source_val is not None:
+            self.val_tasks = [eval_task]
+            self.val_datasets = [
+                _with_samples(source_val, keep_subsample(val_samples), task_classnames, f"{name}/val")
+            ]
+        self.test_tasks = [eval_task]
+        self.test_datasets = [
+            _with_samples(source_test, keep_subsample(source_test.samples), task_classnames, f"{name}/test")
+        ]
+        self._add_test_sets()
+
+        self._apply_transforms()
+        self._is_set_up = True
+        train = "zero-shot" if self.train_dataset is None else f"{len(self.train_dataset)} training images"
+        tests = {task.name: len(data) for task, data in zip(self.test_tasks, self.test_datasets, strict=True)}
+        log.info("%s: %s, val %s, test %s", name, train, [len(data) for data in self.val_datasets], tests)
+
+    def _add_test_sets(self) -> None:
+        """Append further test sets to `test_tasks` / `test_datasets` (the distribution-shift sets)."""
+
+    def _apply_transforms(self) -> None:
+        if self.train_dataset is not None:
+            self.train_dataset.transform = self.train_transform
+        for dataset in self.val_datasets + self.test_datasets:
+            dataset.transform = self.eval_transform
+
+    def _ready_for_loading(self, transform: Transform | None, which: str) -> None:
+        self.setup()
+        if transform is None:
+            raise RuntimeError(
+                f"No {which} transform: call datamodule.set_transforms(train_transform, eval_transform) with "
+                "the model's preprocessing before asking for loaders."
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        """The few-shot training loader: shuffled, batches of `batch_size`, the last one possibly smaller.
+
+        The shuffling uses a `torch.Generator` seeded with `seed`, so the batch order depends only on
+        the few-shot seed, not on how many random numbers model construction used before. The
+        generator also gives every worker its base seed, which makes the random augmentations
+        reproducible with `num_workers > 0`; with 0 workers they draw from torch's global generator
+        (seeded by `lightning.seed_everything`). `drop_last` is False as in CLIP-LoRA: a small
+        few-shot set (1 shot x 10 classes) is smaller than one batch and would yield no batch at all.
+        """
+        if self.shots == 0:
+            raise RuntimeError(
+                f"{self.dataset} is set up for zero-shot evaluation (shots=0): there is no training split. "
+                "Set data.shots to 1 or more to train."
+            )
+        self._ready_for_loading(self.train_transform, "training")
+        return DataLoader(
+            self.train_dataset,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per entry of `val_tasks`, in order (not shuffled)."""
+        self._ready_for_loading(self.eval_transform, "evaluation")
+        return [self._eval_loader(dataset, self.persistent_workers) for dataset in self.val_datasets]
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per entry of `test_tasks`, in order (not shuffled; workers end with each pass)."""
+        self._ready_for_loading(self.eval_transform, "evaluation")
+        return [self._eval_loader(dataset, persistent=False) for dataset in self.test_datasets]
+
+    def _eval_loader(self, dataset: ImageListDataset, persistent: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=persistent and self.num_workers > 0,
+        )
+
+
+class DistributionShiftDataModule(FewShotDataModule):
+    """Few-shot training on a source dataset; test on its test split and on every shifted test set.
+
+    The protocol of CoOp / CLIP-LoRA's domain-generalisation tables: train on few-shot ImageNet,
+    test on ImageNet and on ImageNet-V2, -Sketch, -A and -R. Each shifted set gets its own loader
+    and task, with its own class names (ImageNet-A and -R have 200 classes, labelled by their own
+    folders) and templates. Offline, `dataset="digits"` trains on clean digits and tests on the
+    other digits domains (`digits_inverted`, `digits_rotated`, `digits_noisy`, `digits_edges`).
+
+    A shifted set that is not under `root` is skipped, with one warning that lists every skipped
+    set; a missing source dataset is an error.
+
+    Args:
+        dataset: the source dataset (default `imagenet`).
+        shift_sets: the shifted test sets, in order; None: all known for the source
+            (`SHIFT_SETS`). Names are registry names (``imagenet_a``) or digits domains
+            (``digits_rotated``).
+        The other arguments are `FewShotDataModule`'s.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "imagenet",
+        root: str | Path = "data",
+        shots: int = 16,
+        seed: int = 1,
+        batch_size: int = 32,
+        eval_batch_size: int = 256,
+        num_workers: int = 4,
+        train_templates: str = "simple",
+        eval_templates: str = "simple",
+        shift_sets: Sequence[str] | None = None,
+        skip_corrupt: bool = False,
+        cache_dir: str | Path | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+    ) -> None:
+        super().__init__(
+            dataset=dataset,
+            root=root,
+            shots=shots,
+            seed=seed,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            train_templates=train_templates,
+            eval_templates=eval_templates,
+            subsample="all",
+            skip_corrupt=skip_corrupt,
+            cache_dir=cache_dir,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+        )
+        if shift_sets is None:
+            if dataset not in SHIFT_SETS:
+                raise ValueError(
+                    f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
+                    "name them with shift_sets=[...]."
+                )
+            shift_sets = SHIFT_SETS[dataset]
+        known = set(DIGIT_SHIFT_SETS) | {name for sets in SHIFT_SETS.values() for name in sets}
+        unknown = [name for name in shift_sets if name not in known]
+        if unknown:
+            raise ValueError(f"Unknown shifted test sets {unknown}; known: {', '.join(sorted(known))}.")
+        self.shift_sets: list[str] = list(shift_sets)
+
+    def _add_test_sets(self) -> None:
+        missing: list[str] = []
+        for name in self.shift_sets:
+            try:
+                dataset, template_source = self._build_shift_set(name)
+            except DatasetNotFoundError as err:
+                missing.append(name)
+                log.info("Shifted test set %s not found: %s", name, err)
+                continue
+            templates = get_templates(template_source, self.eval_templates)
+            self.test_tasks.append(ClassificationTask(name, dataset.classnames, templates))
+            self.test_datasets.append(dataset)
+        if missing:
+            warnings.warn(
+                f"Skipping the shifted test sets not found under {self.root}: {', '.join(missing)}. "
+                "See data/README.md for where each one goes.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _build_shift_set(self, name: str) -> tuple[ImageListDataset, str]:
+        """The test split of shifted set `name`, and the dataset whose templates it uses."""
+        if name in DIGIT_SHIFT_SETS:
+            domain = name.removeprefix("digits_")
+            return build_dataset("digits", self.root, "test", domain=domain), "digits"
+        return build_dataset(name, self.root, "test", skip_corrupt=self.skip_corrupt), name

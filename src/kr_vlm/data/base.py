@@ -142,14 +142,14 @@ class ImageListDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not self.skip_corrupt:
             path, label = self.samples[index]
-            return self._transformed(load_rgb_image(path)), label
+            return self._transformed(self.load_image(path)), label
         for offset in range(len(self.samples)):
             candidate = (index + offset) % len(self.samples)
             if candidate in self._corrupt_indices:
                 continue
             path, label = self.samples[candidate]
             try:
-                image = load_rgb_image(path)
+                image = self.load_image(path)
             except CorruptImageError as err:
                 self._corrupt_indices.add(candidate)
                 log.warning(
@@ -162,6 +162,10 @@ class ImageListDataset(Dataset):
                 continue
             return self._transformed(image), label
         raise CorruptImageError(f"Dataset {self.name!r}: none of its {len(self.samples)} images is readable.")
+
+    def load_image(self, path: str) -> Image.Image:
+        """The RGB image of sample `path`; subclasses that draw their images override this."""
+        return load_rgb_image(path)
 
     def _transformed(self, image: Image.Image) -> Any:
         return self.transform(image) if self.transform is not None else image

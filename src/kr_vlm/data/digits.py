@@ -129,10 +129,9 @@ class DigitsDataset(ImageListDataset):
     the same way as for any other dataset. `skip_corrupt` has no effect: a drawn image cannot be corrupt.
     """
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        path, label = self.samples[index]
+    def load_image(self, path: str) -> Image.Image:
         domain, digit_index = parse_digit_path(path)
-        return self._transformed(digit_image(digit_index, domain)), label
+        return digit_image(digit_index, domain)
 
 
 def build_digits(

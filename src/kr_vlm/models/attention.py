@@ -299,3 +299,25 @@ def convert_attention(model: nn.Module) -> nn.Module:
             replacement = SeparateQKVCustomAttention.from_open_clip_attention(module)
         setattr(parent, child_name, replacement)
     return model
+
+
+def _fuse_qkv(state: dict[str, torch.Tensor], name: str, attention: nn.Module) -> None:
+    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by open_clip's fused ``in_proj_*``."""
+    if len({attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features}) != 1:
+        raise NotImplementedError(
+            f"{name}: attention with different query/key/value input sizes (kdim/vdim) has no fused "
+            "in_proj_weight in nn.MultiheadAttention; no open_clip model uses it."
+        )
+    for kind in ("weight", "bias"):
+        parts = [state.pop(f"{name}.{proj}.{kind}", None) for proj in ("q_proj", "k_proj", "v_proj")]
+        if all(part is not None for part in parts):
+            state[f"{name}.in_proj_{kind}"] = torch.cat(parts)
+
+
+def fuse_qkv_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the conversion in a state dict of ``model``: every converted attention's q/k/v projections
+    become open_clip's fused ``in_proj_weight`` / ``in_proj_bias`` again (in place; returned)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (SeparateQKVAttention, SeparateQKVCustomAttention)):
+            _fuse_qkv(state, name, module)
+    return state

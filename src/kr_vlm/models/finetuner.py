@@ -23,7 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kr_vlm.adapters import AdapterConfig, adapted_layers, adapter_state_dict, inject_adapters
-from kr_vlm.models.attention import SeparateQKVAttention, SeparateQKVCustomAttention
+from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
 from kr_vlm.models.targets import clip_target_modules
@@ -124,23 +124,8 @@ def open_clip_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for name in to_merge:
             layers[name].unmerge()
             bases[name].load_state_dict(originals[name])
-    for name, module in model.named_modules():
-        if isinstance(module, (SeparateQKVAttention, SeparateQKVCustomAttention)):
-            _fuse_qkv(state, name, module)
+    fuse_qkv_state_dict(model, state)
     return state
-
-
-def _fuse_qkv(state: dict[str, Tensor], name: str, attention: nn.Module) -> None:
-    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by open_clip's fused ``in_proj_*``."""
-    if len({attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features}) != 1:
-        raise NotImplementedError(
-            f"{name}: attention with different query/key/value input sizes (kdim/vdim) has no fused "
-            "in_proj_weight in nn.MultiheadAttention; no open_clip model uses it."
-        )
-    for kind in ("weight", "bias"):
-        parts = [state.pop(f"{name}.{proj}.{kind}", None) for proj in ("q_proj", "k_proj", "v_proj")]
-        if all(part is not None for part in parts):
-            state[f"{name}.in_proj_{kind}"] = torch.cat(parts)
 
 
 class CLIPFineTuner(LightningModule):

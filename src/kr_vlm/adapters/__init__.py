@@ -7,6 +7,7 @@ from kr_vlm.adapters.config import METHODS, AdapterConfig
 from kr_vlm.adapters.inject import (
     adapted_layers,
     count_parameters,
+    find_target_linears,
     inject_adapters,
     merge_adapters,
     unmerge_adapters,
@@ -21,6 +22,7 @@ __all__ = [
     "adapted_layers",
     "adapter_state_dict",
     "count_parameters",
+    "find_target_linears",
     "inject_adapters",
     "kradapter_shapes",
     "load_adapter_state_dict",

@@ -91,8 +91,8 @@ def _fused_weight(
     fused = torch.empty(base_weight.shape, dtype=compute_dtype, device=base_weight.device)
     base_full, base_tail = _blocks(base_weight, rank, transposed)
     fused_full, fused_tail = _blocks(fused, rank, transposed)
-    if transposed:  # row a r + b of W0 pairs with V[:, a] * U[:, b]; the factors are read transposed
-        u, v = u.t(), v.t()
+    if transposed:  # row a r + b of W0 pairs with V[:, a] * U[:, b]; contiguous transposed factors
+        u, v = u.t().contiguous(), v.t().contiguous()  # keep the broadcast's inner (k) axis unit-stride
         full_blocks, tail = base_full.shape[0], base_tail.shape[0]
         torch.addcmul(base_full, v[:full_blocks, None, :], u[None, :, :], value=scaling, out=fused_full)
         if tail:
@@ -112,12 +112,14 @@ def _factor_grads(
 
     ``G[i, a r + b]`` pairs with ``V[i, a] U[i, b]``: ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and
     ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``. The full ``r``-blocks are a free ``(k, q, r)`` view (a
-    batched matrix-vector product each); the cut-off last block is added separately, so ``G`` is never padded.
+    batched vector-matrix product each); the cut-off last block is added separately, so ``G`` is never padded.
     """
     full, tail = _blocks(weight_grad, u.shape[1], transposed=False)
     full_blocks, tail_size = full.shape[1], tail.shape[1]
-    grad_u = torch.einsum("iab,ia->ib", full, v[:, :full_blocks])
-    grad_v = torch.einsum("iab,ib->ia", full, u)
+    # Both as a batch of row vector x matrix products: far faster on CPU than einsum's (or bmm's
+    # matrix x column vector) choice, which costs several times one read of G.
+    grad_u = torch.bmm(v[:, None, :full_blocks], full).squeeze(1)
+    grad_v = torch.bmm(u[:, None, :], full.transpose(1, 2)).squeeze(1)
     if tail_size:
         grad_u[:, :tail_size] += tail * v[:, full_blocks, None]
         grad_v = torch.cat([grad_v, (tail * u[:, :tail_size]).sum(1, keepdim=True)], dim=1)

@@ -1,0 +1,76 @@
+"""Smoke test of scripts/bench_adapters.py on the tiny CLIP, so the benchmark cannot rot."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from kr_vlm.adapters import KRAdapterLinear
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_adapters.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_adapters", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script is executed
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_steps_every_method_on_the_tiny_clip(bench, tiny_clip):
+    images, tokens = bench.make_batch(tiny_clip, batch_size=2, device=torch.device("cpu"))
+    runs = bench.run_benchmark(
+        tiny_clip, list(bench.METHODS), bench.TARGET_SETS["mlp"], images, tokens, steps=1, warmup=1
+    )
+    rows = bench.summarize(runs)
+    by_method = {row["method"]: row for row in rows}
+    assert set(by_method) == set(bench.METHODS)
+    assert by_method["frozen"]["trainable_params"] == 0
+    assert by_method["kradapter"]["trainable_params"] == by_method["authors"]["trainable_params"] > 0
+    for row in rows:
+        assert row["step_time_ms"] > 0 and row["peak_memory_mb"] > 0
+    assert by_method["lora"]["time_vs_lora"] == 1.0
+    assert "kradapter" in bench.markdown_table(rows)
+    assert bench.kr_vs_lora(rows).startswith("KRAdapter / LoRA")
+    # Trainable tensors moved (the optimizer stepped) in every adapted model.
+    kr_model = next(run.model for run in runs if run.name == "kradapter")
+    assert any(
+        module.kr_u.abs().sum() > 0 for module in kr_model.modules() if isinstance(module, KRAdapterLinear)
+    )
+
+
+def test_attention_targets_convert_the_attention_first(bench, tiny_clip):
+    targets = bench.TARGET_SETS["all"]
+    model = bench.convert_for_targets(tiny_clip, targets)
+    images, tokens = bench.make_batch(model, batch_size=2, device=torch.device("cpu"))
+    runs = bench.run_benchmark(model, ["kradapter", "lora"], targets, images, tokens, steps=1, warmup=0)
+    kr_model = runs[0].model
+    adapted = [name for name, module in kr_model.named_modules() if isinstance(module, KRAdapterLinear)]
+    assert len(adapted) == 2 * 2 * len(targets)  # 2 towers x 2 blocks x 6 linears
+    assert all(run.trainable_params > 0 and run.peak_bytes > 0 for run in runs)
+
+
+def test_authors_reference_layer_computes_the_same_update(bench):
+    torch.manual_seed(0)
+    for d_out, d_in in [(20, 7), (7, 20), (16, 16)]:
+        base = nn.Linear(d_in, d_out)
+        ours, authors = KRAdapterLinear(base), bench.AuthorsKRAdapter(base)
+        with torch.no_grad():
+            ours.kr_u.normal_()
+            authors.kr_u.copy_(ours.kr_u)
+            authors.kr_v.copy_(ours.kr_v)
+        x = torch.randn(3, d_in)
+        torch.testing.assert_close(authors(x), ours(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(authors.transposed_update().T * authors.scaling, ours.delta_weight())
+
+
+def test_main_rejects_too_few_steps(bench):
+    with pytest.raises(SystemExit):
+        bench.main(["--steps", "2"])

@@ -100,6 +100,22 @@ def test_shuffling_follows_the_seed_only():
     assert first_epoch_labels(1, 3) != first_epoch_labels(2, 3)
 
 
+def test_shuffle_state_continues_in_a_restored_module():
+    def epoch_labels(loader) -> list[int]:
+        return [label for _, labels in loader for label in labels.tolist()]
+
+    dm = digits_module(shots=4, seed=1)
+    loader = dm.train_dataloader()
+    first = epoch_labels(loader)
+    state = dm.state_dict()  # what a checkpoint keeps after the first epoch
+    second = epoch_labels(loader)
+    assert second != first  # every epoch draws a new order
+
+    restored = digits_module(shots=4, seed=1)
+    restored.load_state_dict(state)
+    assert epoch_labels(restored.train_dataloader()) == second
+
+
 def test_few_shot_split_is_cached(tmp_path):
     dm = digits_module(shots=2, cache_dir=tmp_path)
     dm.setup()

@@ -132,6 +132,9 @@ class FewShotDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
+        # One generator for the whole fit: every epoch draws its shuffle (and worker seeds) from it, and
+        # its state travels in checkpoints (`state_dict`), so a resumed fit continues the same sequence.
+        self._shuffle_generator = torch.Generator().manual_seed(seed)
 
         self.train_transform: Transform | None = None
         self.eval_transform: Transform | None = None
@@ -249,7 +252,8 @@ class FewShotDataModule(LightningDataModule):
         the few-shot seed, not on how many random numbers model construction used before. The
         generator also gives every worker its base seed, which makes the random augmentations
         reproducible with `num_workers > 0`; with 0 workers they draw from torch's global generator
-        (seeded by `lightning.seed_everything`). `drop_last` is False as in CLIP-LoRA: a small
+        (seeded by `lightning.seed_everything`). The generator lives as long as the DataModule and is
+        saved in checkpoints (`state_dict`), so a resumed run draws the epochs it has not run yet. `drop_last` is False as in CLIP-LoRA: a small
         few-shot set (1 shot x 10 classes) is smaller than one batch and would yield no batch at all.
         """
         if self.shots == 0:
@@ -262,12 +266,21 @@ class FewShotDataModule(LightningDataModule):
             self.train_dataset,
             batch_size=self.batch_size,
             shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
+            generator=self._shuffle_generator,
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the DataModule: the shuffle generator's state (Lightning saves it)."""
+        return {"shuffle_generator": self._shuffle_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the shuffle generator from a checkpoint (Lightning calls this when resuming)."""
+        if "shuffle_generator" in state_dict:
+            self._shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per entry of `val_tasks`, in order (not shuffled)."""

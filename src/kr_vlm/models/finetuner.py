@@ -37,6 +37,8 @@ TARGET_KEYS = ("layers", "towers", "blocks")
 
 # Where the open_clip model sits inside this LightningModule (prefix of its state-dict keys).
 MODEL_PREFIX = "classifier.model."
+# Checkpoint entry holding torch's random generator states, for exact resumption.
+RNG_STATES_KEY = "kr_vlm_rng_states"
 
 # The three evaluation stages and the DataModule attribute that holds their tasks.
 _TASK_ATTRIBUTES = {"train": "train_task", "val": "val_tasks", "test": "test_tasks"}
@@ -169,6 +171,7 @@ class CLIPFineTuner(LightningModule):
         init_seed: int = 0,
     ) -> None:
         super().__init__()
+        self._resumed_rng_states: dict[str, Any] | None = None
         clip, adapter = _plain(clip), _plain(adapter) if adapter is not None else {"method": "none"}
         optimizer, scheduler = _plain(optimizer) or {}, _plain(scheduler) or {}
         if "name" not in clip:
@@ -388,10 +391,16 @@ class CLIPFineTuner(LightningModule):
         return [MODEL_PREFIX + key for key in adapter_state_dict(self.classifier.model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only the adapter tensors: the frozen base model is rebuilt from the hyperparameters."""
+        """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
+        and torch's random states, which the training augmentations and dropout draw from: a fit
+        resumed from the checkpoint then draws what the uninterrupted fit would have drawn."""
         keep = set(self.adapter_keys())
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if key in keep
+        }
+        checkpoint[RNG_STATES_KEY] = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -408,6 +417,17 @@ class CLIPFineTuner(LightningModule):
                 "checkpoint's hyperparameters (CLIPFineTuner.load_from_checkpoint does)."
             )
         checkpoint["state_dict"] = {**self.state_dict(), **saved}
+        # Applied when training starts, after Lightning's sanity check, so only a resumed fit uses them
+        # (loading a checkpoint to evaluate leaves the global generators alone).
+        self._resumed_rng_states = checkpoint.get(RNG_STATES_KEY)
+
+    def on_train_start(self) -> None:
+        states, self._resumed_rng_states = self._resumed_rng_states, None
+        if states is None:
+            return
+        torch.set_rng_state(states["cpu"])
+        if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def export_merged(self, path: str | Path) -> Path:
         """Write the model as a plain open_clip state dict with the adapters merged in.

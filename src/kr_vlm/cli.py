@@ -1,0 +1,366 @@
+"""Hydra entry logic behind ``train.py`` / ``eval.py`` (and ``kr-vlm-train`` / ``kr-vlm-eval``).
+
+Everything is instantiated from config; this module only wires the pieces together:
+datamodule (set up) -> model (``CLIPFineTuner``) -> the model's transforms to the datamodule ->
+callbacks, loggers, trainer -> fit / test -> adapters and ``metrics.json`` in the run folder.
+It holds no model or data code.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.errors import InstantiationException
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer, seed_everything
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).parent / "configs")
+
+# CLIP-LoRA trains for 500 x shots iterations.
+ITERATIONS_PER_SHOT = 500
+# Which adapters train.py tests after fitting (config key `test_ckpt`).
+TEST_CHECKPOINTS = ("last", "best")
+
+
+def _iterations(shots: int) -> int:
+    return ITERATIONS_PER_SHOT * int(shots)
+
+
+def _auto_precision() -> str:
+    """bf16 autocast where the GPU supports it, fp16 autocast on older GPUs, float32 on the CPU
+    (CPU bf16 autocast is slower than float32 on most machines)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if torch.cuda.is_available():
+        return "16-mixed"
+    return "32-true"
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers used by the configs (idempotent: importing this module registers them,
+    which Hydra's compose API in tests relies on as much as ``train.py`` does)."""
+    OmegaConf.register_new_resolver("iterations", _iterations, replace=True)
+    OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+
+
+register_resolvers()
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, re-raising the error of the object being built.
+
+    Hydra wraps an exception raised inside the target in an ``InstantiationException`` whose message
+    is the ``repr`` of the original (newlines escaped). The model and data layers write messages
+    that say what is missing and where to put it, so the original error is raised instead. Errors
+    of Hydra's own (a target that cannot be imported) keep Hydra's message.
+    """
+    try:
+        return hydra.utils.instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if cause is None or isinstance(cause, (ImportError, InstantiationException)):
+            raise
+        raise cause from None
+
+
+def instantiate_list(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a callbacks/logger group that has a ``_target_``.
+
+    Entries without one are skipped: an experiment may tune a callback (``callbacks.rank_monitor.
+    every_n_steps``) that another top config (``eval.yaml``) does not include.
+    """
+    if not group:
+        return []
+    return [instantiate(node) for node in group.values() if node and "_target_" in node]
+
+
+def build_model(cfg: DictConfig) -> LightningModule:
+    """The LightningModule; missing weights fail here with the model layer's message."""
+    log.info("Building the model <%s>", cfg.model.get("_target_"))
+    return instantiate(cfg.model)
+
+
+def build_datamodule(cfg: DictConfig, stage: str) -> LightningDataModule:
+    """The DataModule, set up: missing data fails here, before any training starts, with the data
+    layer's message. Built before the model, as listing files is quick and loading weights is not."""
+    log.info("Building the data <%s>", cfg.data.get("_target_"))
+    datamodule: LightningDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup(stage)
+    return datamodule
+
+
+def use_model_transforms(datamodule: LightningDataModule, module: LightningModule) -> None:
+    """The data room knows nothing of models: the model hands over its own image transforms."""
+    datamodule.set_transforms(module.preprocess_train, module.preprocess_val)
+
+
+def build_trainer(cfg: DictConfig) -> Trainer:
+    """The Trainer with the configured callbacks and loggers; the loggers get the whole config."""
+    callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
+    loggers: list[Logger] = instantiate_list(cfg.get("logger"))
+    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    return trainer
+
+
+def clip_model(module: LightningModule) -> torch.nn.Module:
+    """The open_clip model (adapters included) inside a CLIPFineTuner."""
+    return module.classifier.model
+
+
+def adapter_method(module: LightningModule) -> str:
+    """The adapter method the module was built with (``none`` for zero-shot)."""
+    return module.hparams["adapter"].get("method") or "none"
+
+
+def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> dict[str, dict[str, float]]:
+    """{test set: {top1, top5, loss}} from what the module logged as ``test/<set>/<metric>``."""
+    results: dict[str, dict[str, float]] = {}
+    for task in datamodule.test_tasks:
+        prefix = f"test/{task.name}/"
+        results[task.name] = {
+            key.removeprefix(prefix): float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith(prefix)
+        }
+    return results
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+@rank_zero_only
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` as JSON (on global rank zero only)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename: an interrupted write never leaves a truncated metrics.json behind.
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def run_summary(
+    cfg: DictConfig,
+    module: LightningModule,
+    trainer: Trainer,
+    datamodule: LightningDataModule,
+    timings: dict[str, float],
+    tested: str | None,
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: accuracy per test set, parameters, steps, time, memory, config."""
+    from kr_vlm.adapters import count_parameters
+
+    trainable, total = count_parameters(module)
+    return {
+        "task_name": cfg.task_name,
+        "method": adapter_method(module),
+        "model": module.hparams["clip"].get("name"),
+        "pretrained": module.hparams["clip"].get("pretrained"),
+        "dataset": cfg.data.dataset,
+        "shots": int(cfg.data.shots),
+        "seed": cfg.get("seed"),
+        "tested": tested,
+        "test": metrics_per_test_set(trainer, datamodule),
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": int(trainer.global_step),
+        **{key: round(value, 2) for key, value in timings.items()},
+        # The trainer's device: Lightning moves the module back to the CPU when fit/test end.
+        "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+@rank_zero_only
+def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
+    """A rich table of the test accuracies and the paths of what the run wrote."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
+        f"{metrics['shots']} shots, seed {metrics['seed']}"
+    )
+    table.add_column("test set")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    for name, values in metrics["test"].items():
+        table.add_row(
+            name,
+            f"{100 * values.get('top1', float('nan')):.2f}",
+            f"{100 * values.get('top5', float('nan')):.2f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(f"Run folder: {output_dir}")
+    for name in ("metrics.json", "rank_report.html", "adapters"):
+        if (output_dir / name).exists():
+            console.print(f"  {name}: {output_dir / name}")
+
+
+def set_cpu_threads(cfg: DictConfig) -> None:
+    """Apply ``cpu_threads`` (torch's intra-op threads; null keeps torch's default, one per core)."""
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
+
+
+def _check_test_ckpt(cfg: DictConfig) -> None:
+    """``test_ckpt`` is ``last`` or ``best``; ``best`` needs a checkpoint callback that monitors a metric."""
+    choice = cfg.get("test_ckpt", "last")
+    if choice not in TEST_CHECKPOINTS:
+        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, got {choice!r}.")
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if choice == "best" and (not checkpoint or not checkpoint.get("monitor")):
+        raise ValueError(
+            "test_ckpt=best tests the best checkpoint by a validation metric: it needs "
+            "callbacks.model_checkpoint.monitor=val/top1 callbacks.model_checkpoint.every_n_train_steps=null "
+            "(save after every validation) and validation during training (trainer.val_check_interval=100)."
+        )
+
+
+@rank_zero_only
+def _save_adapters(module: LightningModule, directory: Path) -> None:
+    from kr_vlm.adapters import save_adapters
+
+    save_adapters(clip_model(module), directory)
+    log.info("Saved the adapters to %s", directory)
+
+
+def configured_method(cfg: DictConfig) -> str:
+    """The adapter method the model config asks for (``none`` for zero-shot)."""
+    return (cfg.model.get("adapter") or {}).get("method") or "none"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the adapters, test them on every test set, save them and ``metrics.json`` in the run folder.
+
+    Nothing is fitted with the adapter method ``none`` or ``data.shots=0``: the model is then only
+    tested (zero-shot). ``ckpt_path`` resumes an interrupted fit.
+    """
+    start = time.perf_counter()
+    method, shots = configured_method(cfg), int(cfg.data.shots)
+    fits = bool(cfg.get("train")) and method != "none" and shots > 0
+    if cfg.get("train") and not fits:
+        log.warning(
+            "Nothing to train (adapter method %r, %d shots): zero-shot evaluation only.", method, shots
+        )
+    if cfg.get("ckpt_path") and not fits:
+        raise ValueError(
+            "ckpt_path resumes training, but this run trains nothing; test a checkpoint with "
+            "`python eval.py ckpt_path=...` instead."
+        )
+    _check_test_ckpt(cfg)
+    set_cpu_threads(cfg)
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg, "fit" if fits else "test")
+    module = build_model(cfg)
+    use_model_transforms(datamodule, module)
+    trainer = build_trainer(cfg)
+
+    timings = {}
+    if fits:
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        timings["fit_time_s"] = time.perf_counter() - fit_start
+        _save_adapters(module, output_dir / "adapters")
+    tested = None
+    if cfg.get("test"):
+        # The last iterate, as CLIP-LoRA tests it, or Lightning's best checkpoint by the monitored metric.
+        best = fits and cfg.get("test_ckpt") == "best"
+        test_start = time.perf_counter()
+        trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False)
+        timings["test_time_s"] = time.perf_counter() - test_start
+        tested = "last" if fits else "zero-shot"
+        if best:
+            tested = trainer.checkpoint_callback.best_model_path
+            # trainer.test loaded the best checkpoint into the module: save the adapters that were tested.
+            _save_adapters(module, output_dir / "adapters")
+    timings["wall_time_s"] = time.perf_counter() - start
+    metrics = run_summary(cfg, module, trainer, datamodule, timings, tested)
+    write_metrics(output_dir / "metrics.json", metrics)
+    print_results(metrics, output_dir)
+    return metrics
+
+
+def _check_adapters_dir(cfg: DictConfig) -> None:
+    """Fail before building anything when ``adapters_dir`` cannot be loaded into the configured model."""
+    from kr_vlm.adapters.io import read_adapter_config
+
+    saved = read_adapter_config(cfg.adapters_dir)  # a missing folder fails here, naming the files
+    configured = configured_method(cfg)
+    if saved.method != configured:
+        raise ValueError(
+            f"{cfg.adapters_dir} holds {saved.method!r} adapters, but the model is configured with adapter "
+            f"{configured!r}. Give eval.py the training run's settings: the same experiment (e.g. "
+            f"experiment=demo), or adapter={saved.method} with the options it was trained with."
+        )
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test saved adapters (``adapters_dir``), a Lightning checkpoint (``ckpt_path``), or zero-shot CLIP."""
+    from kr_vlm.adapters import load_adapters
+    from kr_vlm.models import CLIPFineTuner
+
+    start = time.perf_counter()
+    if cfg.get("adapters_dir") and cfg.get("ckpt_path"):
+        raise ValueError("Give adapters_dir or ckpt_path, not both.")
+    if cfg.get("adapters_dir"):
+        _check_adapters_dir(cfg)
+    set_cpu_threads(cfg)
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg, "test")
+    if cfg.get("ckpt_path"):
+        # The checkpoint carries the model and adapter config (its hyperparameters) and the adapter tensors;
+        # the base weights are rebuilt from them, so `model` and `adapter` of this config are not used.
+        log.info("Building the model and its adapters from %s", cfg.ckpt_path)
+        module = CLIPFineTuner.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+    else:
+        module = build_model(cfg)
+        if cfg.get("adapters_dir"):
+            load_adapters(clip_model(module), cfg.adapters_dir)
+    use_model_transforms(datamodule, module)
+    trainer = build_trainer(cfg)
+    test_start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    timings = {"test_time_s": time.perf_counter() - test_start, "wall_time_s": time.perf_counter() - start}
+    tested = cfg.get("ckpt_path") or cfg.get("adapters_dir") or "zero-shot"
+    metrics = run_summary(cfg, module, trainer, datamodule, timings, str(tested))
+    write_metrics(output_dir / "metrics.json", metrics)
+    print_results(metrics, output_dir)
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def train_main(cfg: DictConfig) -> None:
+    """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``."""
+    train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    """``python eval.py experiment=... adapters_dir=...`` / ``kr-vlm-eval ...``."""
+    evaluate(cfg)

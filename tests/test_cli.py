@@ -1,0 +1,324 @@
+"""train.py / eval.py logic (`kr_vlm.cli`): the demo end to end, train-then-eval, resuming, zero-shot,
+test_ckpt=best, errors before training; DDP, sweeps and the command line itself in subprocesses (slow).
+
+Runs use a tiny random CLIP (`compose_helpers.TINY_MODEL`), the embedded digits and a few steps.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import MissingConfigException
+from safetensors.torch import load_file
+
+from compose_helpers import FAST, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from coop_layout import make_coop_dataset
+from kr_vlm import cli
+from kr_vlm.data.base import DatasetNotFoundError
+from kr_vlm.models import WeightsNotFoundError
+
+REPO = Path(__file__).resolve().parents[1]
+DIGIT_SETS = ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
+ADAPTER_WEIGHTS = "adapters/adapter_model.safetensors"
+# Clean digits only (one test set), one shot per class (one batch per epoch), no plots or progress bars.
+QUICK = (
+    "experiment=demo",
+    "data=digits",
+    "data.shots=1",
+    *TINY_MODEL,
+    *FAST,
+    "~callbacks.rank_monitor",
+    "~callbacks.progress_bar",
+)
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    with run_state_restored():
+        yield
+
+
+def run_train(tmp_path: Path, *overrides: str, run: str = "run") -> dict:
+    """`train.py` in-process with `overrides`; the run folder is `tmp_path / run`."""
+    return cli.train(compose_config(tmp_path, [*overrides, f"paths.output_dir={tmp_path / run}"]))
+
+
+def run_eval(tmp_path: Path, *overrides: str, run: str) -> dict:
+    return cli.evaluate(compose_config(tmp_path, [*overrides, f"paths.output_dir={tmp_path / run}"], "eval"))
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def eight_step_run(tmp_path_factory) -> tuple[Path, dict]:
+    """A finished 8-step run with a checkpoint every 4 steps (all kept), tested on clean digits."""
+    tmp_path = tmp_path_factory.mktemp("eight_steps")
+    with run_state_restored():
+        metrics = run_train(
+            tmp_path,
+            *QUICK,
+            "trainer.max_steps=8",
+            "callbacks.model_checkpoint.every_n_train_steps=4",
+            "callbacks.model_checkpoint.save_top_k=-1",
+        )
+    return tmp_path, metrics
+
+
+def test_demo_end_to_end(tmp_path):
+    metrics = run_train(tmp_path, "experiment=demo", *TINY_MODEL, *FAST, "trainer.max_steps=10")
+    run_dir = tmp_path / "run"
+    assert read_metrics(run_dir) == json.loads(json.dumps(metrics))
+    assert list(metrics["test"]) == DIGIT_SETS
+    for values in metrics["test"].values():
+        assert set(values) == {"top1", "top5", "loss"} and 0.0 <= values["top1"] <= values["top5"] <= 1.0
+    assert (metrics["task_name"], metrics["method"], metrics["dataset"]) == ("demo", "kradapter", "digits")
+    assert metrics["steps"] == 10 and metrics["shots"] == 16 and metrics["seed"] == 1
+    assert torch.get_num_threads() == 1  # the demo's cpu_threads
+    assert metrics["tested"] == "last"
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert metrics["wall_time_s"] >= metrics["fit_time_s"] > 0 and metrics["test_time_s"] > 0
+    assert metrics["peak_memory_mb"] > 0
+    assert metrics["config"]["model"]["adapter"]["method"] == "kradapter"
+    assert metrics["config"]["paths"]["output_dir"] == str(run_dir)
+
+    report = (run_dir / "rank_report.html").read_text()
+    assert "<html" in report.lower() and "data:image/png;base64" in report  # self-contained
+    history = json.loads((run_dir / "rank_history.json").read_text())
+    assert history  # evaluated at train start and end
+    assert {path.name for path in (run_dir / "adapters").iterdir()} == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_eval_on_saved_adapters_reproduces_the_test_accuracy(eight_step_run, tmp_path):
+    train_dir, trained = eight_step_run
+    evaluated = run_eval(tmp_path, *QUICK, f"adapters_dir={train_dir / 'run' / 'adapters'}", run="eval")
+    # Equal losses too: a model without the trained adapters would not match to the last bit.
+    assert evaluated["test"] == trained["test"]
+    assert evaluated["method"] == "kradapter" and evaluated["trainable_params"] == trained["trainable_params"]
+    assert read_metrics(tmp_path / "eval")["test"] == trained["test"]
+    zero_shot = run_eval(tmp_path, *QUICK, "adapter=none", run="zero_shot")
+    assert zero_shot["test"]["digits"]["loss"] != trained["test"]["digits"]["loss"]
+
+
+def test_eval_on_a_checkpoint_reproduces_the_test_accuracy(eight_step_run, tmp_path):
+    train_dir, trained = eight_step_run
+    # The model and adapters come from the checkpoint: the eval config's own model is not used. One
+    # thread as in training (the demo's cpu_threads), for the same float sums in the losses.
+    checkpoint = train_dir / "run" / "checkpoints" / "last.ckpt"
+    evaluated = run_eval(
+        tmp_path, "data=digits", *FAST, "cpu_threads=1", f"ckpt_path={checkpoint}", run="eval"
+    )
+    assert evaluated["test"] == trained["test"]
+    assert evaluated["method"] == "kradapter" and evaluated["tested"] == str(checkpoint)
+
+
+def test_resume_from_a_mid_run_checkpoint_continues_the_run(eight_step_run, tmp_path):
+    train_dir, straight = eight_step_run
+    middle = train_dir / "run" / "checkpoints" / "step_4.ckpt"
+    resumed = run_train(
+        tmp_path, *QUICK, "trainer.max_steps=8", "trainer.log_every_n_steps=1", f"ckpt_path={middle}"
+    )
+    assert resumed["steps"] == 8
+    # Only steps 5 to 8 ran (a run that ignored the checkpoint would log steps 1 to 8).
+    with (tmp_path / "run" / "csv" / "metrics.csv").open() as handle:
+        logged = {int(row["step"]) for row in csv.DictReader(handle) if row["train/loss"]}
+    assert logged == {4, 5, 6, 7}
+
+    expected = load_file(train_dir / "run" / ADAPTER_WEIGHTS)
+    got = load_file(tmp_path / "run" / ADAPTER_WEIGHTS)
+    assert got.keys() == expected.keys()
+    at_step_4 = torch.load(middle, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(not torch.equal(at_step_4[f"classifier.model.{name}"], got[name]) for name in got)
+
+
+def test_resume_is_exact(eight_step_run, tmp_path):
+    train_dir, _ = eight_step_run
+    middle = train_dir / "run" / "checkpoints" / "step_4.ckpt"
+    run_train(tmp_path, *QUICK, "trainer.max_steps=8", f"ckpt_path={middle}")
+    expected = load_file(train_dir / "run" / ADAPTER_WEIGHTS)
+    got = load_file(tmp_path / "run" / ADAPTER_WEIGHTS)
+    assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+
+
+def test_zero_shots_means_zero_shot_evaluation(tmp_path):
+    metrics = run_train(tmp_path, "experiment=demo", *TINY_MODEL, *FAST, "data.shots=0")
+    assert metrics["steps"] == 0 and metrics["tested"] == "zero-shot" and "fit_time_s" not in metrics
+    assert list(metrics["test"]) == DIGIT_SETS
+    assert read_metrics(tmp_path / "run")["shots"] == 0
+    assert not (tmp_path / "run" / "adapters").exists() and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_test_ckpt_best_tests_and_saves_the_best_checkpoint(tmp_path):
+    metrics = run_train(
+        tmp_path,
+        *QUICK,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "test_ckpt=best",
+        "callbacks.model_checkpoint.monitor=val/top1",
+        "callbacks.model_checkpoint.every_n_train_steps=null",
+    )
+    best = Path(metrics["tested"])
+    assert best.parent == tmp_path / "run" / "checkpoints" and best.is_file()
+    in_checkpoint = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    saved = load_file(tmp_path / "run" / ADAPTER_WEIGHTS)
+    for name, tensor in saved.items():
+        assert torch.equal(in_checkpoint[f"classifier.model.{name}"], tensor)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["test_ckpt=best"], "callbacks.model_checkpoint.monitor=val/top1"),
+        (["test_ckpt=first"], "test_ckpt must be one of last, best"),
+        (["data.shots=0", "ckpt_path=some.ckpt"], "eval.py ckpt_path="),
+    ],
+)
+def test_bad_run_settings_fail_at_once(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        run_train(tmp_path, *QUICK, *overrides)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("group", "name"), [("experiment", "clip_kr_fewshot"), ("data", "dtd"), ("adapter", "lora")]
+)
+def test_unknown_names_list_the_valid_ones(group, name, tmp_path):
+    with pytest.raises(MissingConfigException, match=f"Available options in '{group}'") as error:
+        compose_config(tmp_path, [f"{group}=nope"])
+    assert name in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "error"),
+    [("openai", ValueError), ("{tmp}/missing/weights.safetensors", WeightsNotFoundError)],
+)
+def test_missing_weights_fail_before_training(pretrained, error, tmp_path):
+    with pytest.raises(error) as raised:
+        run_train(tmp_path, *QUICK, f"model.clip.pretrained={pretrained.format(tmp=tmp_path)}")
+    assert "kr-vlm-test-tiny" in str(raised.value) or "missing" in str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_weights_of_a_real_experiment_say_what_to_fetch(tmp_path, monkeypatch):
+    make_coop_dataset(tmp_path / "data", "oxford_pets", classes=3, per_class=2)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(WeightsNotFoundError, match="open_clip.create_model"):
+        run_train(tmp_path, "experiment=clip_kr_fewshot", "data.shots=2", *FAST)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("data_root_exists", "message"), [(False, "Data root .* does not exist"), (True, "dtd")]
+)
+def test_missing_data_fails_before_training_with_the_data_layer_message(data_root_exists, message, tmp_path):
+    if data_root_exists:
+        (tmp_path / "data").mkdir()
+    with pytest.raises(DatasetNotFoundError, match=message):
+        run_train(tmp_path, *QUICK, "data=dtd")
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_needs_the_adapter_config_the_adapters_were_trained_with(eight_step_run, tmp_path):
+    train_dir, _ = eight_step_run
+    adapters = train_dir / "run" / "adapters"
+    with pytest.raises(ValueError, match="holds 'kradapter' adapters.*adapter 'none'"):
+        run_eval(tmp_path, "data=digits", *TINY_MODEL, *FAST, f"adapters_dir={adapters}", run="eval")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        run_eval(tmp_path, *QUICK, f"adapters_dir={tmp_path / 'nowhere'}", run="eval")
+
+
+# ------------------------------------------------------------------------------------ real command lines
+
+
+def run_script(
+    tmp_path: Path, script: str, *arguments: str, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """`python <script> <arguments> <paths under tmp_path> <flags>` from the repository root."""
+    paths = [override for override in path_overrides(tmp_path) if not override.startswith("paths.output_dir")]
+    # One thread a process: DDP's two processes share the machine's cores.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, script, *arguments, *paths, *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_command_line_help_config_and_unknown_names(tmp_path):
+    helped = run_script(tmp_path, "train.py", flags=("--help",))
+    assert helped.returncode == 0 and "experiment: clip_kr_fewshot" in helped.stdout
+    shown = run_script(tmp_path, "train.py", "experiment=demo", flags=("--cfg", "job"))
+    assert shown.returncode == 0 and "task_name: demo" in shown.stdout
+    failed = run_script(tmp_path, "eval.py", "data=nope")
+    assert failed.returncode != 0
+    assert "Could not find 'data/nope'" in failed.stderr and "oxford_pets" in failed.stderr
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tmp_path):
+    done = run_script(
+        tmp_path,
+        "train.py",
+        "experiment=demo",
+        "trainer=ddp_cpu",
+        *TINY_MODEL,
+        "trainer.max_steps=4",
+        "data.shift_sets=[digits_noisy]",
+        "~callbacks.progress_bar",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (tmp_path / "logs" / "demo" / "runs").iterdir()  # rank 1 wrote into rank 0's run folder
+    metrics = read_metrics(run_dir)
+    assert metrics["steps"] == 4 and list(metrics["test"]) == ["digits", "digits_noisy"]
+    assert metrics["config"]["trainer"]["devices"] == 2
+    assert (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / "rank_report.html").is_file()
+
+
+@pytest.mark.slow
+def test_multirun_sweep_then_aggregate(tmp_path):
+    done = run_script(
+        tmp_path,
+        "train.py",
+        "-m",
+        *QUICK,
+        "data.shots=1,2",
+        "seed=1,2",
+        "trainer.max_steps=5",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "demo" / "multiruns").iterdir()
+    runs = [read_metrics(path.parent) for path in sorted(sweep_dir.glob("*/metrics.json"))]
+    assert sorted((run["shots"], run["seed"]) for run in runs) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+    assert all(run["steps"] == 5 for run in runs)
+
+    aggregated = subprocess.run(
+        [sys.executable, "scripts/aggregate_results.py", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert aggregated.returncode == 0, aggregated.stderr
+    table = (sweep_dir / "results.md").read_text().splitlines()
+    assert table[0] == "| method | shots | digits | Average |"
+    assert [line.split("|")[1:3] for line in table[2:]] == [[" kradapter ", " 1 "], [" kradapter ", " 2 "]]
+    assert (sweep_dir / "results.csv").is_file()

@@ -1,0 +1,241 @@
+"""Every Hydra config composes and instantiates: experiments, data, adapters, trainers, loggers.
+
+Models are swapped for a tiny random CLIP (`compose_helpers.TINY_MODEL`) and datasets for tiny
+CoOp-layout folders under tmp_path (`coop_layout.make_coop_dataset`); digits ship with the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision.transforms as T
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import CSVLogger
+
+from compose_helpers import FAST, TINY_MODEL, compose_config, run_state_restored
+from coop_layout import make_coop_dataset
+from kr_vlm import cli
+from kr_vlm.adapters import kradapter_shapes
+from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary
+from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.models import CLIPFineTuner
+
+CONFIG_DIR = Path(cli.CONFIG_DIR)
+EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
+ADAPTERS = sorted(path.stem for path in (CONFIG_DIR / "adapter").glob("*.yaml"))
+TRAINERS = sorted(path.stem for path in (CONFIG_DIR / "trainer").glob("*.yaml"))
+# `fewshot` is the base the dataset configs extend (its dataset is `???`).
+DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml") if path.stem != "fewshot")
+SMALL = T.Compose([T.Resize((16, 16)), T.ToTensor()])
+SHOTS = 2  # images per class in the tiny folders; few-shot configs sample them all
+
+
+@pytest.fixture(autouse=True)
+def _clear_hydra():
+    with run_state_restored():
+        yield
+
+
+def write_dataset(data_dir: Path, dataset: str) -> None:
+    """The tiny CoOp folder(s) a data config reads (nothing for the embedded digits)."""
+    if dataset != "digits":
+        make_coop_dataset(data_dir, dataset, classes=3, per_class=SHOTS)
+
+
+def test_config_groups_are_the_documented_ones():
+    assert EXPERIMENTS == ["clip_kr_fewshot", "clip_kr_ood", "clip_lora_fewshot", "clip_zeroshot", "demo"]
+    assert {"cpu", "gpu", "ddp", "ddp_cpu", "fsdp"} <= set(TRAINERS)
+    assert {"csv", "tensorboard", "wandb", "mlflow"} <= {
+        p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")
+    }
+    assert {"kradapter", "lora", "none"} <= set(ADAPTERS)
+
+
+def test_train_and_eval_defaults_compose(tmp_path):
+    train_cfg = compose_config(tmp_path)
+    assert train_cfg.train and train_cfg.test and train_cfg.test_ckpt == "last"
+    assert train_cfg.model.adapter.method == "kradapter"
+    # CLIP-LoRA's length: 500 x shots iterations, validated once at the end.
+    assert train_cfg.trainer.max_steps == 500 * train_cfg.data.shots == train_cfg.trainer.val_check_interval
+    assert train_cfg.trainer.precision == cli._auto_precision()  # 32-true on a CPU, bf16-mixed on recent GPUs
+    eval_cfg = compose_config(tmp_path, config_name="eval")
+    assert eval_cfg.adapters_dir is None and eval_cfg.ckpt_path is None
+    assert eval_cfg.model.adapter.method == "none"
+
+
+def test_clip_kr_fewshot_follows_clip_lora_recipe(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data.shots=4"])
+    assert (cfg.model.clip.name, cfg.model.clip.pretrained) == ("ViT-B-16", "openai")
+    assert cfg.adapter.method == "kradapter" and list(cfg.adapter.layers) == [
+        "q",
+        "k",
+        "v",
+        "o",
+        "fc1",
+        "fc2",
+    ]
+    assert cfg.adapter.towers == "both" and cfg.adapter.blocks == "all"
+    assert cfg.model.optimizer.lr == 2e-4 and cfg.model.optimizer.weight_decay == 1e-2
+    assert cfg.model.scheduler.min_lr == 1e-6 and cfg.model.logit_scale == 100
+    assert cfg.data.batch_size == 32 and cfg.data.train_templates == "simple"
+    assert cfg.trainer.max_steps == 2000
+
+
+def test_clip_lora_fewshot_is_clip_lora_as_published(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=clip_lora_fewshot"])
+    adapter = cfg.model.adapter
+    assert adapter.method == "lora" and list(adapter.layers) == ["q", "k", "v"]
+    assert (adapter.r, adapter.lora_alpha, adapter.lora_dropout, adapter.use_rslora) == (2, 1, 0.25, True)
+    assert adapter.towers == "both" and adapter.blocks == "all"
+
+
+def test_command_line_overrides_beat_the_experiment(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data=dtd", "data.shots=8", "seed=3"])
+    assert cfg.data.dataset == "dtd" and cfg.data.shots == 8 and cfg.data.seed == 3
+    assert cfg.trainer.max_steps == 4000
+
+
+EXPERIMENT_SETUPS = {
+    # experiment: (top config, datasets to write, extra overrides)
+    "clip_kr_fewshot": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    "clip_lora_fewshot": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    # ImageNet and two of its four shifted sets: the missing ones are skipped with a warning.
+    "clip_kr_ood": ("train", ["imagenet", "imagenet_v2", "imagenet_sketch"], [f"data.shots={SHOTS}"]),
+    "clip_zeroshot": ("eval", ["oxford_pets"], []),
+    "demo": ("train", [], []),
+}
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_instantiates(experiment, tmp_path):
+    config_name, datasets, overrides = EXPERIMENT_SETUPS[experiment]
+    for dataset in datasets:
+        make_coop_dataset(tmp_path / "data", dataset, classes=3, per_class=SHOTS)
+    cfg = compose_config(tmp_path, [f"experiment={experiment}", *TINY_MODEL, *FAST, *overrides], config_name)
+    assert cfg.task_name == experiment
+
+    if experiment == "clip_kr_ood":
+        with pytest.warns(UserWarning, match="imagenet_a, imagenet_r"):
+            datamodule = cli.build_datamodule(cfg, "fit")
+    else:
+        datamodule = cli.build_datamodule(cfg, "fit")
+    module = cli.build_model(cfg)
+    assert isinstance(module, CLIPFineTuner)
+    cli.use_model_transforms(datamodule, module)
+    images, _ = next(iter(datamodule.test_dataloader()[0]))
+    assert images.shape[1:] == (3, 16, 16)  # the tiny model's own eval transform
+    trainer = cli.build_trainer(cfg)
+
+    assert isinstance(trainer, Trainer) and isinstance(trainer.logger, CSVLogger)
+    test_sets = [task.name for task in datamodule.test_tasks]
+    method = cfg.model.adapter.method
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    assert (trainable > 0) == (method != "none")
+    if experiment == "clip_zeroshot":
+        assert method == "none" and datamodule.shots == 0 and datamodule.train_dataset is None
+        assert datamodule.test_tasks[0].templates[0] == "a photo of a {}, a type of pet."  # CoOp's template
+    else:
+        assert len(datamodule.train_dataset) > 0
+    if experiment == "clip_kr_ood":
+        assert isinstance(datamodule, DistributionShiftDataModule)
+        assert test_sets == ["imagenet", "imagenet_v2", "imagenet_sketch"]
+    elif experiment == "demo":
+        assert test_sets == ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
+        callbacks = {type(callback) for callback in trainer.callbacks}
+        assert {
+            EffectiveRankMonitor,
+            ParameterSummary,
+            ModelCheckpoint,
+            RichProgressBar,
+            LearningRateMonitor,
+        } <= callbacks
+    else:
+        assert test_sets == [datamodule.dataset]
+
+
+def test_demo_builds_its_own_tiny_clip(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=demo"])
+    assert (cfg.model.clip.name, cfg.model.clip.pretrained, cfg.cpu_threads) == ("kr-vlm-tiny", None, 1)
+    module = cli.build_model(cfg)
+    # KRAdapter on the six linears of 4 + 4 blocks of width 128 (q k v o: 128x128, fc1 fc2: 128x512).
+    k, _, r, r2 = kradapter_shapes(128, 128)
+    k_mlp, _, r_mlp, r2_mlp = kradapter_shapes(512, 128)
+    per_block = 4 * k * (r + r2) + 2 * k_mlp * (r_mlp + r2_mlp)
+    assert sum(p.numel() for _, p in module.trainable_parameters()) == 8 * per_block == 212_992
+    assert module.preprocess_val.transforms[0].size in (32, (32, 32))
+
+
+@pytest.mark.parametrize("data", DATA_CONFIGS)
+def test_data_config_instantiates(data, tmp_path):
+    cfg = compose_config(tmp_path, [f"data={data}", "data.num_workers=0", "data.shots=1"])
+    source = cfg.data.dataset
+    write_dataset(tmp_path / "data", source)
+    if data == "imagenet_ood":
+        for shifted in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
+            make_coop_dataset(tmp_path / "data", shifted, classes=3, per_class=SHOTS)
+    datamodule = cli.instantiate(cfg.data)
+    assert isinstance(datamodule, FewShotDataModule)
+    assert datamodule.root == str(tmp_path / "data") and datamodule.cache_dir == str(tmp_path / "cache")
+    datamodule.set_transforms(SMALL, SMALL)
+    datamodule.setup("fit")
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape[1:] == (3, 16, 16) and labels.max() < len(datamodule.train_task.classnames)
+    assert len(datamodule.test_dataloader()) == len(datamodule.test_tasks)
+    if data.endswith("_ood"):
+        assert len(datamodule.test_tasks) == 5  # the source and its four shifted sets
+    else:
+        assert [task.name for task in datamodule.test_tasks] == [source]
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_adapter_config_instantiates_on_the_tiny_model(adapter, tmp_path):
+    cfg = compose_config(tmp_path, [*TINY_MODEL, f"adapter={adapter}"])
+    module = cli.build_model(cfg)
+    assert cli.adapter_method(module) == adapter
+    trainable = module.trainable_parameters()  # raises if anything but adapter tensors trains
+    assert bool(trainable) == (adapter != "none")
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_trainer_config_composes(trainer, tmp_path):
+    cfg = compose_config(tmp_path, [f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer"
+    assert cfg.trainer.max_steps == 500 * cfg.data.shots
+    needs_gpu = cfg.trainer.accelerator == "gpu"
+    if needs_gpu and not torch.cuda.is_available():
+        pytest.skip(f"trainer={trainer} needs a GPU")
+    built = cli.instantiate(cfg.trainer, logger=False, callbacks=[])
+    assert isinstance(built, Trainer)
+    if trainer == "ddp_cpu":
+        assert built.num_devices == 2 and type(built.strategy).__name__ == "DDPStrategy"
+
+
+def test_gpu_and_fsdp_configs(tmp_path):
+    gpu = compose_config(tmp_path, ["trainer=gpu"]).trainer
+    assert (gpu.accelerator, gpu.devices, gpu.precision) == ("gpu", 1, "bf16-mixed")
+    fsdp = compose_config(tmp_path, ["trainer=fsdp"]).trainer
+    assert fsdp.strategy._target_ == "lightning.pytorch.strategies.FSDPStrategy"
+    assert fsdp.strategy.use_orig_params  # frozen base weights and trainable adapters share flat parameters
+
+
+@pytest.mark.parametrize("logger", ["csv", "tensorboard", "csv_tensorboard", "wandb", "mlflow"])
+def test_logger_config_instantiates(logger, tmp_path):
+    module_name = {"tensorboard": "tensorboard", "csv_tensorboard": "tensorboard"}.get(logger, logger)
+    if module_name != "csv" and importlib.util.find_spec(module_name) is None:
+        pytest.skip(f"{module_name} is not installed")
+    cfg = compose_config(tmp_path, [f"logger={logger}"])
+    loggers = cli.instantiate_list(cfg.logger)
+    assert len(loggers) == (2 if logger == "csv_tensorboard" else 1)
+    for built in loggers:
+        built.log_hyperparams({"seed": cfg.seed})
+        built.log_metrics({"train/loss": 1.0}, step=0)
+        built.finalize("success")
+    # Offline: everything lands under the run folder (mlflow: a file store under the log folder).
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written and all(
+        path.is_relative_to(tmp_path / "run") or path.is_relative_to(tmp_path / "logs") for path in written
+    )

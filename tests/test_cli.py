@@ -271,6 +271,11 @@ def test_command_line_help_config_and_unknown_names(tmp_path):
     failed = run_script(tmp_path, "eval.py", "data=nope")
     assert failed.returncode != 0
     assert "Could not find 'data/nope'" in failed.stderr and "oxford_pets" in failed.stderr
+    # Missing data ends the command with the data layer's message and status 1, not a traceback.
+    no_data = run_script(tmp_path, "train.py", "data=dtd")  # paths.data_dir is tmp_path / "data": absent
+    output = no_data.stdout + no_data.stderr
+    assert no_data.returncode == 1 and "Traceback" not in output
+    assert f"DatasetNotFoundError: Data root {tmp_path / 'data'} does not exist" in output
 
 
 @pytest.mark.slow

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torchvision.transforms as T
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from compose_helpers import FAST, TINY_MODEL, compose_config, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.adapters import kradapter_shapes
-from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary
+from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary, RichStepProgressBar
 from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.models import CLIPFineTuner
 
@@ -150,7 +150,7 @@ def test_experiment_instantiates(experiment, tmp_path):
             EffectiveRankMonitor,
             ParameterSummary,
             ModelCheckpoint,
-            RichProgressBar,
+            RichStepProgressBar,
             LearningRateMonitor,
         } <= callbacks
     else:

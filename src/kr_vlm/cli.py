@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -354,13 +355,29 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _report_input_errors(job: Any, cfg: DictConfig) -> None:
+    """Run ``job(cfg)``; missing or malformed weights, datasets and images end the command with their
+    message (which says what is wrong and what to do) and exit status 1, not with a traceback.
+    ``HYDRA_FULL_ERROR=1`` shows the traceback as for any other error."""
+    from kr_vlm.data.base import CorruptImageError, DatasetNotFoundError, MalformedDatasetError
+    from kr_vlm.models.clip import WeightsNotFoundError
+
+    try:
+        job(cfg)
+    except (WeightsNotFoundError, DatasetNotFoundError, MalformedDatasetError, CorruptImageError) as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s", type(error).__name__, error)
+        sys.exit(1)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def train_main(cfg: DictConfig) -> None:
     """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``."""
-    train(cfg)
+    _report_input_errors(train, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     """``python eval.py experiment=... adapters_dir=...`` / ``kr-vlm-eval ...``."""
-    evaluate(cfg)
+    _report_input_errors(evaluate, cfg)

@@ -107,7 +107,10 @@ def _download_blocker(allow_download: bool) -> str | None:
     if _hub_offline():
         return "Downloading is off: HF_HUB_OFFLINE is set."
     if not allow_download:
-        return "Downloading is off: load_clip(..., allow_download=False), the default."
+        return (
+            "Downloading is off: load_clip(..., allow_download=False), the default "
+            "(model.clip.allow_download=true in the configs turns it on)."
+        )
     return None
 
 

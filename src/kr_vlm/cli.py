@@ -14,6 +14,7 @@ import os
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -355,10 +356,15 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _report_input_errors(job: Any, cfg: DictConfig) -> None:
-    """Run ``job(cfg)``; missing or malformed weights, datasets and images end the command with their
-    message (which says what is wrong and what to do) and exit status 1, not with a traceback.
-    ``HYDRA_FULL_ERROR=1`` shows the traceback as for any other error."""
+def _run_job(job: Any, cfg: DictConfig) -> None:
+    """Run ``job(cfg)`` for a command line: missing or malformed weights, datasets and images end the
+    command with their message (which says what is wrong and what to do) and exit status 1, not with
+    a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
+    # Lightning 2.6 still uses torch's LeafSpec, which this torch flags as deprecated at every fit:
+    # noise for users, nothing they can act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
     from kr_vlm.data.base import CorruptImageError, DatasetNotFoundError, MalformedDatasetError
     from kr_vlm.models.clip import WeightsNotFoundError
 
@@ -374,10 +380,10 @@ def _report_input_errors(job: Any, cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def train_main(cfg: DictConfig) -> None:
     """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``."""
-    _report_input_errors(train, cfg)
+    _run_job(train, cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def eval_main(cfg: DictConfig) -> None:
     """``python eval.py experiment=... adapters_dir=...`` / ``kr-vlm-eval ...``."""
-    _report_input_errors(evaluate, cfg)
+    _run_job(evaluate, cfg)

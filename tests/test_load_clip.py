@@ -98,6 +98,9 @@ def test_transforms_follow_clip_lora(tiny_clip_cfg):
     reference = open_clip.image_transform(32, is_train=False)
     image = Image.new("RGB", (50, 37), color=(10, 120, 240))
     assert torch.equal(preprocess_val(image), reference(image))
+    _, unflipped, _, _ = load_clip(TINY, model_cfg=tiny_clip_cfg, train_flip=False)
+    assert not any(isinstance(step, RandomHorizontalFlip) for step in unflipped.transforms)
+    assert len(unflipped.transforms) == len(preprocess_train.transforms) - 1
 
 
 def test_tokenizer_uses_the_context_length_of_the_config(tiny_clip_cfg):

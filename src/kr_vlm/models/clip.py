@@ -245,11 +245,12 @@ def _is_torchscript_archive(path: str) -> bool:
         return any(entry.endswith("constants.pkl") for entry in archive.namelist())
 
 
-def _train_transform(preprocess_cfg: PreprocessCfg, crop_scale: tuple[float, float]) -> Compose:
+def _train_transform(preprocess_cfg: PreprocessCfg, crop_scale: tuple[float, float], flip: bool) -> Compose:
     """CLIP-LoRA's train augmentation: RandomResizedCrop(scale, bicubic) + horizontal flip + CLIP norm."""
     transform = image_transform_v2(preprocess_cfg, is_train=True, aug_cfg=AugmentationCfg(scale=crop_scale))
     # open_clip's train transform starts with RandomResizedCrop (bicubic) and has no flip.
-    transform.transforms.insert(1, RandomHorizontalFlip())
+    if flip:
+        transform.transforms.insert(1, RandomHorizontalFlip())
     return transform
 
 
@@ -305,6 +306,7 @@ def load_clip(
     model_cfg: dict[str, Any] | None = None,
     force_quick_gelu: bool | None = None,
     train_crop_scale: Sequence[float] = (0.08, 1.0),
+    train_flip: bool = True,
     allow_download: bool = False,
 ) -> tuple[nn.Module, Compose, Compose, Callable[..., torch.Tensor]]:
     """Build an open_clip model with converted attention, its train/eval transforms and tokenizer.
@@ -330,6 +332,8 @@ def load_clip(
             ``openai`` tags) and logs it; True forces QuickGELU; False keeps the architecture's own
             activation (``*-quickgelu`` names have QuickGELU built in) and warns if the tag expects QuickGELU.
         train_crop_scale: the ``scale`` range of the train RandomResizedCrop.
+        train_flip: whether the train transform flips images horizontally (CLIP-LoRA does); off for
+            classes that a mirror image changes (digits, text).
         allow_download: fetch missing weights from the internet (never when ``HF_HUB_OFFLINE`` is set).
 
     Returns:
@@ -400,6 +404,6 @@ def load_clip(
     convert_attention(model)
     model.eval()
     preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
-    preprocess_train = _train_transform(preprocess_cfg, crop_scale)
+    preprocess_train = _train_transform(preprocess_cfg, crop_scale, train_flip)
     preprocess_val = image_transform_v2(preprocess_cfg, is_train=False)
     return model, preprocess_train, preprocess_val, tokenizer

@@ -93,11 +93,6 @@ def is_adapted_layer(module: nn.Module) -> bool:
     return isinstance(module, (KRAdapterLinear, FullFineTuneLinear)) or is_peft_layer(module)
 
 
-def _replace_module(model: nn.Module, name: str, new_module: nn.Module) -> None:
-    parent_name, _, child_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child_name, new_module)
-
-
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze ``model``, then put ``cfg.method``'s adapter on every ``nn.Linear`` that ``cfg.target_modules``
     selects; only the adapter tensors train. Returns the same (modified) model.
@@ -126,10 +121,10 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
             if options.get("factor_dtype") is not None:
                 options["factor_dtype"] = factor_dtype_from_name(options["factor_dtype"])
             for name in names:
-                _replace_module(model, name, KRAdapterLinear(model.get_submodule(name), **options))
+                model.set_submodule(name, KRAdapterLinear(model.get_submodule(name), **options))
         elif cfg.method == "full":
             for name in names:
-                _replace_module(model, name, FullFineTuneLinear(model.get_submodule(name)))
+                model.set_submodule(name, FullFineTuneLinear(model.get_submodule(name)))
         elif cfg.method in PEFT_METHODS:
             inject_peft_adapters(model, cfg.method, names, cfg.options)
     setattr(model, CONFIG_ATTRIBUTE, cfg)

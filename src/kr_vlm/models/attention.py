@@ -291,13 +291,11 @@ def convert_attention(model: nn.Module) -> nn.Module:
         if isinstance(module, (nn.MultiheadAttention, OpenClipAttention))
     ]
     for name, module in targets:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         if isinstance(module, nn.MultiheadAttention):
             replacement = SeparateQKVAttention.from_multihead_attention(module)
         else:
             replacement = SeparateQKVCustomAttention.from_open_clip_attention(module)
-        setattr(parent, child_name, replacement)
+        model.set_submodule(name, replacement)
     return model
 
 

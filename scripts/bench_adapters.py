@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters import AdapterConfig, find_target_linears, inject_adapters, kradapter_shapes
+from kr_vlm.models.attention import convert_attention
 
 MODEL_NAME = "ViT-B-16"
 ATTENTION_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
@@ -103,9 +104,7 @@ class AuthorsKRAdapter(nn.Module):
 def _authors_adapters(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     model.requires_grad_(False)
     for name in find_target_linears(model, list(targets)):
-        parent_name, _, child_name = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child_name, AuthorsKRAdapter(getattr(parent, child_name)))
+        model.set_submodule(name, AuthorsKRAdapter(model.get_submodule(name)))
     return model
 
 
@@ -177,17 +176,25 @@ def train_step(run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_
     return loss.item()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so wall times measure it (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU and torch's thread count, for the benchmarks' headers."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
 def timed_step(run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module) -> float:
     """Wall time of one training step in milliseconds."""
-    _synchronize(images.device)
+    synchronize(images.device)
     start = time.perf_counter()
     train_step(run, images, tokens, loss_fn)
-    _synchronize(images.device)
+    synchronize(images.device)
     return (time.perf_counter() - start) * 1000
 
 
@@ -229,11 +236,11 @@ def _cuda_step_peak_bytes(
     run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module
 ) -> int:
     device = images.device
-    _synchronize(device)
+    synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     train_step(run, images, tokens, loss_fn)
-    _synchronize(device)
+    synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
@@ -326,13 +333,6 @@ def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     """Give ``model`` separate q/k/v/out linears when ``targets`` name attention projections."""
     if not any(target in ATTENTION_TARGETS for target in targets):
         return model
-    try:
-        from kr_vlm.models.attention import convert_attention
-    except ImportError as error:
-        raise SystemExit(
-            f"Targets {', '.join(ATTENTION_TARGETS)} need kr_vlm.models.attention.convert_attention, which could "
-            f"not be imported ({error}). Use --targets mlp."
-        ) from error
     return convert_attention(model)
 
 
@@ -370,11 +370,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     runs = run_benchmark(base_model, args.methods, targets, images, tokens, args.steps, args.warmup)
     rows = summarize(runs)
 
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
+    where = device_description(device)
     memory_source = "CUDA allocator peak" if device.type == "cuda" else "profiler allocation events"
     print(
         f"{MODEL_NAME} (random init), one training step (forward, CLIP loss, backward, AdamW), batch "

@@ -19,7 +19,6 @@ input-bound at that worker count.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -36,7 +35,8 @@ from PIL import Image
 
 from kr_vlm.data.datamodules import FewShotDataModule
 
-BENCH_ADAPTERS = Path(__file__).with_name("bench_adapters.py")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_adapters as bench  # noqa: E402
 
 
 def write_synthetic_coop_set(root: Path, images: int, classes: int, width: int, height: int) -> None:
@@ -99,27 +99,20 @@ def data_rates(root: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def model_rate(args: argparse.Namespace) -> tuple[float | None, str]:
-    """Images per second of a KRAdapter training step from bench_adapters.py, or None and the reason."""
-    try:
-        spec = importlib.util.spec_from_file_location("bench_adapters", BENCH_ADAPTERS)
-        bench = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = bench  # its dataclasses look their module up there
-        spec.loader.exec_module(bench)
-        device = torch.device(args.device)
-        targets = bench.TARGET_SETS[args.model_targets]
-        torch.manual_seed(0)
-        base_model = bench.build_base_model(targets, device)
-        run = bench.build_run("kradapter", base_model, targets)
-        del base_model
-        images, tokens = bench.make_batch(run.model, args.model_batch_size, device)
-        loss_fn = open_clip.ClipLoss()
-        bench.timed_step(run, images, tokens, loss_fn)  # warm-up
-        step_ms = statistics.median(
-            bench.timed_step(run, images, tokens, loss_fn) for _ in range(args.model_steps)
-        )
-    except (ImportError, AttributeError, FileNotFoundError, SystemExit) as error:
-        return None, f"unavailable ({type(error).__name__}: {error})"
+def model_rate(args: argparse.Namespace) -> tuple[float, str]:
+    """Images per second of a KRAdapter training step from bench_adapters.py, and what was measured."""
+    device = torch.device(args.device)
+    targets = bench.TARGET_SETS[args.model_targets]
+    torch.manual_seed(0)
+    base_model = bench.build_base_model(targets, device)
+    run = bench.build_run("kradapter", base_model, targets)
+    del base_model
+    images, tokens = bench.make_batch(run.model, args.model_batch_size, device)
+    loss_fn = open_clip.ClipLoss()
+    bench.timed_step(run, images, tokens, loss_fn)  # warm-up
+    step_ms = statistics.median(
+        bench.timed_step(run, images, tokens, loss_fn) for _ in range(args.model_steps)
+    )
     return args.model_batch_size / (step_ms / 1000), (
         f"KRAdapter training step, {bench.MODEL_NAME} random init, targets {args.model_targets}, "
         f"batch {args.model_batch_size}, {args.device}: {step_ms:.0f} ms (median of {args.model_steps})"

@@ -33,25 +33,28 @@ from kr_vlm.adapters import adapted_layers
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import TARGET_SETS, build_base_model, build_run, make_batch, timed_step  # noqa: E402
+from bench_adapters import (  # noqa: E402
+    TARGET_SETS,
+    build_base_model,
+    build_run,
+    device_description,
+    make_batch,
+    synchronize,
+    timed_step,
+)
 
 INTERVALS = (50, 100, 200, 500)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_evaluation(
     monitor: EffectiveRankMonitor, model: torch.nn.Module, step: int, device: torch.device
 ) -> float:
     """Seconds for one periodic evaluation: decompose, measure, rewrite rank_history.json."""
-    _synchronize(device)
+    synchronize(device)
     started = time.perf_counter()
     monitor.evaluate(model, step)
     monitor.write_history()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -99,11 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     step_time = statistics.median(step_seconds)
     evaluation_time = statistics.median(evaluation_seconds)
 
-    where = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU, {torch.get_num_threads()} threads"
-    )
+    where = device_description(device)
     shapes = sorted({(layer.out_features, layer.in_features) for _, layer in layers})
     print(
         f"ViT-B-16 (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "

@@ -26,6 +26,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from kr_vlm.files import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).parent / "configs")
@@ -154,11 +156,8 @@ def peak_memory_mb(device: torch.device) -> float:
 @rank_zero_only
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
     """Write ``metrics`` as JSON (on global rank zero only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: an interrupted write never leaves a truncated metrics.json behind.
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(path)
+    # An interrupted write never leaves a truncated metrics.json behind.
+    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def run_summary(

@@ -30,6 +30,7 @@ from kr_vlm.adapters import adapted_layers
 from kr_vlm.callbacks.grouping import group_of, group_sort_key
 from kr_vlm.callbacks.parameter_summary import parameter_summary
 from kr_vlm.callbacks.rank_report import render_history_figure, render_spectra_figure, write_html_report
+from kr_vlm.files import write_text_atomic
 
 METRICS = ("effective_rank", "stable_rank", "frobenius_norm")
 HISTORY_FILE = "rank_history.json"
@@ -371,7 +372,8 @@ class EffectiveRankMonitor(pl.Callback):
 
     def write_history(self) -> None:
         """Write ``rank_history.json`` to the run folder."""
-        (self._checked_run_dir() / HISTORY_FILE).write_text(json.dumps(self.history()))
+        # Rewritten at every evaluation: an interrupted run keeps the previous complete file.
+        write_text_atomic(self._checked_run_dir() / HISTORY_FILE, json.dumps(self.history()))
 
     def write_report(self, trainer: pl.Trainer | None = None) -> None:
         """Render the two plots and ``rank_report.html`` into the run folder, and the spectrum image into the

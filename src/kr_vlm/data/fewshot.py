@@ -19,14 +19,14 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from kr_vlm.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +201,8 @@ def _write_cache(path: Path, dataset: str, shots: int, seed: int, split: FewShot
         "train": split.train,
         "val": split.val,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename: processes that sample the same split at once (DDP ranks) never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(record, file, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Processes that sample the same split at once (DDP ranks) never see half a file.
+    write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def base_new_labels(num_classes: int, subsample: str) -> list[int]:

@@ -364,12 +364,11 @@ def _run_job(job: Any, cfg: DictConfig) -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    from kr_vlm.data.base import CorruptImageError, DatasetNotFoundError, MalformedDatasetError
-    from kr_vlm.models.clip import WeightsNotFoundError
+    from kr_vlm.errors import KrVlmError
 
     try:
         job(cfg)
-    except (WeightsNotFoundError, DatasetNotFoundError, MalformedDatasetError, CorruptImageError) as error:
+    except KrVlmError as error:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         log.error("%s: %s", type(error).__name__, error)

@@ -16,18 +16,20 @@ from typing import Any
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
+from kr_vlm.errors import KrVlmError
+
 log = logging.getLogger(__name__)
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(KrVlmError, OSError):
     """An image file that PIL cannot open or decode completely."""
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(KrVlmError, FileNotFoundError):
     """A dataset folder, image folder or split file is not where the CoOp layout puts it."""
 
 
-class MalformedDatasetError(ValueError):
+class MalformedDatasetError(KrVlmError, ValueError):
     """A dataset is on disk but its files disagree with the layout (bad JSON, gaps in labels, ...)."""
 
 

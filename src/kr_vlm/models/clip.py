@@ -30,6 +30,7 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_
 from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
+from kr_vlm.errors import KrVlmError
 from kr_vlm.models.attention import convert_attention
 
 __all__ = ["PRECISIONS", "WeightsNotFoundError", "load_clip"]
@@ -45,7 +46,7 @@ TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_colo
 OPEN_CLIP_URL_CACHE = Path("~/.cache/clip").expanduser()
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(KrVlmError, FileNotFoundError):
     """Pretrained weights are neither in a cache nor at the given path (and were not downloaded)."""
 
 

@@ -9,10 +9,11 @@ import torch
 import torchvision.transforms as T
 from lightning.pytorch import LightningModule, Trainer
 
-from coop_layout import make_coop_dataset
+from coop_layout import make_coop_dataset, read_only
 from kr_vlm.data.base import DatasetNotFoundError
 from kr_vlm.data.datamodules import DIGIT_SHIFT_SETS, DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.data.templates import get_templates
+from kr_vlm.errors import ConfigError
 
 SMALL = T.Compose([T.Resize(16), T.ToTensor()])
 TINY_SPLITS = {"train": 3, "val": 2, "test": 2}
@@ -155,6 +156,47 @@ def test_base_to_new(tmp_path, subsample, kept):
     assert_aligned(dm)
 
 
+@pytest.mark.parametrize("sampler", ["kr_vlm", "clip_lora"])
+def test_imagenet_validates_on_training_images_apart_from_the_shots(tmp_path, sampler):
+    # Its val folder is its test set: selecting on it would select on test images (CLIP-LoRA's rule).
+    make_coop_dataset(tmp_path, "imagenet", classes=3, per_class={"train": 9, "test": 2})
+    dm = FewShotDataModule("imagenet", root=tmp_path, shots=2, num_workers=0, sampler=sampler)
+    dm.setup()
+    train, val = dm.train_dataset.samples, dm.val_datasets[0].samples
+    assert len(train) == 6 and len(val) == 6 and not set(train) & set(val)
+    assert all("/images/train/" in path for path, _ in train + val)
+    assert sorted(set(dm.val_datasets[0].labels)) == [0, 1, 2]
+
+
+def test_imagenet_with_coop_validates_on_the_test_set_as_coop(tmp_path):
+    make_coop_dataset(tmp_path, "imagenet", classes=3, per_class={"train": 9, "test": 2})
+    dm = FewShotDataModule("imagenet", root=tmp_path, shots=2, num_workers=0, sampler="coop")
+    dm.setup()
+    assert dm.val_datasets[0].samples == dm.test_datasets[0].samples
+    assert all("/images/val/" in path for path, _ in dm.val_datasets[0].samples)
+
+
+def test_clip_lora_imagenet_needs_k_plus_4_images_a_class(tmp_path):
+    make_coop_dataset(tmp_path, "imagenet", classes=2, per_class={"train": [9, 5], "test": 1})
+    dm = FewShotDataModule("imagenet", root=tmp_path, shots=2, num_workers=0, sampler="clip_lora")
+    with pytest.raises(ConfigError, match=r"label 1 has only 5.*data\.sampler=kr_vlm"):
+        FewShotDataModule("imagenet", root=tmp_path, shots=4, num_workers=0, sampler="clip_lora").setup()
+    dm.setup()  # 2 + 2 images a class are there
+    assert len(dm.train_dataset) == 4
+
+
+def test_read_only_data_root_caches_the_split_per_user(tmp_path, monkeypatch):
+    root = tmp_path / "shared"
+    root.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    with read_only(root, monkeypatch):
+        dm = digits_module(root=root, cache_dir=root / ".kr_vlm_cache")
+        dm.setup()
+    assert list(root.iterdir()) == []
+    (cached,) = (tmp_path / "xdg" / "kr_vlm" / "digits").glob("shot_2-seed_1-kr_vlm-*.json")
+    assert len(dm.train_dataset) == 20
+
+
 def test_distribution_shift_on_imagenet_with_missing_sets(tmp_path):
     make_coop_dataset(tmp_path, "imagenet", classes=4, per_class={"train": 3, "val": 0, "test": 2})
     make_coop_dataset(tmp_path, "imagenet_a", classes=2, per_class={"test": 2})
@@ -211,10 +253,11 @@ def test_missing_source_is_an_error(tmp_path):
         ({"dataset": "digits", "eval_templates": "fancy"}, "eval_templates must be one of"),
         ({"dataset": "digits", "subsample": "novel"}, "subsample must be one of"),
         ({"dataset": "digits", "batch_size": 0}, "batch_size must be"),
+        ({"dataset": "digits", "sampler": "dassl"}, r"data\.sampler must be one of kr_vlm, coop, clip_lora"),
     ],
 )
 def test_bad_few_shot_arguments(options, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         FewShotDataModule(**options)
 
 

@@ -3,22 +3,29 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import warnings
 
 import pytest
 
+from coop_layout import read_only
 from kr_vlm.data import fewshot
 from kr_vlm.data.fewshot import (
+    DEFAULT_CACHE_FOLDER,
+    SAMPLERS,
     FewShotSplit,
     base_new_labels,
     cache_path,
     few_shot_split,
+    resolve_cache_dir,
     sample_per_class,
     source_hash,
     subsample_classes,
+    user_cache_dir,
     validation_shots,
 )
+from kr_vlm.errors import ConfigError
 
 
 def make_samples(per_class: dict[int, int], prefix: str = "/data/set") -> list[tuple[str, int]]:
@@ -196,3 +203,114 @@ def test_split_is_a_value():
     split = few_shot_split("toy", TRAIN, VAL, shots=1, seed=1)
     assert isinstance(split, FewShotSplit)
     assert [label for _, label in split.train] == sorted(label for _, label in split.train)
+
+
+def test_validation_draw_is_pinned():
+    # More validation images per class (9) than are taken (2): a change in how, or from which state of
+    # the generator, the validation shots are drawn shows up here.
+    train = make_samples({0: 5, 1: 5}, prefix="p")
+    split = few_shot_split("toy", train, make_samples({0: 9, 1: 9}, prefix="v"), shots=2, seed=1)
+    assert split.val == [
+        ("v/class_0/img_007.jpg", 0),
+        ("v/class_0/img_008.jpg", 0),
+        ("v/class_1/img_007.jpg", 1),
+        ("v/class_1/img_006.jpg", 1),
+    ]
+
+
+def test_without_a_validation_split_validation_shots_come_from_the_rest_of_train():
+    # ImageNet's val folder is its test set: kr_vlm validates on training images the shots left over.
+    train = make_samples({0: 6, 1: 6}, prefix="p")
+    split = few_shot_split("toy", train, None, shots=2, seed=1)
+    assert split.train == [
+        ("p/class_0/img_001.jpg", 0),
+        ("p/class_0/img_004.jpg", 0),
+        ("p/class_1/img_000.jpg", 1),
+        ("p/class_1/img_002.jpg", 1),
+    ]
+    assert split.val == [
+        ("p/class_0/img_000.jpg", 0),
+        ("p/class_0/img_002.jpg", 0),
+        ("p/class_1/img_005.jpg", 1),
+        ("p/class_1/img_003.jpg", 1),
+    ]
+    short = few_shot_split("toy", make_samples({0: 3, 1: 8}), None, shots=2, seed=4)
+    assert counts(short.val) == {0: 1, 1: 2} and not set(short.val) & set(short.train)
+
+
+def test_samplers_have_their_own_cache_files(tmp_path):
+    for sampler in SAMPLERS:
+        few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, sampler=sampler)
+    names = sorted(path.name for path in (tmp_path / "toy").glob("*.json"))
+    assert [name.split("-")[2] for name in names] == sorted(SAMPLERS)
+
+
+def test_unknown_sampler_is_a_config_error():
+    with pytest.raises(ConfigError, match="data.sampler must be one of kr_vlm, coop, clip_lora"):
+        few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, sampler="dassl")
+
+
+def _edit(record: dict, edit: str) -> None:
+    if edit == "empty train":
+        record["train"] = []
+    elif edit == "label out of range":
+        record["train"][0][1] = 99
+    elif edit == "image not in the dataset":
+        record["train"][0][0] = "/data/set/class_0/removed.jpg"
+    elif edit == "one shot too few":
+        record["train"].pop()
+    elif edit == "no val":
+        record["val"] = None
+    elif edit == "val image from train":
+        record["val"][0] = record["train"][0]
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "empty train",
+        "label out of range",
+        "image not in the dataset",
+        "one shot too few",
+        "no val",
+        "val image from train",
+    ],
+)
+def test_a_cache_that_does_not_fit_the_dataset_is_drawn_again(tmp_path, edit):
+    expected = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path)
+    path = cache_path(tmp_path, "toy", 2, 1, source_hash(TRAIN, VAL))
+    record = json.loads(path.read_text())
+    _edit(record, edit)
+    path.write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="does not fit the dataset"):
+        assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path) == expected
+    assert json.loads(path.read_text())["train"] == [list(item) for item in expected.train]  # rewritten
+
+
+def test_a_read_only_data_root_caches_in_the_user_cache_folder(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "shared_data"
+    root.mkdir()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    default = root / DEFAULT_CACHE_FOLDER
+    with read_only(root, monkeypatch), caplog.at_level(logging.WARNING, logger="kr_vlm.data.fewshot"):
+        first = resolve_cache_dir(default, root)
+        again = resolve_cache_dir(default, root)
+        with pytest.raises(ConfigError, match=r"paths\.cache_dir"):  # not the default: no fallback
+            resolve_cache_dir(root / "my_cache", root)
+    assert first == again == tmp_path / "xdg" / "kr_vlm"
+    assert len(caplog.records) == 1 and "not writable" in caplog.records[0].getMessage()  # said once
+    assert list(root.iterdir()) == []
+
+
+def test_the_user_cache_folder_defaults_to_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert user_cache_dir() == tmp_path / ".cache" / "kr_vlm"
+
+
+def test_an_explicit_cache_folder_that_cannot_be_written_is_a_config_error(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=r"paths\.cache_dir"):
+        resolve_cache_dir(tmp_path / "a_file" / "cache", tmp_path)
+    assert resolve_cache_dir(None, tmp_path) is None
+    assert resolve_cache_dir(tmp_path / "mine", tmp_path) == tmp_path / "mine"

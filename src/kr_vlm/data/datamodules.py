@@ -27,9 +27,17 @@ from torch.utils.data import DataLoader
 
 from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
 from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
-from kr_vlm.data.fewshot import SUBSAMPLE_CHOICES, base_new_labels, few_shot_split, subsample_classes
-from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_info
+from kr_vlm.data.fewshot import (
+    SUBSAMPLE_CHOICES,
+    base_new_labels,
+    check_sampler,
+    few_shot_split,
+    resolve_cache_dir,
+    subsample_classes,
+)
+from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_folder, dataset_info
 from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
+from kr_vlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +61,14 @@ def _with_samples(
 class FewShotDataModule(LightningDataModule):
     """Few-shot training on one dataset as in CoOp / CLIP-LoRA; validation and test on the same dataset.
 
-    Training uses `shots` images per class sampled with `seed` (`kr_vlm.data.fewshot`), validation
-    min(`shots`, 4) per class of the val split, testing the whole test split. With `shots=0`
-    nothing is sampled: there is no training loader and validation uses the whole val split.
+    Training uses `shots` images per class drawn with `seed` by `sampler` (`kr_vlm.data.fewshot`),
+    validation min(`shots`, 4) per class of the val split, testing the whole test split. With
+    `shots=0` nothing is drawn: there is no training loader and validation uses the whole val split.
+
+    ImageNet's val folder is its test set (`DatasetInfo.val_is_test`), so its validation shots are
+    drawn from its train folders, disjoint from the training shots, as CLIP-LoRA does; only
+    `sampler="coop"` validates on the whole test set, as CoOp does (then `test_ckpt=best` selects on
+    test images, which is CoOp's protocol and nobody else's).
 
     Args:
         dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``digits``).
@@ -73,7 +86,12 @@ class FewShotDataModule(LightningDataModule):
             `new` the others, relabelled from 0 (the split is sampled on all classes first, as CoOp).
             The task name then gets the suffix ``_base`` or ``_new``.
         skip_corrupt: skip unreadable images instead of failing (see `ImageListDataset`).
-        cache_dir: where sampled splits are cached as JSON (`kr_vlm.data.fewshot`); None: no cache.
+        cache_dir: where drawn splits are cached as JSON (`kr_vlm.data.fewshot`); None: no cache.
+            The default of the configs, `<root>/.kr_vlm_cache`, falls back to the per-user cache
+            folder when the data root is read-only (`kr_vlm.data.fewshot.resolve_cache_dir`).
+        sampler: the few-shot draw: `kr_vlm` (portable, the default), `coop` (CoOp's draw, image
+            for image; CoOp's `split_fewshot/*.pkl` in the dataset folder are used as they are) or
+            `clip_lora` (CLIP-LoRA's draw).
         pin_memory: pin batches in page-locked memory; None: only when CUDA is available.
         persistent_workers: keep the worker processes of the training and validation loaders alive
             between epochs. A few-shot epoch is short (16 shots x 37 classes / 32 = 19 batches), so
@@ -96,27 +114,33 @@ class FewShotDataModule(LightningDataModule):
         cache_dir: str | Path | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        sampler: str = "kr_vlm",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-            raise ValueError(f"shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
+            raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
         if shots > 0 and "train" not in info.splits:
-            raise ValueError(
+            raise ConfigError(
                 f"{dataset!r} is an evaluation-only set (splits {list(info.splits)}): it cannot be trained "
-                "on. Use shots=0, or train on its source (e.g. imagenet) with DistributionShiftDataModule."
+                "on. Use data.shots=0, or train on its source (e.g. imagenet) with DistributionShiftDataModule."
             )
         for argument, kind in (("train_templates", train_templates), ("eval_templates", eval_templates)):
             if kind not in TEMPLATE_KINDS:
-                raise ValueError(f"{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}.")
+                raise ConfigError(
+                    f"data.{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}."
+                )
         if subsample not in SUBSAMPLE_CHOICES:
-            raise ValueError(f"subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}.")
+            raise ConfigError(
+                f"data.subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}."
+            )
+        check_sampler(sampler)
         for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
-                raise ValueError(f"{argument} must be at least 1, got {value}.")
+                raise ConfigError(f"data.{argument} must be at least 1, got {value}.")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
 
         self.dataset = dataset
         self.root = root
@@ -130,6 +154,7 @@ class FewShotDataModule(LightningDataModule):
         self.subsample = subsample
         self.skip_corrupt = skip_corrupt
         self.cache_dir = cache_dir
+        self.sampler = sampler
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         # One generator for the whole fit: every epoch draws its shuffle (and worker seeds) from it, and
@@ -163,7 +188,7 @@ class FewShotDataModule(LightningDataModule):
         self._apply_transforms()
 
     def setup(self, stage: str | None = None) -> None:
-        """Read the file lists, sample the few-shot split and build every task, for any `stage`.
+        """Read the file lists, draw the few-shot split and build every task, for any `stage`.
 
         Everything is built on the first call whatever the stage (so the tasks exist after
         `setup("fit")` as after `setup("test")`); later calls return at once. Images are opened
@@ -176,23 +201,31 @@ class FewShotDataModule(LightningDataModule):
         source_test = build_dataset(self.dataset, self.root, "test", **read)
         classnames = list(source_test.classnames)
 
+        info = dataset_info(self.dataset)
         if self.shots > 0:
             source_train = build_dataset(self.dataset, self.root, "train", **read)
-            source_val = build_dataset(self.dataset, self.root, "val", **read)
+            # A val split that is the test set (ImageNet) is never drawn from: see the class docstring.
+            source_val = None if info.val_is_test else build_dataset(self.dataset, self.root, "val", **read)
             split = few_shot_split(
                 self.dataset,
                 source_train.samples,
-                source_val.samples,
+                None if source_val is None else source_val.samples,
                 self.shots,
                 self.seed,
-                cache_dir=self.cache_dir,
+                cache_dir=resolve_cache_dir(self.cache_dir, self.root),
                 classnames=classnames,
+                sampler=self.sampler,
+                dataset_dir=dataset_folder(self.dataset, self.root),
             )
-            train_samples, val_samples = split.train, split.val
+            train_samples = split.train
+            if split.val is None:  # CoOp's ImageNet: validate on the test set
+                source_val, val_samples = source_test, source_test.samples
+            else:
+                source_val, val_samples = (source_train if source_val is None else source_val), split.val
         else:
             # Zero-shot: nothing to sample; validation (if the dataset has a val split) uses all of it.
             source_train, train_samples = None, []
-            has_val = "val" in dataset_info(self.dataset).splits
+            has_val = "val" in info.splits
             source_val = build_dataset(self.dataset, self.root, "val", **read) if has_val else None
             val_samples = source_val.samples if source_val is not None else []
 
@@ -340,6 +373,7 @@ class DistributionShiftDataModule(FewShotDataModule):
         cache_dir: str | Path | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
+        sampler: str = "kr_vlm",
     ) -> None:
         super().__init__(
             dataset=dataset,
@@ -356,18 +390,21 @@ class DistributionShiftDataModule(FewShotDataModule):
             cache_dir=cache_dir,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
+            sampler=sampler,
         )
         if shift_sets is None:
             if dataset not in SHIFT_SETS:
-                raise ValueError(
+                raise ConfigError(
                     f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
-                    "name them with shift_sets=[...]."
+                    "name them with data.shift_sets=[...]."
                 )
             shift_sets = SHIFT_SETS[dataset]
         known = set(DIGIT_SHIFT_SETS) | {name for sets in SHIFT_SETS.values() for name in sets}
         unknown = [name for name in shift_sets if name not in known]
         if unknown:
-            raise ValueError(f"Unknown shifted test sets {unknown}; known: {', '.join(sorted(known))}.")
+            raise ConfigError(
+                f"Unknown shifted test sets {unknown} in data.shift_sets; known: {', '.join(sorted(known))}."
+            )
         self.shift_sets: list[str] = list(shift_sets)
 
     def _add_test_sets(self) -> None:

@@ -4,9 +4,11 @@ The layout is CoOp's (github KaiyangZhou/CoOp, DATASETS.md), so an existing CoOp
 works as the root. `data/README.md` in the repository describes each folder and where to get it.
 
 What `split` means: `train`, `val` and `test` come from the dataset's own split files. ImageNet
-has no separate val set in CoOp: its `val` is the official val folder, i.e. the same images as
-`test` (CoOp evaluates and selects on it alike). The distribution-shift sets (ImageNet-V2, -Sketch,
--A, -R) have only `test`.
+has no separate val set: its `val` is the official val folder, i.e. the same images as `test`
+(`DatasetInfo.val_is_test`). The DataModules therefore draw ImageNet's few-shot validation shots
+from its train folders, disjoint from the training shots (CLIP-LoRA's rule); only `sampler=coop`
+validates on the test set, as CoOp does (`kr_vlm.data.fewshot`). The distribution-shift sets (ImageNet-V2,
+-Sketch, -A, -R) have only `test`.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from kr_vlm.data.datasets import (
     read_split_zhou,
     read_wnid_folders,
 )
+from kr_vlm.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 README_HINT = "See data/README.md for the layout of every dataset and where to download it."
@@ -44,6 +47,8 @@ class DatasetInfo:
         layout: the expected files inside `folder`, shown when something is missing.
         reader: `reader(dataset_dir, split) -> (samples, classnames)`; None for digits.
         splits: the splits the dataset has.
+        val_is_test: its `val` split holds the test images (ImageNet), so it must not be used to
+            select a model; few-shot validation shots come from `train` instead.
     """
 
     name: str
@@ -52,6 +57,7 @@ class DatasetInfo:
     layout: str
     reader: Reader | None
     splits: tuple[str, ...] = SPLITS
+    val_is_test: bool = False
 
 
 def _split_zhou(
@@ -88,6 +94,7 @@ _INFOS = (
         "ImageNet",
         "imagenet/{images/train/<wnid>/, images/val/<wnid>/, classnames.txt}",
         read_imagenet,
+        val_is_test=True,
     ),
     _split_zhou("caltech101", "caltech-101", "Caltech101", "101_ObjectCategories"),
     _split_zhou("oxford_pets", "oxford_pets", "OxfordPets", "images"),
@@ -126,8 +133,16 @@ IMAGENET_SHIFT_DATASETS: tuple[str, ...] = ("imagenet_v2", "imagenet_sketch", "i
 def dataset_info(name: str) -> DatasetInfo:
     """The `DatasetInfo` of `name`; an unknown name is an error listing the known ones."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASET_NAMES)}.")
+        raise ConfigError(
+            f"Unknown dataset {name!r} (data.dataset). Known datasets: {', '.join(DATASET_NAMES)}."
+        )
     return DATASETS[name]
+
+
+def dataset_folder(name: str, root: str | Path) -> Path | None:
+    """The absolute folder of dataset `name` under the data root `root` (None for the embedded digits)."""
+    info = dataset_info(name)
+    return None if info.folder is None else Path(root).expanduser().absolute() / info.folder
 
 
 def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> ImageListDataset:
@@ -138,7 +153,7 @@ def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> Ima
     `kr_vlm.data.digits.build_digits`.
 
     Raises:
-        ValueError: an unknown dataset name (the message lists the known ones), or a split the
+        ConfigError: an unknown dataset name (the message lists the known ones), or a split the
             dataset does not have.
         DatasetNotFoundError: the root, the dataset folder or one of its files is missing (the
             message names the expected path and the layout).
@@ -147,7 +162,7 @@ def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> Ima
     info = dataset_info(name)
     if split not in info.splits:
         only = " (it is an evaluation-only distribution-shift set)" if info.splits == ("test",) else ""
-        raise ValueError(
+        raise ConfigError(
             f"Dataset {name!r} has no split {split!r}; its splits are {list(info.splits)}{only}."
         )
     if info.reader is None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from kr_vlm.adapters import adapter_state_dict
+from kr_vlm.adapters.io import AdapterMismatchError
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.finetuner import MODEL_PREFIX, CLIPFineTuner, warmup_cosine_factor
@@ -225,7 +226,7 @@ def test_checkpoint_of_other_adapters_is_refused(tiny_clip_cfg, tmp_path):
     trainer.fit(make_module(tiny_clip_cfg), TinyDataModule())
     trainer.save_checkpoint(tmp_path / "kr.ckpt")
     other = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "towers": "vision"})
-    with pytest.raises(RuntimeError, match="do not match this module's adapters"):
+    with pytest.raises(AdapterMismatchError, match="do not match this module's adapters"):
         make_trainer(max_steps=2).fit(other, TinyDataModule(), ckpt_path=tmp_path / "kr.ckpt")
 
 

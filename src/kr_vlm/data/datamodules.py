@@ -30,6 +30,7 @@ from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
 from kr_vlm.data.fewshot import SUBSAMPLE_CHOICES, base_new_labels, few_shot_split, subsample_classes
 from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_info
 from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
+from kr_vlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,22 +102,22 @@ class FewShotDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False)
         info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-            raise ValueError(f"shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
+            raise ConfigError(f"shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
         if shots > 0 and "train" not in info.splits:
-            raise ValueError(
+            raise ConfigError(
                 f"{dataset!r} is an evaluation-only set (splits {list(info.splits)}): it cannot be trained "
                 "on. Use shots=0, or train on its source (e.g. imagenet) with DistributionShiftDataModule."
             )
         for argument, kind in (("train_templates", train_templates), ("eval_templates", eval_templates)):
             if kind not in TEMPLATE_KINDS:
-                raise ValueError(f"{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}.")
+                raise ConfigError(f"{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}.")
         if subsample not in SUBSAMPLE_CHOICES:
-            raise ValueError(f"subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}.")
+            raise ConfigError(f"subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}.")
         for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
-                raise ValueError(f"{argument} must be at least 1, got {value}.")
+                raise ConfigError(f"{argument} must be at least 1, got {value}.")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
+            raise ConfigError(f"num_workers must be >= 0, got {num_workers}.")
 
         self.dataset = dataset
         self.root = root
@@ -359,7 +360,7 @@ class DistributionShiftDataModule(FewShotDataModule):
         )
         if shift_sets is None:
             if dataset not in SHIFT_SETS:
-                raise ValueError(
+                raise ConfigError(
                     f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
                     "name them with shift_sets=[...]."
                 )
@@ -367,7 +368,7 @@ class DistributionShiftDataModule(FewShotDataModule):
         known = set(DIGIT_SHIFT_SETS) | {name for sets in SHIFT_SETS.values() for name in sets}
         unknown = [name for name in shift_sets if name not in known]
         if unknown:
-            raise ValueError(f"Unknown shifted test sets {unknown}; known: {', '.join(sorted(known))}.")
+            raise ConfigError(f"Unknown shifted test sets {unknown}; known: {', '.join(sorted(known))}.")
         self.shift_sets: list[str] = list(shift_sets)
 
     def _add_test_sets(self) -> None:

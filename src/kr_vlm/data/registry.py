@@ -25,6 +25,7 @@ from kr_vlm.data.datasets import (
     read_split_zhou,
     read_wnid_folders,
 )
+from kr_vlm.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 README_HINT = "See data/README.md for the layout of every dataset and where to download it."
@@ -126,7 +127,7 @@ IMAGENET_SHIFT_DATASETS: tuple[str, ...] = ("imagenet_v2", "imagenet_sketch", "i
 def dataset_info(name: str) -> DatasetInfo:
     """The `DatasetInfo` of `name`; an unknown name is an error listing the known ones."""
     if name not in DATASETS:
-        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASET_NAMES)}.")
+        raise ConfigError(f"Unknown dataset {name!r}. Known datasets: {', '.join(DATASET_NAMES)}.")
     return DATASETS[name]
 
 
@@ -147,7 +148,7 @@ def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> Ima
     info = dataset_info(name)
     if split not in info.splits:
         only = " (it is an evaluation-only distribution-shift set)" if info.splits == ("test",) else ""
-        raise ValueError(
+        raise ConfigError(
             f"Dataset {name!r} has no split {split!r}; its splits are {list(info.splits)}{only}."
         )
     if info.reader is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from kr_vlm.data.registry import dataset_info
+from kr_vlm.errors import ConfigError
 
 SIMPLE_TEMPLATE = "a photo of a {}."
 
@@ -59,4 +60,4 @@ def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
         return (COOP_TEMPLATES[info.coop_name] if info.coop_name else OTHER_TEMPLATES[info.name],)
     if kind == "clip80":
         return CLIP_IMAGENET_TEMPLATES
-    raise ValueError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")
+    raise ConfigError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

@@ -23,6 +23,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kr_vlm.adapters import AdapterConfig, adapted_layers, adapter_state_dict, inject_adapters
+from kr_vlm.files import write_file_atomic
 from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
@@ -437,12 +438,12 @@ class CLIPFineTuner(LightningModule):
         ``model.load_state_dict(...)``). This module is left unchanged (adapters stay unmerged).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = open_clip_state_dict(self.classifier.model)
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path))
+            data = save({key: tensor.contiguous() for key, tensor in state.items()})
+            write_file_atomic(path, lambda handle: handle.write(data))
         else:
-            torch.save(state, path)
+            write_file_atomic(path, lambda handle: torch.save(state, handle))
         return path

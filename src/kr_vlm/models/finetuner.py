@@ -393,8 +393,9 @@ class CLIPFineTuner(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
-        and torch's random states, which the training augmentations and dropout draw from: a fit
-        resumed from the checkpoint then draws what the uninterrupted fit would have drawn."""
+        and torch's random states, which adapter dropout draws from: a fit resumed from the checkpoint
+        then drops what the uninterrupted fit would have dropped. (The training loader's position and
+        augmentations come back with its own state, which Lightning saves: kr_vlm.data.loading.)"""
         keep = set(self.adapter_keys())
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if key in keep

@@ -99,21 +99,23 @@ def assert_same_adapters(got_dir: Path, expected_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("settings", "step"),
     [
-        ((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH),
-        ((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH + 2),
-        ((*WITHOUT_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH),
-        ((*WITH_WORKERS, "+data.persistent_workers=false", *EVERY_STEP), BATCHES_PER_EPOCH + 2),
-        ((*WITH_WORKERS, *AFTER_VALIDATION), 9),
+        pytest.param((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH, id="epoch_boundary"),
+        pytest.param((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH + 2, id="mid_epoch"),
+        pytest.param((*WITHOUT_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH, id="epoch_boundary_no_workers"),
+        pytest.param(
+            (*WITH_WORKERS, "+data.persistent_workers=false", *EVERY_STEP),
+            BATCHES_PER_EPOCH + 2,
+            id="mid_epoch_fresh_workers",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param((*WITH_WORKERS, *AFTER_VALIDATION), 9, id="after_validation", marks=pytest.mark.slow),
         # LoRA's dropout draws from the training process's generator, which the checkpoint keeps.
-        ((*WITH_WORKERS, "adapter=lora", *EVERY_STEP), BATCHES_PER_EPOCH + 2),
-    ],
-    ids=[
-        "epoch_boundary",
-        "mid_epoch",
-        "epoch_boundary_no_workers",
-        "mid_epoch_fresh_workers",
-        "after_validation",
-        "mid_epoch_dropout",
+        pytest.param(
+            (*WITH_WORKERS, "adapter=lora", *EVERY_STEP),
+            BATCHES_PER_EPOCH + 2,
+            id="mid_epoch_dropout",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_resume_is_exact(straight_run, tmp_path, settings, step):

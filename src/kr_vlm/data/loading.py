@@ -20,15 +20,13 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from kr_vlm.errors import ConfigError
 
-# Seeds are drawn below 2**63 (torch.manual_seed and random.seed take them whole; NumPy takes 32 bits).
+# Seeds are drawn below 2**63 (torch's and Python's generators take them whole).
 _SEED_BOUND = 2**63 - 1
 
 
@@ -95,9 +93,11 @@ class _SeededEpoch(Iterator[tuple[int, int]]):
 class SeededAugmentations(Dataset):
     """``dataset[index]`` for the ``(index, seed)`` items of `SeededShuffle`, loaded under ``seed``.
 
-    torch's, Python's and NumPy's global generators (the ones torchvision's and open_clip's random
-    transforms draw from) are seeded with ``seed`` while the sample is loaded and transformed, and
-    put back afterwards: without workers, the training process's generators (dropout) are untouched.
+    torch's and Python's global generators (the ones torchvision's and open_clip's random transforms
+    draw from) are seeded with ``seed`` while the sample is loaded and transformed, and put back
+    afterwards: without workers, the training process's generators (dropout) are untouched. NumPy's
+    global generator is left alone (none of those transforms draws from it; seeding and restoring it
+    would cost more than the rest together).
     """
 
     def __init__(self, dataset: Dataset) -> None:
@@ -108,11 +108,15 @@ class SeededAugmentations(Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
-        with isolate_rng(include_cuda=False):
-            torch.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
+        torch_state, python_state = torch.get_rng_state(), random.getstate()
+        # torch.manual_seed would also seed every accelerator's generators, at a hundred times the cost.
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        try:
             return self.dataset[index]
+        finally:
+            torch.set_rng_state(torch_state)
+            random.setstate(python_state)
 
 
 def _saved_num_workers(state_dict: dict[str, Any]) -> int:

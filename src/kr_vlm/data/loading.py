@@ -33,7 +33,7 @@ _SEED_BOUND = 2**63 - 1
 class SeededShuffle(Sampler[tuple[int, int]]):
     """Each epoch, a random order of ``range(size)`` with a random seed for each index: ``(index, seed)``.
 
-    Both are drawn from ``generator`` when an epoch starts (``iter``). The epoch's iterator is
+    Both are drawn from ``generator`` when an epoch's first item is taken. The epoch's iterator is
     stateful: its ``state_dict`` (the generator's state at the start of the epoch and how many items
     it yielded) is what `StatefulDataLoader` saves, and loading it draws the same epoch again and
     continues after the items already yielded, leaving the generator where the epoch left it.

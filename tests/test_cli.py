@@ -22,7 +22,7 @@ import torch
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
-from compose_helpers import FAST, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from compose_helpers import FAST, QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.callbacks import TrainingDivergedError
@@ -33,16 +33,6 @@ from kr_vlm.models import WeightsNotFoundError
 REPO = Path(__file__).resolve().parents[1]
 DIGIT_SETS = ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
 ADAPTER_WEIGHTS = "adapters/adapter_model.safetensors"
-# Clean digits only (one test set), one shot per class (one batch per epoch), no plots or progress bars.
-QUICK = (
-    "experiment=demo",
-    "data=digits",
-    "data.shots=1",
-    *TINY_MODEL,
-    *FAST,
-    "~callbacks.rank_monitor",
-    "~callbacks.progress_bar",
-)
 
 
 @pytest.fixture(autouse=True)

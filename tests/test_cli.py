@@ -432,6 +432,27 @@ def test_command_line_help_config_and_unknown_names(tmp_path):
     assert f"DatasetNotFoundError: Data root {tmp_path / 'data'} does not exist" in output
 
 
+@pytest.mark.slow
+def test_the_console_shows_one_progress_bar_and_no_third_party_info_lines(tmp_path):
+    """The demo (tiny model, 12 steps: three epochs of five batches) as a user sees it, piped."""
+    done = run_script(
+        tmp_path, "train.py", "experiment=demo", "data=digits", *TINY_MODEL, "trainer.max_steps=12"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    for noise in ("[root]", "GPU available", "TPU available", "Tip:", "initialized randomly", "reached."):
+        assert noise not in console
+    assert "[kr_vlm.models.clip][INFO] - kr-vlm-test-tiny: random weights, as configured" in done.stdout
+    (bar,) = (line for line in done.stdout.splitlines() if line.startswith("Training"))
+    assert " 12/12 " in bar  # one bar over all steps (Lightning's restarts every epoch: 5/5, 2/5)
+    trained = done.stdout.splitlines().index(bar) + 1
+    assert done.stdout.splitlines()[trained].startswith("Trained 12 steps in ")
+    # The run's log file keeps them.
+    (log_file,) = (tmp_path / "logs" / "demo" / "runs").glob("*/demo.log")
+    kept = log_file.read_text()
+    assert "[root][INFO] - Instantiating model architecture" in kept and "GPU available" in kept
+
+
 def bad_adapters(folder: Path, method: str, weights: bytes) -> Path:
     """An adapters folder with a valid config for `method` (on one made-up layer) and `weights` as its tensors."""
     from kr_vlm.adapters import AdapterConfig

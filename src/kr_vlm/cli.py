@@ -216,9 +216,11 @@ def run_summary(
 
 @rank_zero_only
 def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
-    """A rich table of the test accuracies and the paths of what the run wrote."""
-    from rich.console import Console
+    """A table of the test accuracies and the paths of what the run wrote (``kr_vlm.console``: drawn by rich
+    in a terminal, Markdown and unbroken lines in a file or a pipe)."""
     from rich.table import Table
+
+    from kr_vlm.console import print_table, stdout_console
 
     table = Table(
         title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
@@ -233,8 +235,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
             f"{100 * values.get('top1', float('nan')):.2f}",
             f"{100 * values.get('top5', float('nan')):.2f}",
         )
-    console = Console()
-    console.print(table)
+    console = stdout_console()
+    print_table(table, console)
     if "adapters_from" in metrics:
         console.print(f"Adapters from: {metrics['adapters_from']}")
     console.print(f"Run folder: {output_dir}")

@@ -1,4 +1,4 @@
-"""How many parameters train, per tower and layer type: a rich table at fit/test start, and hyperparameters."""
+"""How many parameters train, per tower and layer type: a table at fit/test start, and hyperparameters."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from kr_vlm.callbacks.grouping import group_of, group_sort_key
+from kr_vlm.console import print_table
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class ParameterSummary(pl.Callback):
         if counts == self._last_counts:
             return
         self._last_counts = counts
-        Console().print(parameter_table(pl_module))
+        print_table(parameter_table(pl_module))
         if self.log_hyperparams:
             hyperparams = {"parameters": parameter_summary(pl_module)}
             for logger in trainer.loggers:

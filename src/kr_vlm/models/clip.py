@@ -298,6 +298,27 @@ def _architecture_weights(
     return checkpoint, quick_gelu, preprocess_overrides
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool) -> Iterator[None]:
+    """Drop open_clip's warning that a model was "initialized randomly" while ``active``: for a config
+    that asks for random weights it is the expected outcome, which ``load_clip`` logs as INFO instead."""
+    if not active:
+        yield
+        return
+    # open_clip logs it on the root logger itself, whose own filters see only its own records.
+    root, record_filter = logging.getLogger(), _RandomInitWarningFilter()
+    root.addFilter(record_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(record_filter)
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike | None = None,
@@ -387,7 +408,10 @@ def load_clip(
                 name, pretrained, cache_dir, force_quick_gelu, allow_download
             )
 
-    with _registered_model_config(name, model_cfg):
+    random_weights = schema is None and checkpoint is None
+    if random_weights:
+        log.info("%s: random weights, as configured (pretrained is None).", name)
+    with _registered_model_config(name, model_cfg), _without_random_init_warning(random_weights):
         model = open_clip.create_model(
             name,
             pretrained=checkpoint,

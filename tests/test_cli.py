@@ -24,7 +24,15 @@ import torch
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
-from compose_helpers import FAST, QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from compose_helpers import (
+    FAST,
+    QUICK,
+    QUICK_MONITORED,
+    TINY_MODEL,
+    compose_config,
+    path_overrides,
+    run_state_restored,
+)
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.callbacks import TrainingDivergedError
@@ -107,6 +115,26 @@ def test_demo_end_to_end(tmp_path):
     }
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_tensorboard_on_a_sweep_folder_shows_the_rank_curves_of_its_runs_side_by_side(tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    for job, adapter in enumerate(["kradapter", "lora"]):
+        run_train(
+            tmp_path,
+            *QUICK_MONITORED,
+            f"adapter={adapter}",
+            "logger=csv_tensorboard",
+            "trainer.max_steps=4",
+            run=f"sweep/{job}",
+        )
+    board = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "sweep")).Reload()
+    # `tensorboard --logdir <sweep folder>`: one run a job, the same tags, so one chart holds both curves.
+    assert sorted(board.Runs()) == ["0/tensorboard", "1/tensorboard"]
+    for run in board.Runs():
+        steps = [event.step for event in board.Scalars(run, "effective_rank/vision/q")]
+        assert steps == [0, 2, 4]
 
 
 def test_eval_on_saved_adapters_reproduces_the_test_accuracy(eight_step_run, tmp_path):

@@ -138,7 +138,8 @@ def adapted_layers(
     """Yield ``(name, layer)`` for every adapted layer, in module order.
 
     Every layer has ``delta_weight()`` (the dense ``(out_features, in_features)`` update it adds to its base
-    weight, scaling included), ``merge()``, ``unmerge()``, ``merged``, ``in_features`` and ``out_features``.
+    weight, scaling included), ``base_weight()`` (that weight, ``W0``), ``rank_cap`` (the highest rank its
+    update can reach), ``merge()``, ``unmerge()``, ``merged``, ``in_features`` and ``out_features``.
     KRAdapter and full fine-tuning layers are yielded as they are; a peft layer is yielded as a
     ``PeftLayerView`` whose ``.module`` is the peft layer.
     """

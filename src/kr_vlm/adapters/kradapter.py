@@ -243,6 +243,17 @@ class KRAdapterLinear(nn.Module):
         # The k axis is the smaller side; ΔW = Mᵀ when the outputs are the larger side.
         return self.out_features > self.in_features
 
+    @property
+    def rank_cap(self) -> int:
+        """The highest rank the update can reach, ``min(d_out, d_in)``: every row of ΔW is a Khatri-Rao
+        product of its own, so the update is generically full rank."""
+        return min(self.out_features, self.in_features)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0``, the weight the update is added to (the base layer's, less the update while merged)."""
+        weight = self.base_layer.weight
+        return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
+
     def delta_weight(self) -> torch.Tensor:
         """``s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
         big_k = max(self.out_features, self.in_features)

@@ -324,6 +324,9 @@ def test_multirun_sweep_then_aggregate(tmp_path):
     )
     assert aggregated.returncode == 0, aggregated.stderr
     table = (sweep_dir / "results.md").read_text().splitlines()
-    assert table[0] == "| method | shots | digits | Average |"
-    assert [line.split("|")[1:3] for line in table[2:]] == [[" kradapter ", " 1 "], [" kradapter ", " 2 "]]
+    assert table[0].startswith("### Few-shot") and table[2] == "| method | shots | seeds | digits | Average |"
+    assert [line.split("|")[1:4] for line in table[4:]] == [
+        [" kradapter ", " 1 ", " 2 "],
+        [" kradapter ", " 2 ", " 2 "],
+    ]
     assert (sweep_dir / "results.csv").is_file()

@@ -189,6 +189,15 @@ def test_published_rows_and_the_difference(tmp_path):
     assert table.notes == [f"CLIP-LoRA (published): {results.load_references()[0].source}"]
 
 
+def test_no_published_row_for_these_datasets_is_said(tmp_path):
+    write_run(tmp_path / "0", {"digits": 0.7}, {"digits": "source"}, dataset="digits")
+    (table,) = tables(tmp_path, results.load_references())["few_shot"]
+    assert len(table.rows) == 1
+    assert table.notes[0].startswith(
+        "No published row shares a column with these runs (published: caltech101, dtd,"
+    )
+
+
 def test_the_average_is_compared_when_the_runs_cover_the_published_datasets(tmp_path):
     published = next(ref for ref in results.load_references() if ref.shots == 1)
     datasets = [column for column in published.top1 if column != "Average"]

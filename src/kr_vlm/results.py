@@ -448,6 +448,11 @@ def _column_table(
             note = f"{reference.name} (published): {reference.source}"
             if note not in table.notes:
                 table.notes.append(note)
+    if references and not table.notes:
+        published = sorted({column for ref in references for column in ref.top1} - {average_name})
+        table.notes.append(
+            f"No published row shares a column with these runs (published: {', '.join(published)})."
+        )
     return table
 
 

@@ -1,5 +1,6 @@
 """train.py / eval.py logic (`kr_vlm.cli`): the demo end to end, train-then-eval, resuming, zero-shot,
-test_ckpt=best, errors before training; DDP, sweeps and the command line itself in subprocesses (slow).
+test_ckpt=best, divergence, errors before training; DDP, sweeps (as the README writes them, from a copy
+of the repository) and the command line itself in subprocesses (slow).
 
 Runs use a tiny random CLIP (`compose_helpers.TINY_MODEL`), the embedded digits and a few steps.
 """
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +25,9 @@ from safetensors.torch import load_file
 from compose_helpers import FAST, TINY_MODEL, compose_config, path_overrides, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
+from kr_vlm.callbacks import TrainingDivergedError
 from kr_vlm.data.base import DatasetNotFoundError
+from kr_vlm.errors import ConfigError, CorruptFileError, KrVlmError, MissingFileError
 from kr_vlm.models import WeightsNotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +60,17 @@ def run_eval(tmp_path: Path, *overrides: str, run: str) -> dict:
     return cli.evaluate(compose_config(tmp_path, [*overrides, f"paths.output_dir={tmp_path / run}"], "eval"))
 
 
+def strict_json(path: Path):
+    """`path` parsed as standard JSON (Python's reader would accept NaN and Infinity, which JSON lacks)."""
+
+    def refuse(constant):
+        raise ValueError(f"{path} is not JSON: {constant}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
 def read_metrics(run_dir: Path) -> dict:
-    return json.loads((run_dir / "metrics.json").read_text())
+    return strict_json(run_dir / "metrics.json")
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +124,10 @@ def test_eval_on_saved_adapters_reproduces_the_test_accuracy(eight_step_run, tmp
     assert evaluated["test"] == trained["test"]
     assert evaluated["method"] == "kradapter" and evaluated["trainable_params"] == trained["trainable_params"]
     assert read_metrics(tmp_path / "eval")["test"] == trained["test"]
+    assert read_metrics(tmp_path / "eval")["adapters_from"] == str(train_dir / "run" / "adapters")
     zero_shot = run_eval(tmp_path, *QUICK, "adapter=none", run="zero_shot")
     assert zero_shot["test"]["digits"]["loss"] != trained["test"]["digits"]["loss"]
+    assert read_metrics(tmp_path / "zero_shot")["adapters_from"] == "zero-shot"
 
 
 def test_eval_on_a_checkpoint_reproduces_the_test_accuracy(eight_step_run, tmp_path):
@@ -123,6 +140,21 @@ def test_eval_on_a_checkpoint_reproduces_the_test_accuracy(eight_step_run, tmp_p
     )
     assert evaluated["test"] == trained["test"]
     assert evaluated["method"] == "kradapter" and evaluated["tested"] == str(checkpoint)
+    assert read_metrics(tmp_path / "eval")["adapters_from"] == str(checkpoint)
+
+
+def test_eval_of_an_adapter_experiment_needs_its_adapters(tmp_path):
+    with pytest.raises(
+        ConfigError, match="configured with 'kradapter' adapters but eval.py was given none"
+    ) as raised:
+        run_eval(tmp_path, *QUICK, run="eval")
+    message = str(raised.value)
+    assert (
+        "adapters_dir=<run folder>/adapters" in message
+        and "ckpt_path=<run folder>/checkpoints/last.ckpt" in message
+    )
+    assert "adapter=none (or experiment=clip_zeroshot)" in message
+    assert not (tmp_path / "eval").exists()
 
 
 def test_resume_from_a_mid_run_checkpoint_continues_the_run(eight_step_run, tmp_path):
@@ -151,6 +183,54 @@ def test_resume_is_exact(eight_step_run, tmp_path):
     expected = load_file(train_dir / "run" / ADAPTER_WEIGHTS)
     got = load_file(tmp_path / "run" / ADAPTER_WEIGHTS)
     assert all(torch.equal(got[name], tensor) for name, tensor in expected.items())
+
+
+def test_a_diverged_fit_stops_at_once_and_leaves_no_results(tmp_path):
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDivergedError) as raised:
+        run_train(
+            tmp_path,
+            "experiment=demo",
+            *TINY_MODEL,
+            *FAST,
+            "model.optimizer.lr=1e6",
+            "callbacks.model_checkpoint.every_n_train_steps=1",
+        )
+    message = str(raised.value)
+    assert re.search(
+        r"Training diverged at step \d+: (the loss is nan|the loss was .*, but the update left non-finite values)",
+        message,
+    )
+    assert f"The last checkpoint, {run_dir / 'checkpoints' / 'last.ckpt'}, was saved before" in message
+    assert "model.optimizer.lr, 1e+06 in this run" in message
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints
+    for name in checkpoints:
+        state = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)[
+            "state_dict"
+        ]
+        assert all(torch.isfinite(tensor).all() for tensor in state.values())
+    assert [
+        strict_json(path) for path in run_dir.rglob("*.json")
+    ]  # rank_history.json, written at train start
+
+
+def test_non_finite_results_are_written_as_null_and_flagged(tmp_path):
+    # Without the callbacks (no divergence check) the fit runs on into NaN adapters and NaN test losses.
+    metrics = run_train(
+        tmp_path,
+        "experiment=demo",
+        "data=digits",
+        *TINY_MODEL,
+        *FAST,
+        "callbacks=none",
+        "model.optimizer.lr=1e6",
+        "trainer.max_steps=3",
+    )
+    assert math.isnan(metrics["test"]["digits"]["loss"])
+    written = read_metrics(tmp_path / "run")
+    assert written["test"]["digits"]["loss"] is None and "test.digits.loss" in written["non_finite"]
 
 
 def test_zero_shots_means_zero_shot_evaluation(tmp_path):
@@ -242,6 +322,88 @@ def test_eval_needs_the_adapter_config_the_adapters_were_trained_with(eight_step
         run_eval(tmp_path, *QUICK, f"adapters_dir={tmp_path / 'nowhere'}", run="eval")
 
 
+def broken_copy(source: Path, destination: Path, name: str, content: bytes) -> Path:
+    """A copy of the folder `source` in which the file `name` holds `content`."""
+    shutil.copytree(source, destination)
+    (destination / name).write_bytes(content)
+    return destination
+
+
+def test_broken_adapter_files_are_user_errors_that_name_them(eight_step_run, tmp_path):
+    adapters = eight_step_run[0] / "run" / "adapters"
+    weights = (adapters / "adapter_model.safetensors").read_bytes()
+    truncated = broken_copy(adapters, tmp_path / "truncated", "adapter_model.safetensors", weights[:-100])
+    with pytest.raises(
+        CorruptFileError, match=f"{truncated / 'adapter_model.safetensors'} is not a complete safetensors"
+    ):
+        run_eval(tmp_path, *QUICK, f"adapters_dir={truncated}", run="eval")
+    corrupt = broken_copy(adapters, tmp_path / "corrupt", "adapter_config.json", b'{"method": "kradap')
+    with pytest.raises(CorruptFileError, match=f"{corrupt / 'adapter_config.json'} is not valid JSON"):
+        run_eval(tmp_path, *QUICK, f"adapters_dir={corrupt}", run="eval")
+    assert not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (os.urandom(1000), "is truncated, corrupt, or not a checkpoint"),
+        (None, "holds objects other than tensors and plain data"),
+    ],
+)
+@pytest.mark.parametrize("script", ["train", "eval"])
+def test_a_broken_checkpoint_is_a_user_error_that_names_it(script, content, message, tmp_path):
+    checkpoint = tmp_path / "broken.ckpt"
+    if content is None:  # a pickle that would run code when loaded without weights_only
+        torch.save({"state_dict": {}, "hook": shutil.rmtree}, checkpoint)
+    else:
+        checkpoint.write_bytes(content)
+    job = run_train if script == "train" else lambda *args: run_eval(*args, run="run")
+    with pytest.raises(CorruptFileError, match=f"ckpt_path={checkpoint} {message}") as raised:
+        job(tmp_path, *QUICK, f"ckpt_path={checkpoint}")
+    assert "weights_only" not in str(raised.value)
+    with pytest.raises(MissingFileError, match="ckpt_path=.*missing.ckpt: no such file"):
+        job(tmp_path, *QUICK, f"ckpt_path={tmp_path / 'missing.ckpt'}")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_other_adapters_is_refused_when_resuming(eight_step_run, tmp_path):
+    checkpoint = eight_step_run[0] / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        KrVlmError, match="do not match this module's adapters.*Resume with the model and adapter"
+    ):
+        run_train(tmp_path, *QUICK, "adapter.towers=vision", "trainer.max_steps=9", f"ckpt_path={checkpoint}")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["data.batch_size=0"], "batch_size must be at least 1"),
+        (["data.train_templates=bogus"], "train_templates must be one of"),
+        (["model.clip.precision=fp8"], "precision must be one of"),
+        (["+model.optimizer.momentum=0.9"], r"Unknown optimizer option\(s\) \['momentum'\]"),
+        (["adapter.layers=[qq]"], "layers must be a non-empty subset of"),
+        (["adapter.rank=1000"], "KRAdapter rank must be an integer"),
+        (["adapter=lora", "+adapter.bogus=1"], "Unknown option 'bogus' for method 'lora'"),
+        (["callbacks.rank_monitor.every_n_steps=-1"], "every_n_steps must be a non-negative integer"),
+    ],
+)
+def test_config_mistakes_are_user_errors(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        run_train(
+            tmp_path, "experiment=demo", "data=digits", *TINY_MODEL, *FAST, "trainer.max_steps=1", *overrides
+        )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "key"), [("data.shots=abc", "data.shots"), ("cpu_threads=two", "cpu_threads")]
+)
+def test_a_number_that_is_not_one_is_a_config_error(override, key, tmp_path):
+    with pytest.raises(ConfigError, match=f"{key} must be a whole number, got '"):
+        run_train(tmp_path, *QUICK, override)
+
+
 # ------------------------------------------------------------------------------------ real command lines
 
 
@@ -278,6 +440,69 @@ def test_command_line_help_config_and_unknown_names(tmp_path):
     assert f"DatasetNotFoundError: Data root {tmp_path / 'data'} does not exist" in output
 
 
+def bad_adapters(folder: Path, method: str, weights: bytes) -> Path:
+    """An adapters folder with a valid config for `method` (on one made-up layer) and `weights` as its tensors."""
+    from kr_vlm.adapters import AdapterConfig
+    from kr_vlm.adapters.io import FORMAT_VERSION
+
+    folder.mkdir(parents=True)
+    config = {"format_version": FORMAT_VERSION, **AdapterConfig(method, ["layer"]).to_dict()}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "adapter_model.safetensors").write_bytes(weights)
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "arguments", "error"),
+    [
+        ("eval.py", ["experiment=demo"], "ConfigError: The model is configured with 'kradapter' adapters"),
+        (
+            "eval.py",
+            ["experiment=demo", "adapters_dir={tmp}/nowhere"],
+            "MissingFileError: No adapter config at",
+        ),
+        (
+            "eval.py",
+            ["experiment=demo", "adapters_dir={lora}"],
+            "AdapterMismatchError: {lora} holds 'lora' adapters",
+        ),
+        (
+            "eval.py",
+            ["experiment=demo", "adapters_dir={cut}"],
+            "CorruptFileError: {cut}/adapter_model.safetensors",
+        ),
+        (
+            "train.py",
+            ["experiment=demo", "ckpt_path={tmp}/empty.ckpt"],
+            "CorruptFileError: ckpt_path={tmp}/empty.ckpt is empty",
+        ),
+        (
+            "train.py",
+            ["experiment=demo", "data.shots=abc"],
+            "ConfigError: data.shots must be a whole number, got 'abc'",
+        ),
+        (
+            "train.py",
+            ["experiment=demo", "adapter.rank=1000"],
+            "ConfigError: KRAdapter rank must be an integer",
+        ),
+    ],
+)
+def test_user_errors_end_the_command_with_one_clean_message(script, arguments, error, tmp_path):
+    names = {
+        "tmp": tmp_path,
+        "lora": bad_adapters(tmp_path / "lora", "lora", b""),
+        "cut": bad_adapters(tmp_path / "cut", "kradapter", b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
+    }
+    (tmp_path / "empty.ckpt").touch()
+    failed = run_script(tmp_path, script, *(argument.format(**names) for argument in arguments))
+    output = failed.stdout + failed.stderr
+    assert failed.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert error.format(**names) in output
+    assert not list((tmp_path / "logs").rglob("metrics.json"))
+
+
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tmp_path):
     done = run_script(
@@ -298,35 +523,100 @@ def test_ddp_with_two_cpu_processes(tmp_path):
     assert (run_dir / ADAPTER_WEIGHTS).is_file() and (run_dir / "rank_report.html").is_file()
 
 
-@pytest.mark.slow
-def test_multirun_sweep_then_aggregate(tmp_path):
-    done = run_script(
-        tmp_path,
-        "train.py",
-        "-m",
-        *QUICK,
-        "data.shots=1,2",
-        "seed=1,2",
-        "trainer.max_steps=5",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    (sweep_dir,) = (tmp_path / "logs" / "demo" / "multiruns").iterdir()
-    runs = [read_metrics(path.parent) for path in sorted(sweep_dir.glob("*/metrics.json"))]
-    assert sorted((run["shots"], run["seed"]) for run in runs) == [(1, 1), (1, 2), (2, 1), (2, 2)]
-    assert all(run["steps"] == 5 for run in runs)
-
-    aggregated = subprocess.run(
-        [sys.executable, "scripts/aggregate_results.py", str(sweep_dir)],
+def repository_copy(tmp_path: Path) -> Path:
+    """The repository's files (tracked, and new ones not ignored) copied to `tmp_path / "repo"`, as a fresh
+    clone would have them."""
+    copy = tmp_path / "repo"
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
+        check=True,
+    ).stdout
+    for name in tracked.decode().split("\0"):
+        if name:
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, copy / name, follow_symlinks=False)
+    return copy
+
+
+def run_in(cwd: Path, repo: Path, *arguments: str, **env: str) -> subprocess.CompletedProcess:
+    """`python <arguments>` in `cwd` with the kr_vlm of the repository copy `repo`, and `KR_VLM_ROOT` only
+    if `env` sets it."""
+    inherited = {key: value for key, value in os.environ.items() if key != "KR_VLM_ROOT"}
+    return subprocess.run(
+        [sys.executable, *arguments],
+        cwd=cwd,
+        env={**inherited, "PYTHONPATH": str(repo / "src"), "HYDRA_FULL_ERROR": "0", **env},
+        capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
     )
+
+
+@pytest.mark.slow
+def test_the_readme_demo_sweep_then_aggregate(tmp_path):
+    """The README's sweep, with fewer steps, from a fresh copy of the repository and no path overrides:
+    the data cache and the logs land in the copy."""
+    repo = repository_copy(tmp_path)
+    done = run_in(repo, repo, "train.py", "-m", "experiment=demo", "seed=1,2", "trainer.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep_dir,) = (repo / "logs" / "demo" / "multiruns").iterdir()
+    runs = {path.name: read_metrics(path) for path in sorted(sweep_dir.iterdir()) if path.is_dir()}
+    assert sorted(runs) == ["0", "1"]
+    assert [(run["seed"], run["steps"], list(run["test"])) for run in runs.values()] == [
+        (1, 3, DIGIT_SETS),
+        (2, 3, DIGIT_SETS),
+    ]
+    assert all((sweep_dir / name / ADAPTER_WEIGHTS).is_file() for name in runs)
+    assert list((repo / "data" / ".kr_vlm_cache" / "digits").glob("*.json"))
+
+    aggregated = run_in(repo, repo, "scripts/aggregate_results.py", str(sweep_dir))
     assert aggregated.returncode == 0, aggregated.stderr
     table = (sweep_dir / "results.md").read_text().splitlines()
+    # The source's few-shot table, then the distribution-shift table of the digits domains.
     assert table[0].startswith("### Few-shot") and table[2] == "| method | shots | seeds | digits | Average |"
-    assert [line.split("|")[1:4] for line in table[4:]] == [
-        [" kradapter ", " 1 ", " 2 "],
-        [" kradapter ", " 2 ", " 2 "],
-    ]
+    assert [line.split("|")[1:4] for line in table[4:5]] == [[" kradapter ", " 16 ", " 2 "]]
+    assert table[6].startswith("### Distribution shift: trained on digits")
+    assert table[8] == "| method | shots | seeds | " + " | ".join(DIGIT_SETS) + " | Target avg |"
     assert (sweep_dir / "results.csv").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["repository", "elsewhere with KR_VLM_ROOT"])
+def test_the_readme_clip_sweep_composes_and_stops_at_the_missing_weights(where, tmp_path):
+    """Offline, the CLIP sweep of the README can only stop at the missing ViT-B/16 weights: with the
+    clean message, from the repository root or from another folder with KR_VLM_ROOT."""
+    coop = tmp_path / "coop"
+    for dataset in ("dtd", "eurosat"):
+        make_coop_dataset(coop, dataset, classes=3, per_class=2)
+    repo = repository_copy(tmp_path)
+    cwd, env = repo, {}
+    if where != "repository":
+        cwd, env = tmp_path / "elsewhere", {"KR_VLM_ROOT": str(tmp_path / "root")}
+        cwd.mkdir()
+    done = run_in(
+        cwd,
+        repo,
+        str(repo / "train.py"),
+        "-m",
+        "experiment=clip_kr_fewshot",
+        "data=dtd,eurosat",
+        "data.shots=1,4,16",
+        "seed=1,2,3",
+        f"paths.data_dir={coop}",
+        # No weights anywhere: empty caches.
+        HOME=str(tmp_path / "home"),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+        **env,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert (
+        "WeightsNotFoundError:" in output
+        and "open_clip.create_model('ViT-B-16', pretrained='openai')" in output
+    )
+    root = Path(env.get("KR_VLM_ROOT", repo))
+    (sweep_dir,) = (root / "logs" / "clip_kr_fewshot" / "multiruns").iterdir()
+    assert (sweep_dir / "multirun.yaml").is_file() and not list(sweep_dir.rglob("metrics.json"))

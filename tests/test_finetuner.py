@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
 from kr_vlm.adapters import adapter_state_dict
+from kr_vlm.adapters.io import AdapterMismatchError
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.finetuner import MODEL_PREFIX, CLIPFineTuner, warmup_cosine_factor
@@ -127,6 +128,23 @@ def test_training_lowers_the_loss_and_changes_only_adapter_tensors(tiny_clip_cfg
     )
 
 
+def test_the_model_is_in_training_mode_inside_training_step(tiny_clip_cfg):
+    """load_clip returns the model in eval mode and Lightning keeps each submodule's mode: without the
+    module's own model.train(), dropout (peft's lora_dropout included) would stay off while training."""
+    seed_everything(0)
+    module = make_module(tiny_clip_cfg, adapter={"method": "lora", "r": 2, "lora_dropout": 0.5})
+    modes: list[set[bool]] = []
+    training_step = module.training_step
+
+    def recording(batch, batch_idx):
+        modes.append({submodule.training for submodule in module.classifier.model.modules()})
+        return training_step(batch, batch_idx)
+
+    module.training_step = recording
+    make_trainer(max_steps=2).fit(module, TinyDataModule())
+    assert modes == [{True}, {True}]
+
+
 def count_text_calls(module: CLIPFineTuner, monkeypatch) -> list[int]:
     calls: list[int] = []
     model = module.classifier.model
@@ -225,7 +243,7 @@ def test_checkpoint_of_other_adapters_is_refused(tiny_clip_cfg, tmp_path):
     trainer.fit(make_module(tiny_clip_cfg), TinyDataModule())
     trainer.save_checkpoint(tmp_path / "kr.ckpt")
     other = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "towers": "vision"})
-    with pytest.raises(RuntimeError, match="do not match this module's adapters"):
+    with pytest.raises(AdapterMismatchError, match="do not match this module's adapters"):
         make_trainer(max_steps=2).fit(other, TinyDataModule(), ckpt_path=tmp_path / "kr.ckpt")
 
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 import torchvision.transforms as T
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from coop_layout import make_coop_dataset
 from kr_vlm.data.datamodules import DistributionShiftDataModule, FewShotDataModule
@@ -136,3 +139,12 @@ def test_a_global_batch_that_does_not_divide_is_an_error():
     dm.trainer = SimpleNamespace(world_size=3)
     with pytest.raises(ConfigError, match=r"data\.batch_size=32 .* 3 processes .*trainer\.devices"):
         dm.train_dataloader()
+
+
+def test_lists_from_hydra_are_kept_as_plain_lists_that_checkpoints_can_hold(tmp_path):
+    # A checkpoint keeps the DataModule's hyperparameters and is read back with weights_only=True.
+    config = {"_target_": "kr_vlm.data.DistributionShiftDataModule", "dataset": "digits", "num_workers": 0}
+    dm = instantiate(OmegaConf.create({**config, "shift_sets": ["digits_noisy"]}))
+    assert type(dm.hparams["shift_sets"]) is list and type(dm.hparams["test_sets"]) is list
+    torch.save(dict(dm.hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["test_sets"] == ["digits_noisy"]

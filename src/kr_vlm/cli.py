@@ -8,10 +8,11 @@ It holds no model or data code.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import pickle
 import resource
+import secrets
 import sys
 import time
 import warnings
@@ -26,7 +27,8 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from kr_vlm.files import write_text_atomic
+from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError, exit_on_user_error
+from kr_vlm.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,17 @@ def _iterations(shots: int) -> int:
     return ITERATIONS_PER_SHOT * int(shots)
 
 
+def whole_number(cfg: DictConfig, key: str) -> int | None:
+    """The config value at ``key`` (dotted) as an int, None if unset; anything else is a ``ConfigError``."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, got {value!r}.") from None
+
+
 def _auto_precision() -> str:
     """bf16 autocast where the GPU supports it, fp16 autocast on older GPUs, float32 on the CPU
     (CPU bf16 autocast is slower than float32 on most machines)."""
@@ -54,9 +67,17 @@ def _auto_precision() -> str:
 
 def register_resolvers() -> None:
     """OmegaConf resolvers used by the configs (idempotent: importing this module registers them,
-    which Hydra's compose API in tests relies on as much as ``train.py`` does)."""
+    which Hydra's compose API in tests relies on as much as ``train.py`` does).
+
+    ``launch_dir`` (the working directory the command started in) and ``run_suffix`` (a random name
+    part of the run folder) are drawn once a config (``use_cache``) and keep their value wherever Hydra
+    resolves the folder again: in its copies of the config for every sweep job, for DDP's processes,
+    after a ``hydra.job.chdir``.
+    """
     OmegaConf.register_new_resolver("iterations", _iterations, replace=True)
     OmegaConf.register_new_resolver("auto_precision", _auto_precision, replace=True)
+    OmegaConf.register_new_resolver("launch_dir", os.getcwd, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(3), use_cache=True, replace=True)
 
 
 register_resolvers()
@@ -155,9 +176,9 @@ def peak_memory_mb(device: torch.device) -> float:
 
 @rank_zero_only
 def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
-    """Write ``metrics`` as JSON (on global rank zero only)."""
-    # An interrupted write never leaves a truncated metrics.json behind.
-    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
+    """Write ``metrics`` as valid JSON, whole or not at all (on global rank zero only); a NaN loss is
+    written as null and listed under ``non_finite``."""
+    write_json_atomic(path, metrics)
 
 
 def run_summary(
@@ -182,7 +203,7 @@ def run_summary(
         "model": module.hparams["clip"].get("name"),
         "pretrained": module.hparams["clip"].get("pretrained"),
         "dataset": cfg.data.dataset,
-        "shots": int(cfg.data.shots),
+        "shots": whole_number(cfg, "data.shots"),
         "seed": cfg.get("seed"),
         "tested": tested,
         "test": test,
@@ -222,6 +243,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     console.print(table)
     for line in summary_lines(metrics):
         console.print(line)
+    if "adapters_from" in metrics:
+        console.print(f"Adapters from: {metrics['adapters_from']}")
     console.print(f"Run folder: {output_dir}")
     for name in ("metrics.json", "rank_report.html", "adapters"):
         if (output_dir / name).exists():
@@ -230,21 +253,53 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
 
 def set_cpu_threads(cfg: DictConfig) -> None:
     """Apply ``cpu_threads`` (torch's intra-op threads; null keeps torch's default, one per core)."""
-    if cfg.get("cpu_threads"):
-        torch.set_num_threads(int(cfg.cpu_threads))
+    threads = whole_number(cfg, "cpu_threads")
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def _check_test_ckpt(cfg: DictConfig) -> None:
     """``test_ckpt`` is ``last`` or ``best``; ``best`` needs a checkpoint callback that monitors a metric."""
     choice = cfg.get("test_ckpt", "last")
     if choice not in TEST_CHECKPOINTS:
-        raise ValueError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, got {choice!r}.")
+        raise ConfigError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, got {choice!r}.")
     checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
     if choice == "best" and (not checkpoint or not checkpoint.get("monitor")):
-        raise ValueError(
+        raise ConfigError(
             "test_ckpt=best tests the best checkpoint by a validation metric: it needs "
             "callbacks.model_checkpoint.monitor=val/top1 callbacks.model_checkpoint.every_n_train_steps=null "
             "(save after every validation) and validation during training (trainer.val_check_interval=100)."
+        )
+
+
+def _check_ckpt_path(path: str) -> None:
+    """Fail before building anything when the checkpoint ``ckpt_path`` cannot be loaded.
+
+    Loaded as Lightning loads it later, with ``weights_only=True`` (plain data and tensors only, never
+    arbitrary pickled objects), and memory-mapped, so its tensors are not read here. A missing, empty,
+    truncated or foreign file is a user error that names it.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFileError(
+            f"ckpt_path={path}: no such file. A run's checkpoints are <run folder>/checkpoints/*.ckpt "
+            "(last.ckpt is the latest)."
+        )
+    where = "Use another checkpoint of the run (<run folder>/checkpoints/*.ckpt)."
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run any code the file holds.
+        raise CorruptFileError(
+            f"ckpt_path={path} holds objects other than tensors and plain data, which kr_vlm does not load "
+            f"(a checkpoint that train.py wrote holds none). {where}"
+        ) from None
+    except (EOFError, RuntimeError):
+        state = "is empty" if file.stat().st_size == 0 else "is truncated, corrupt, or not a checkpoint"
+        raise CorruptFileError(f"ckpt_path={path} {state}. {where}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CorruptFileError(
+            f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict). {where}"
         )
 
 
@@ -268,18 +323,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tested (zero-shot). ``ckpt_path`` resumes an interrupted fit.
     """
     start = time.perf_counter()
-    method, shots = configured_method(cfg), int(cfg.data.shots)
+    method, shots = configured_method(cfg), whole_number(cfg, "data.shots")
     fits = bool(cfg.get("train")) and method != "none" and shots > 0
     if cfg.get("train") and not fits:
         log.warning(
             "Nothing to train (adapter method %r, %d shots): zero-shot evaluation only.", method, shots
         )
     if cfg.get("ckpt_path") and not fits:
-        raise ValueError(
+        raise ConfigError(
             "ckpt_path resumes training, but this run trains nothing; test a checkpoint with "
             "`python eval.py ckpt_path=...` instead."
         )
     _check_test_ckpt(cfg)
+    if cfg.get("ckpt_path"):
+        _check_ckpt_path(cfg.ckpt_path)
     set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
@@ -292,7 +349,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     timings = {}
     if fits:
         fit_start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         timings["fit_time_s"] = time.perf_counter() - fit_start
         _save_adapters(module, output_dir / "adapters")
     tested = None
@@ -300,7 +357,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # The last iterate, as CLIP-LoRA tests it, or Lightning's best checkpoint by the monitored metric.
         best = fits and cfg.get("test_ckpt") == "best"
         test_start = time.perf_counter()
-        trainer.test(module, datamodule=datamodule, ckpt_path="best" if best else None, verbose=False)
+        trainer.test(
+            module,
+            datamodule=datamodule,
+            ckpt_path="best" if best else None,
+            verbose=False,
+            weights_only=True,
+        )
         timings["test_time_s"] = time.perf_counter() - test_start
         tested = "last" if fits else "zero-shot"
         if best:
@@ -316,28 +379,51 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _check_adapters_dir(cfg: DictConfig) -> None:
     """Fail before building anything when ``adapters_dir`` cannot be loaded into the configured model."""
-    from kr_vlm.adapters.io import read_adapter_config
+    from kr_vlm.adapters.io import AdapterMismatchError, read_adapter_config
 
     saved = read_adapter_config(cfg.adapters_dir)  # a missing folder fails here, naming the files
     configured = configured_method(cfg)
     if saved.method != configured:
-        raise ValueError(
+        raise AdapterMismatchError(
             f"{cfg.adapters_dir} holds {saved.method!r} adapters, but the model is configured with adapter "
             f"{configured!r}. Give eval.py the training run's settings: the same experiment (e.g. "
             f"experiment=demo), or adapter={saved.method} with the options it was trained with."
         )
 
 
+def adapters_source(cfg: DictConfig) -> str:
+    """Where eval.py takes its adapters from: ``adapters_dir`` or ``ckpt_path`` (as an absolute path), or
+    ``zero-shot`` for the adapter method ``none``; an adapter method with neither is an error."""
+    adapters_dir, ckpt_path = cfg.get("adapters_dir"), cfg.get("ckpt_path")
+    if adapters_dir and ckpt_path:
+        raise ConfigError("Give adapters_dir or ckpt_path, not both.")
+    if adapters_dir or ckpt_path:
+        return str(Path(adapters_dir or ckpt_path).absolute())
+    method = configured_method(cfg)
+    if method != "none":
+        raise ConfigError(
+            f"The model is configured with {method!r} adapters but eval.py was given none, so it would test "
+            "untrained adapters. Give the training run's adapters or one of its checkpoints, with the run's "
+            "experiment and overrides:\n"
+            "  python eval.py experiment=<experiment> adapters_dir=<run folder>/adapters\n"
+            "  python eval.py ckpt_path=<run folder>/checkpoints/last.ckpt\n"
+            "For zero-shot evaluation use adapter=none (or experiment=clip_zeroshot)."
+        )
+    return "zero-shot"
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Test saved adapters (``adapters_dir``), a Lightning checkpoint (``ckpt_path``), or zero-shot CLIP."""
+    """Test saved adapters (``adapters_dir``), a Lightning checkpoint (``ckpt_path``), or zero-shot CLIP
+    (adapter method ``none``); ``metrics.json`` records which under ``adapters_from``."""
     from kr_vlm.adapters import load_adapters
     from kr_vlm.models import CLIPFineTuner
 
     start = time.perf_counter()
-    if cfg.get("adapters_dir") and cfg.get("ckpt_path"):
-        raise ValueError("Give adapters_dir or ckpt_path, not both.")
+    adapters_from = adapters_source(cfg)
     if cfg.get("adapters_dir"):
         _check_adapters_dir(cfg)
+    if cfg.get("ckpt_path"):
+        _check_ckpt_path(cfg.ckpt_path)
     set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
         seed_everything(cfg.seed, workers=True)
@@ -347,7 +433,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         # The checkpoint carries the model and adapter config (its hyperparameters) and the adapter tensors;
         # the base weights are rebuilt from them, so `model` and `adapter` of this config are not used.
         log.info("Building the model and its adapters from %s", cfg.ckpt_path)
-        module = CLIPFineTuner.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
+        module = CLIPFineTuner.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
     else:
         module = build_model(cfg)
         if cfg.get("adapters_dir"):
@@ -357,31 +443,26 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     timings = {"test_time_s": time.perf_counter() - test_start, "wall_time_s": time.perf_counter() - start}
-    tested = cfg.get("ckpt_path") or cfg.get("adapters_dir") or "zero-shot"
-    metrics = run_summary(cfg, module, trainer, datamodule, timings, str(tested))
+    metrics = {
+        **run_summary(cfg, module, trainer, datamodule, timings, adapters_from),
+        "adapters_from": adapters_from,
+    }
     write_metrics(output_dir / "metrics.json", metrics)
     print_results(metrics, output_dir)
     return metrics
 
 
 def _run_job(job: Any, cfg: DictConfig) -> None:
-    """Run ``job(cfg)`` for a command line: missing or malformed weights, datasets and images end the
-    command with their message (which says what is wrong and what to do) and exit status 1, not with
-    a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
+    """Run ``job(cfg)`` for a command line: a user error (a ``KrVlmError``: bad config values, missing or
+    broken files, a diverged fit) ends the command with its message, which says what is wrong and what to
+    do, and exit status 1, not with a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
     # Lightning 2.6 still uses torch's LeafSpec, which this torch flags as deprecated at every fit:
     # noise for users, nothing they can act on.
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    from kr_vlm.errors import KrVlmError
-
-    try:
+    with exit_on_user_error():
         job(cfg)
-    except KrVlmError as error:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        log.error("%s: %s", type(error).__name__, error)
-        sys.exit(1)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

@@ -1,4 +1,4 @@
-"""The one exception type for user errors: ``KrVlmError``.
+"""The one exception type for user errors: ``KrVlmError``, and how the command line shows it.
 
 Everything kr_vlm raises because of bad input (a config value, a file, a folder) is a ``KrVlmError``
 whose message names the key or the path and says what to do. The command line shows such an error as
@@ -9,6 +9,14 @@ derive from the built-in type that describes them (``ValueError``, ``FileNotFoun
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
 
 class KrVlmError(Exception):
     """Bad input from the user; the message names what was wrong and the fix."""
@@ -16,3 +24,27 @@ class KrVlmError(Exception):
 
 class ConfigError(KrVlmError, ValueError):
     """A config value (or a function argument that comes from one) that cannot be used."""
+
+
+class MissingFileError(KrVlmError, FileNotFoundError):
+    """A file or folder that the config names does not exist."""
+
+
+class CorruptFileError(KrVlmError, ValueError):
+    """A file exists but cannot be read as what it should be: empty, truncated, or of another kind."""
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """End the command with a ``KrVlmError``'s message alone and exit status 1, not a traceback.
+
+    With ``HYDRA_FULL_ERROR=1`` the error is raised as usual, so its traceback is shown as for any other
+    error. Any other exception (a bug) is never caught here.
+    """
+    try:
+        yield
+    except KrVlmError as error:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        log.error("%s: %s", type(error).__name__, error)
+        sys.exit(1)

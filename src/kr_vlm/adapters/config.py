@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kr_vlm.adapters.kradapter import KRAdapterLinear
+from kr_vlm.errors import ConfigError
 
 METHODS = ("kradapter", "lora", "dora", "vera", "lokr", "loha", "randlora", "full", "none")
 
@@ -97,7 +98,7 @@ def factor_dtype_from_name(name: str) -> torch.dtype:
     """``"float32"`` (or ``"torch.float32"``) -> ``torch.float32``; only floating point dtypes."""
     dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(
+        raise ConfigError(
             f"factor_dtype must name a floating point torch dtype such as 'float32' or 'bfloat16', got {name!r}."
         )
     return dtype
@@ -145,7 +146,7 @@ class AdapterConfig:
         self, method: str, target_modules: Sequence[str] | str | None = None, **options: Any
     ) -> None:
         if method not in METHODS:
-            raise ValueError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(METHODS)}.")
+            raise ConfigError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(METHODS)}.")
         self.method = method
         self.target_modules = self._checked_targets(method, target_modules)
         self.options = self._checked_options(method, options)
@@ -154,20 +155,22 @@ class AdapterConfig:
     def _checked_targets(method: str, target_modules: Sequence[str] | str | None) -> list[str] | str | None:
         if method == "none":
             if target_modules:
-                raise ValueError(f"Method 'none' adapts nothing; got target_modules={target_modules!r}.")
+                raise ConfigError(f"Method 'none' adapts nothing; got target_modules={target_modules!r}.")
             return None
         if isinstance(target_modules, str):
             if not target_modules:
-                raise ValueError("target_modules is an empty string; give a regex or a list of module names.")
+                raise ConfigError(
+                    "target_modules is an empty string; give a regex or a list of module names."
+                )
             try:
                 re.compile(target_modules)
             except re.error as error:
-                raise ValueError(
+                raise ConfigError(
                     f"target_modules={target_modules!r} is not a valid regex: {error}."
                 ) from error
             return target_modules
         if target_modules is None or not isinstance(target_modules, Sequence) or len(target_modules) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"Method {method!r} needs target_modules: a list of module names (e.g. ['q_proj', 'v_proj']) "
                 f"or a regex string; got {target_modules!r}."
             )
@@ -184,11 +187,11 @@ class AdapterConfig:
             if name in allowed:
                 continue
             if method in PEFT_METHODS and name in RESERVED_PEFT_OPTIONS:
-                raise ValueError(
+                raise ConfigError(
                     f"Option {name!r} is not available for method {method!r}: {RESERVED_PEFT_OPTIONS[name]}."
                 )
             valid = ", ".join(allowed) if allowed else "none"
-            raise ValueError(f"Unknown option {name!r} for method {method!r}. Valid options: {valid}.")
+            raise ConfigError(f"Unknown option {name!r} for method {method!r}. Valid options: {valid}.")
         options = dict(options)
         if method == "kradapter" and isinstance(options.get("factor_dtype"), torch.dtype):
             options["factor_dtype"] = str(options["factor_dtype"]).removeprefix("torch.")
@@ -211,9 +214,9 @@ class AdapterConfig:
         """Rebuild a config from ``to_dict()`` output (unknown keys are an error)."""
         unknown = set(data) - {"method", "target_modules", "options"}
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown adapter config keys {sorted(unknown)}; expected 'method', 'target_modules', 'options'."
             )
         if "method" not in data:
-            raise ValueError("An adapter config needs a 'method'.")
+            raise ConfigError("An adapter config needs a 'method'.")
         return cls(data["method"], data.get("target_modules"), **dict(data.get("options") or {}))

@@ -14,6 +14,7 @@ from kr_vlm.adapters.config import PEFT_METHODS, AdapterConfig, factor_dtype_fro
 from kr_vlm.adapters.full import FullFineTuneLinear
 from kr_vlm.adapters.kradapter import KRAdapterLinear
 from kr_vlm.adapters.peft_bridge import PeftLayerView, inject_peft_adapters, is_peft_layer
+from kr_vlm.errors import ConfigError
 
 # The attribute inject_adapters sets on the model it injected into; save_adapters writes this config.
 CONFIG_ATTRIBUTE = "kr_vlm_adapter_config"
@@ -72,19 +73,19 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> li
             else:
                 matched.append(name)
     if not_linear:
-        raise ValueError(
+        raise ConfigError(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(not_linear)}. "
             "Adapters go on nn.Linear layers only; name the Linear layers inside these modules instead."
         )
     if inside_attention:
-        raise ValueError(
+        raise ConfigError(
             f"target_modules={target_modules!r} matches the out_proj of torch.nn.MultiheadAttention: "
             f"{', '.join(inside_attention)}. MultiheadAttention uses out_proj.weight directly, so an adapter "
             "there would be ignored. Replace the attention with one that calls separate q/k/v/out nn.Linear "
             "layers first (for open_clip models: kr_vlm.models.convert_attention)."
         )
     if not matched:
-        raise ValueError(_no_match_message(model, target_modules))
+        raise ConfigError(_no_match_message(model, target_modules))
     return matched
 
 

@@ -22,6 +22,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -35,10 +36,17 @@ from kr_vlm.adapters.inject import (
     is_adapted_layer,
     truncated_list,
 )
+from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_VERSION = 1
+# What to do about a saved file that cannot be read.
+RECOPY_HINT = "Copy it again from the run that saved it, or save the adapters again (save_adapters)."
+
+
+class AdapterMismatchError(ConfigError):
+    """Saved adapters (files, a checkpoint) that do not fit the adapters of the model they are loaded into."""
 
 
 def _layer_adapter_tensors(layer: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -71,26 +79,17 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Copy ``state_dict`` into ``model``'s adapter tensors, strictly.
-
-    Every adapter tensor of the model must be given, with the same shape, and nothing else: otherwise a
-    ``ValueError`` names the missing, unexpected and mis-shaped tensors and nothing is loaded. Values are
-    cast to the model tensors' dtype and device.
-    """
-    merged = [name for name, layer in adapted_layers(model) if layer.merged]
-    if merged:
-        raise RuntimeError(
-            f"Cannot load adapter weights into merged layers ({truncated_list(merged)}): their base weights hold the "
-            "old update. Call kr_vlm.adapters.unmerge_adapters(model) first."
-        )
-    expected = adapter_state_dict(model)
-    missing = [name for name in expected if name not in state_dict]
-    unexpected = [name for name in state_dict if name not in expected]
+def state_dict_mismatches(
+    expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What keeps ``given`` from loading strictly into tensors shaped like ``expected``: the missing, the
+    unexpected and the mis-shaped names, one phrase each (an empty list when it fits)."""
+    missing = [name for name in expected if name not in given]
+    unexpected = [name for name in given if name not in expected]
     mismatched = [
-        f"{name} (given {tuple(state_dict[name].shape)}, model has {tuple(tensor.shape)})"
+        f"{name} (given {tuple(given[name].shape)}, model has {tuple(tensor.shape)})"
         for name, tensor in expected.items()
-        if name in state_dict and tuple(state_dict[name].shape) != tuple(tensor.shape)
+        if name in given and tuple(given[name].shape) != tuple(tensor.shape)
     ]
     problems = []
     if missing:
@@ -99,8 +98,26 @@ def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Ten
         problems.append(f"{len(unexpected)} unexpected: {truncated_list(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} with a different shape: {truncated_list(mismatched)}")
+    return problems
+
+
+def load_adapter_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Copy ``state_dict`` into ``model``'s adapter tensors, strictly.
+
+    Every adapter tensor of the model must be given, with the same shape, and nothing else: otherwise an
+    ``AdapterMismatchError`` (a ``ValueError``) names the missing, unexpected and mis-shaped tensors and
+    nothing is loaded. Values are cast to the model tensors' dtype and device.
+    """
+    merged = [name for name, layer in adapted_layers(model) if layer.merged]
+    if merged:
+        raise RuntimeError(
+            f"Cannot load adapter weights into merged layers ({truncated_list(merged)}): their base weights hold the "
+            "old update. Call kr_vlm.adapters.unmerge_adapters(model) first."
+        )
+    expected = adapter_state_dict(model)
+    problems = state_dict_mismatches(expected, state_dict)
     if problems:
-        raise ValueError(
+        raise AdapterMismatchError(
             "The adapter weights do not fit the model's adapters; " + "; ".join(problems) + ". "
             "Were they saved from a model with the same architecture and adapter config?"
         )
@@ -157,19 +174,29 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
     """The ``AdapterConfig`` stored in ``directory/adapter_config.json`` by ``save_adapters``."""
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No adapter config at {path}. load_adapters needs a directory written by save_adapters, holding "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE}."
+            f"{CONFIG_FILE} and {WEIGHTS_FILE} (a training run writes them to <run folder>/adapters)."
         )
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CorruptFileError(f"{path} is not valid JSON ({error}). {RECOPY_HINT}") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(
+            f"{path} holds a JSON {type(data).__name__}, not an adapter config. {RECOPY_HINT}"
+        )
     version = data.pop("format_version", None)
     if version != FORMAT_VERSION:
-        raise ValueError(
+        raise CorruptFileError(
             f"{path} has adapter format version {version!r}; this kr_vlm ({kr_vlm.__version__}) reads version "
             f"{FORMAT_VERSION}."
         )
     data.pop("kr_vlm_version", None)
-    return AdapterConfig.from_dict(data)
+    try:
+        return AdapterConfig.from_dict(data)
+    except (TypeError, ValueError) as error:
+        raise CorruptFileError(f"{path} is not a valid adapter config: {error} {RECOPY_HINT}") from None
 
 
 def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
@@ -182,9 +209,16 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
     config = read_adapter_config(directory)
     weights_path = Path(directory) / WEIGHTS_FILE
     if not weights_path.is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"No adapter weights at {weights_path}; save_adapters writes them next to {CONFIG_FILE}."
         )
+    try:
+        tensors = load_file(weights_path)
+    except SafetensorError as error:
+        raise CorruptFileError(
+            f"{weights_path} is not a complete safetensors file ({error}): it was cut short or is another "
+            f"kind of file. {RECOPY_HINT}"
+        ) from None
     found = _injected_module(model)
     if found is None:
         inject_adapters(model, config)
@@ -193,9 +227,9 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
         _, injected = found
         existing = getattr(injected, CONFIG_ATTRIBUTE)
         if existing != config:
-            raise ValueError(
+            raise AdapterMismatchError(
                 f"The model already holds adapters with {existing}, but {directory} holds {config}. "
                 "Load into a freshly built base model instead."
             )
-    load_adapter_state_dict(injected, load_file(weights_path))
+    load_adapter_state_dict(injected, tensors)
     return model

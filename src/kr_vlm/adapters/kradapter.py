@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from kr_vlm.errors import ConfigError
+
 
 def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[int, int, int, int]:
     """Return ``(k, K, r, r2)`` for a ``(d_out, d_in)`` weight.
@@ -42,7 +44,7 @@ def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[in
     if rank is None:
         rank = math.isqrt(k)
     elif isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= k:
-        raise ValueError(
+        raise ConfigError(
             f"KRAdapter rank must be an integer in [1, min(d_out, d_in)] = [1, {k}] for a ({d_out}, {d_in}) "
             f"weight, got {rank!r}. Leave it as None for the default floor(sqrt({k})) = {math.isqrt(k)}."
         )

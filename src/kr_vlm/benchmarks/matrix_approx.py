@@ -49,7 +49,6 @@ Choices of ours (the authors' code is silent or differs):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 import zlib
@@ -63,6 +62,7 @@ from torch import nn
 
 from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, kradapter_shapes
 from kr_vlm.adapters.inject import count_parameters
+from kr_vlm.files import write_json_atomic
 from kr_vlm.spectral import effective_rank_from_singular_values, singular_values
 
 FAMILIES = ("gaussian", "sparse", "whitened", "lowrank", "highfreq", "lowfreq")
@@ -621,7 +621,7 @@ def write_outputs(results: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write ``matrix_approx.json``, ``matrix_approx.md`` and ``matrix_approx.png`` to ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {kind: out_dir / f"matrix_approx.{kind}" for kind in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    write_json_atomic(paths["json"], results)
     paths["md"].write_text(results_markdown(results))
     plot_results(results, paths["png"])
     return paths

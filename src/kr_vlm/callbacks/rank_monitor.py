@@ -30,6 +30,7 @@ from kr_vlm.adapters import adapted_layers
 from kr_vlm.callbacks.grouping import group_of, group_sort_key
 from kr_vlm.callbacks.parameter_summary import parameter_summary
 from kr_vlm.callbacks.rank_report import render_history_figure, render_spectra_figure, write_html_report
+from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_text_atomic
 
 METRICS = ("effective_rank", "stable_rank", "frobenius_norm")
@@ -156,7 +157,7 @@ class EffectiveRankMonitor(pl.Callback):
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"every_n_steps must be a non-negative integer (0 evaluates only at train start/end), "
                 f"got {every_n_steps!r}."
             )
@@ -165,11 +166,11 @@ class EffectiveRankMonitor(pl.Callback):
             or not isinstance(max_stack_elements, int)
             or max_stack_elements < 1
         ):
-            raise ValueError(f"max_stack_elements must be a positive integer, got {max_stack_elements!r}.")
+            raise ConfigError(f"max_stack_elements must be a positive integer, got {max_stack_elements!r}.")
         if cpu_threads is not None and (
             isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
         ):
-            raise ValueError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}.")
+            raise ConfigError(f"cpu_threads must be a positive integer or None, got {cpu_threads!r}.")
         self.every_n_steps = every_n_steps
         # Stored under other names: ``on_train_start``/``on_train_end`` are the hooks of this class.
         self.evaluate_at_train_start = on_train_start

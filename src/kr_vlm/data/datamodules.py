@@ -174,6 +174,11 @@ class FewShotDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        # Hydra hands lists over as omegaconf ListConfigs; checkpoints keep these hyperparameters and are
+        # read back with weights_only=True, which takes plain Python data only.
+        for key, value in self.hparams.items():
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                self.hparams[key] = list(value)
         info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
             raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")

@@ -20,6 +20,7 @@ from __future__ import annotations
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 from kr_vlm.data.registry import dataset_info
+from kr_vlm.errors import ConfigError
 
 SIMPLE_TEMPLATE = "a photo of a {}."
 
@@ -76,4 +77,4 @@ def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
         return COOP_IMAGENET_TEMPLATES_SELECT + (() if info.coop_name == "ImageNet" else (own,))
     if kind == "clip80":
         return CLIP_IMAGENET_TEMPLATES
-    raise ValueError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")
+    raise ConfigError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kr_vlm.errors import ConfigError
+
 # Parameters of an open_clip model that belong to neither tower.
 _HEAD_PARAMETERS = ("logit_scale", "logit_bias")
 
@@ -66,9 +68,9 @@ class CLIPClassifier(nn.Module):
     ) -> None:
         super().__init__()
         if logit_scale is not None and logit_scale <= 0:
-            raise ValueError(f"logit_scale must be positive or None (the model's own), got {logit_scale}.")
+            raise ConfigError(f"logit_scale must be positive or None (the model's own), got {logit_scale}.")
         if text_batch_size < 1:
-            raise ValueError(f"text_batch_size must be at least 1, got {text_batch_size}.")
+            raise ConfigError(f"text_batch_size must be at least 1, got {text_batch_size}.")
         self.model = model
         self.tokenizer = tokenizer
         self.fixed_logit_scale = logit_scale

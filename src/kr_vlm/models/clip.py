@@ -30,7 +30,7 @@ from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_
 from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
-from kr_vlm.errors import KrVlmError
+from kr_vlm.errors import ConfigError, KrVlmError
 from kr_vlm.models.attention import convert_attention
 
 __all__ = ["PRECISIONS", "WeightsNotFoundError", "load_clip"]
@@ -216,17 +216,17 @@ def _registered_model_config(name: str, model_cfg: dict[str, Any] | None) -> Ite
         return
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(model_cfg)
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"model_cfg for {name!r} lacks {sorted(missing)} (open_clip model configs need all three)"
         )
     registry = open_clip.factory._MODEL_CONFIGS
     if name in registry:
-        raise ValueError(
+        raise ConfigError(
             f"model_cfg was given under the name {name!r}, which open_clip already defines; "
             "choose another name for the custom architecture."
         )
     if "/" in name or ":" in name:
-        raise ValueError(f"a custom architecture name may not contain '/' or ':', got {name!r}")
+        raise ConfigError(f"a custom architecture name may not contain '/' or ':', got {name!r}")
     registry[name] = copy.deepcopy(model_cfg)
     try:
         yield
@@ -270,7 +270,7 @@ def _architecture_weights(
         if _looks_like_path(pretrained):
             raise WeightsNotFoundError(f"Pretrained weights file for model {name!r} not found: {pretrained}")
         tags = open_clip.list_pretrained_tags_by_model(name)
-        raise ValueError(
+        raise ConfigError(
             f"pretrained={pretrained!r} is neither a pretrained tag of {name!r} "
             f"(known tags: {tags or 'none'}) nor an existing weights file."
         )
@@ -347,10 +347,10 @@ def load_clip(
         ValueError: unknown model name or pretrained tag, bad precision, bad model_cfg.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     crop_scale = tuple(float(bound) for bound in train_crop_scale)
     if len(crop_scale) != 2 or not 0.0 < crop_scale[0] <= crop_scale[1] <= 1.0:
-        raise ValueError(
+        raise ConfigError(
             f"train_crop_scale must be (low, high) with 0 < low <= high <= 1, got {train_crop_scale}"
         )
     pretrained = os.fspath(pretrained) if pretrained is not None else None
@@ -358,7 +358,7 @@ def load_clip(
     if pretrained is not None and parse_model_name(pretrained)[0] is not None:
         # The folder / hub repo holds the architecture (open_clip_config.json) as well as the weights.
         if model_cfg is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"pretrained={pretrained!r} brings its own model config: leave model_cfg at None."
             )
         log.info("Building %r from %s (architecture from its open_clip_config.json).", name, pretrained)
@@ -368,7 +368,7 @@ def load_clip(
     checkpoint, quick_gelu, preprocess_overrides = None, bool(force_quick_gelu), {}
     if schema is not None:
         if pretrained is not None or model_cfg is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{name!r} carries its own config and weights: leave pretrained and model_cfg at None."
             )
         if schema == "hf-hub":

@@ -23,6 +23,8 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kr_vlm.adapters import AdapterConfig, adapted_layers, adapter_state_dict, inject_adapters
+from kr_vlm.adapters.io import AdapterMismatchError, state_dict_mismatches
+from kr_vlm.errors import ConfigError
 from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
@@ -59,10 +61,10 @@ def _split_adapter_config(adapter: dict[str, Any]) -> tuple[str, dict[str, Any],
     options = dict(adapter)
     method = options.pop("method", None)
     if method is None:
-        raise ValueError(f"adapter needs a 'method' (e.g. 'kradapter', 'lora', or 'none'); got {adapter}.")
+        raise ConfigError(f"adapter needs a 'method' (e.g. 'kradapter', 'lora', or 'none'); got {adapter}.")
     targets = {key: options.pop(key) for key in TARGET_KEYS if key in options}
     if method == "none" and (targets or options):
-        raise ValueError(
+        raise ConfigError(
             f"adapter method 'none' (zero-shot) adapts nothing; remove {sorted({**targets, **options})}."
         )
     return method, targets, options
@@ -72,7 +74,7 @@ def _with_defaults(given: Mapping[str, Any] | None, defaults: dict[str, Any], wh
     given = dict(given or {})
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"Unknown {what} option(s) {unknown}; valid options: {sorted(defaults)}.")
+        raise ConfigError(f"Unknown {what} option(s) {unknown}; valid options: {sorted(defaults)}.")
     return {**defaults, **given}
 
 
@@ -175,15 +177,15 @@ class CLIPFineTuner(LightningModule):
         clip, adapter = _plain(clip), _plain(adapter) if adapter is not None else {"method": "none"}
         optimizer, scheduler = _plain(optimizer) or {}, _plain(scheduler) or {}
         if "name" not in clip:
-            raise ValueError(f"clip needs a model 'name' (e.g. 'ViT-B-16'); got {clip}.")
+            raise ConfigError(f"clip needs a model 'name' (e.g. 'ViT-B-16'); got {clip}.")
         # Check every config before loading the model, which can take a while.
         method, targets, options = _split_adapter_config(adapter)
         self.optimizer_config = _with_defaults(optimizer, OPTIMIZER_DEFAULTS, "optimizer")
         self.scheduler_config = _with_defaults(scheduler, SCHEDULER_DEFAULTS, "scheduler")
         if self.scheduler_config["warmup_steps"] and self.scheduler_config["warmup_ratio"]:
-            raise ValueError("Give scheduler.warmup_steps or scheduler.warmup_ratio, not both.")
+            raise ConfigError("Give scheduler.warmup_steps or scheduler.warmup_ratio, not both.")
         if self.scheduler_config["min_lr"] > self.optimizer_config["lr"]:
-            raise ValueError(
+            raise ConfigError(
                 f"scheduler.min_lr ({self.scheduler_config['min_lr']}) is above optimizer.lr "
                 f"({self.optimizer_config['lr']}); the cosine schedule decays from lr down to min_lr."
             )
@@ -315,7 +317,7 @@ class CLIPFineTuner(LightningModule):
         )
         total_steps = self.trainer.estimated_stepping_batches
         if not math.isfinite(total_steps):
-            raise ValueError(
+            raise ConfigError(
                 "The cosine schedule needs a finite length: set trainer.max_steps or trainer.max_epochs."
             )
         schedule = self.scheduler_config
@@ -407,14 +409,14 @@ class CLIPFineTuner(LightningModule):
         """Check the checkpoint's adapter tensors against this module's, then complete the state dict
         with the base weights this module was built with, so that Lightning loads it strictly."""
         saved = checkpoint["state_dict"]
-        expected = set(self.adapter_keys())
-        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        if missing or unexpected:
-            raise RuntimeError(
-                "The checkpoint's adapter tensors do not match this module's adapters "
-                f"(method {self.adapter_config.method!r}): missing {missing[:5]}, unexpected {unexpected[:5]}"
-                f"{' ...' if len(missing) > 5 or len(unexpected) > 5 else ''}. Build the module with the "
-                "checkpoint's hyperparameters (CLIPFineTuner.load_from_checkpoint does)."
+        own = self.state_dict()
+        problems = state_dict_mismatches({key: own[key] for key in self.adapter_keys()}, saved)
+        if problems:
+            raise AdapterMismatchError(
+                "The checkpoint's adapter tensors do not match this module's adapters (method "
+                f"{self.adapter_config.method!r}): {'; '.join(problems)}. Resume with the model and adapter "
+                "settings of the run that saved it (the same experiment and overrides); to evaluate it, "
+                "CLIPFineTuner.load_from_checkpoint (eval.py ckpt_path=...) builds the module it was saved from."
             )
         checkpoint["state_dict"] = {**self.state_dict(), **saved}
         # Applied when training starts, after Lightning's sanity check, so only a resumed fit uses them

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from kr_vlm.errors import ConfigError
+
 __all__ = ["LAYER_MODULES", "TOWERS", "clip_target_modules"]
 
 #: Short layer names and the module they name inside each residual block.
@@ -32,9 +34,9 @@ def _tower_blocks(model: nn.Module, tower: str) -> tuple[str, nn.ModuleList]:
     if tower == "vision":
         visual = getattr(model, "visual", None)
         if visual is None:
-            raise ValueError(f"{type(model).__name__} has no vision tower (model.visual)")
+            raise ConfigError(f"{type(model).__name__} has no vision tower (model.visual)")
         if not hasattr(visual, "transformer"):
-            raise ValueError(
+            raise ConfigError(
                 f"the vision tower is a {type(visual).__name__}, not an open_clip VisionTransformer, so it has "
                 "no q/k/v/o/fc1/fc2 blocks to target (ResNet CLIPs such as RN50 included): use towers='text' "
                 "or a ViT model."
@@ -47,7 +49,7 @@ def _tower_blocks(model: nn.Module, tower: str) -> tuple[str, nn.ModuleList]:
     if text is not None and hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
         return "text.transformer.resblocks", text.transformer.resblocks
     found = type(text).__name__ if text is not None else "none"
-    raise ValueError(
+    raise ConfigError(
         f"the text tower ({found}) is not an open_clip TextTransformer, so it has no q/k/v/o/fc1/fc2 blocks "
         "to target (Hugging Face text towers included): use towers='vision'."
     )
@@ -60,30 +62,30 @@ def _block_indices(blocks: str | Sequence[int], depth: int, tower: str) -> list[
             return list(range(depth))
         match = _FIRST_LAST.fullmatch(blocks)
         if match is None:
-            raise ValueError(
+            raise ConfigError(
                 f"blocks must be 'all', 'first_N', 'last_N' or a list of block indices, got {blocks!r}"
             )
         count = int(match.group(2))
         if not 1 <= count <= depth:
-            raise ValueError(
+            raise ConfigError(
                 f"blocks={blocks!r}: the {tower} tower has {depth} blocks (N must be 1..{depth})"
             )
         return list(range(count)) if match.group(1) == "first" else list(range(depth - count, depth))
     if isinstance(blocks, int):
-        raise ValueError(
+        raise ConfigError(
             f"blocks={blocks} is ambiguous: pass [{blocks}] for that one block or 'last_{blocks}' for the "
             f"last {blocks} blocks."
         )
     indices = set()
     for index in blocks:
         if not isinstance(index, int) or not -depth <= index < depth:
-            raise ValueError(
+            raise ConfigError(
                 f"block index {index!r} is out of range for the {tower} tower, which has {depth} blocks "
                 f"(valid: {-depth}..{depth - 1}; negative indices count from the end)"
             )
         indices.add(index % depth)
     if not indices:
-        raise ValueError("blocks is an empty list: select at least one block, or 'all'")
+        raise ConfigError("blocks is an empty list: select at least one block, or 'all'")
     return sorted(indices)
 
 
@@ -111,9 +113,11 @@ def clip_target_modules(
     selected_layers = [layers] if isinstance(layers, str) else list(layers)
     unknown = [layer for layer in selected_layers if layer not in LAYER_MODULES]
     if unknown or not selected_layers:
-        raise ValueError(f"layers must be a non-empty subset of {list(LAYER_MODULES)}, got {selected_layers}")
+        raise ConfigError(
+            f"layers must be a non-empty subset of {list(LAYER_MODULES)}, got {selected_layers}"
+        )
     if towers not in TOWERS:
-        raise ValueError(f"towers must be one of {TOWERS}, got {towers!r}")
+        raise ConfigError(f"towers must be one of {TOWERS}, got {towers!r}")
 
     names = []
     for tower in ("vision", "text"):
@@ -137,6 +141,6 @@ def clip_target_modules(
                         if isinstance(block.get_submodule("attn"), nn.MultiheadAttention)
                         else ""
                     )
-                    raise ValueError(f"{prefix}.{index}.{relative} is not an nn.Linear in this model.{hint}")
+                    raise ConfigError(f"{prefix}.{index}.{relative} is not an nn.Linear in this model.{hint}")
                 names.append(f"{prefix}.{index}.{relative}")
     return names

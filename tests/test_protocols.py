@@ -57,6 +57,14 @@ def test_digits_base_to_new_is_zero_to_four_then_five_to_nine():
     assert [task.name for task in dm.test_tasks] == ["digits_base", "digits_new"]
 
 
+def test_zero_shot_base_to_new_tests_both_halves():
+    # The CLIP rows of CoCoOp's base-to-new table: eval.py experiment=coop_zsclip data.subsample=base_to_new.
+    dm = set_up(FewShotDataModule("digits", shots=0, num_workers=0, subsample="base_to_new"))
+    assert dm.train_dataset is None and list(dm.train_task.classnames) == list(DIGIT_NAMES[:5])
+    assert [task.name for task in dm.test_tasks] == ["digits_base", "digits_new"]
+    assert sorted(set(dm.val_datasets[0].labels)) == [0, 1, 2, 3, 4]
+
+
 def test_extra_test_sets_have_their_own_classes_and_templates_and_missing_ones_are_skipped(tmp_path):
     make_coop_dataset(tmp_path, "imagenet", classes=4, per_class={"train": 6, "test": 2})
     dtd = make_coop_dataset(tmp_path, "dtd", classes=3, per_class=SPLITS)

@@ -13,8 +13,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +24,7 @@ import torch
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
-from compose_helpers import FAST, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from compose_helpers import FAST, QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.callbacks import TrainingDivergedError
@@ -33,16 +35,6 @@ from kr_vlm.models import WeightsNotFoundError
 REPO = Path(__file__).resolve().parents[1]
 DIGIT_SETS = ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
 ADAPTER_WEIGHTS = "adapters/adapter_model.safetensors"
-# Clean digits only (one test set), one shot per class (one batch per epoch), no plots or progress bars.
-QUICK = (
-    "experiment=demo",
-    "data=digits",
-    "data.shots=1",
-    *TINY_MODEL,
-    *FAST,
-    "~callbacks.rank_monitor",
-    "~callbacks.progress_bar",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -621,3 +613,28 @@ def test_the_readme_clip_sweep_composes_and_stops_at_the_missing_weights(where, 
     root = Path(env.get("KR_VLM_ROOT", repo))
     (sweep_dir,) = (root / "logs" / "clip_kr_fewshot" / "multiruns").iterdir()
     assert (sweep_dir / "multirun.yaml").is_file() and not list(sweep_dir.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_non_zero_and_claims_no_results(tmp_path):
+    run_dir = tmp_path / "stopped"
+    paths = [override for override in path_overrides(tmp_path) if not override.startswith("paths.output_dir")]
+    command = [sys.executable, "train.py", "experiment=demo", *TINY_MODEL, "trainer.max_steps=100000"]
+    command += [*paths, f"hydra.run.dir={run_dir}", "trainer.log_every_n_steps=1"]
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # Stop it once it trains: the CSV log gets its first rows.
+        deadline = time.monotonic() + 300
+        while not (run_dir / "csv" / "metrics.csv").is_file() and process.poll() is None:
+            assert time.monotonic() < deadline, "the run never started training"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Stopped by SIGTERM" in output and "Traceback" not in output
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()

@@ -190,10 +190,14 @@ def run_summary(
     timings: dict[str, float],
     tested: str | None,
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``: accuracy per test set, parameters, steps, time, memory, config."""
+    """The content of ``metrics.json``: accuracy per test set, what each set measures and the protocols'
+    summaries (``kr_vlm.results.protocol_summary``: base/new/hm, source and target averages),
+    parameters, steps, time, memory, config."""
     from kr_vlm.adapters import count_parameters
+    from kr_vlm.results import protocol_summary
 
     trainable, total = count_parameters(module)
+    test = metrics_per_test_set(trainer, datamodule)
     return {
         "task_name": cfg.task_name,
         "method": adapter_method(module),
@@ -203,7 +207,8 @@ def run_summary(
         "shots": whole_number(cfg, "data.shots"),
         "seed": cfg.get("seed"),
         "tested": tested,
-        "test": metrics_per_test_set(trainer, datamodule),
+        "test": test,
+        **protocol_summary(test, datamodule.test_roles),
         "trainable_params": trainable,
         "total_params": total,
         "steps": int(trainer.global_step),
@@ -221,6 +226,7 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     from rich.table import Table
 
     from kr_vlm.console import print_table, stdout_console
+    from kr_vlm.results import summary_lines
 
     table = Table(
         title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
@@ -237,6 +243,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
         )
     console = stdout_console()
     print_table(table, console)
+    for line in summary_lines(metrics):
+        console.print(line)
     if "adapters_from" in metrics:
         console.print(f"Adapters from: {metrics['adapters_from']}")
     console.print(f"Run folder: {output_dir}")

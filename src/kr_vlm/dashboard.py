@@ -8,9 +8,9 @@ been tested); a folder given here is a run folder or any folder above run folder
 The page shows, per group of layers (tower × layer type), the effective rank of every run over the
 steps, the final singular-value spectra (normalised), the relative update size ``‖ΔW‖_F / ‖W0‖_F``, a
 heat map of every layer's effective rank over the steps for each run, each method's rank cap, and, for
-tested runs, test accuracy (on the training dataset, and averaged over its shifted or other test sets)
-against effective rank. Runs are labelled by the settings in which they differ (method, shots, seed,
-learning rate, ...).
+tested runs, test accuracy against effective rank (on the training dataset, and averaged over shifted
+domains, new classes or other datasets). Runs are labelled by the settings in which they differ
+(method, shots, seed, learning rate, ...).
 
 This module reads the runs' files only; it imports neither torch nor the training code.
 """
@@ -51,6 +51,8 @@ from kr_vlm.rank_report import (
     rank_cap,
     relative_update,
 )
+from kr_vlm.results import RECIPE_KEYS, config_settings
+from kr_vlm.results import Run as ResultsRun
 
 HISTORY_FILE = "rank_history.json"
 METRICS_FILE = "metrics.json"
@@ -59,13 +61,12 @@ RUNS_CSV = "rank_dashboard_runs.csv"
 LAYERS_CSV = "rank_dashboard_layers.csv"
 SPECTRA_CSV = "rank_dashboard_spectra.csv"
 
-# What was trained, as metrics.json's config says it (dotted; a key stands for every entry below it).
-SETTING_KEYS = ("model", "data.sampler", "data.train_templates", "data.batch_size", "trainer.max_steps")
-# Entries that say where weights come from, not what they are.
-_NOT_SETTINGS = ("cache_dir", "allow_download", "_target_")
 # A method's options (and targets) are compared among the runs of that method only: LoRA's r is not a
 # difference between a LoRA run and a KRAdapter run.
 METHOD_OPTIONS_PREFIX = "model.adapter."
+# What each test set's role (kr_vlm.results) makes it in the accuracy plot.
+CLEAN_ROLES = ("source", "base")
+OTHER_ROLES = ("shift", "cross", "new")
 # The settings a label names first, and how.
 _LABEL_ORDER = ("method", "dataset", "shots", "seed")
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -129,32 +130,18 @@ class RankRun:
         (shifted domains, other datasets); None where the run has no such results."""
         if not self.metrics:
             return None, None
-        roles = test_roles(self.metrics)
+        roles = ResultsRun(self.folder / METRICS_FILE, self.metrics).test_roles()
         top1 = {name: values.get("top1") for name, values in (self.metrics.get("test") or {}).items()}
-        clean = [
-            100 * top1[name]
-            for name, role in roles.items()
-            if role == "source" and top1.get(name) is not None
-        ]
-        shifted = [
-            100 * top1[name]
-            for name, role in roles.items()
-            if role in ("shift", "cross") and top1.get(name) is not None
-        ]
-        return (clean[0] if clean else None), mean(shifted)
 
+        def percent(wanted: Sequence[str]) -> list[float]:
+            return [
+                100 * top1[name]
+                for name, role in roles.items()
+                if role in wanted and top1.get(name) is not None
+            ]
 
-def test_roles(metrics: Mapping[str, Any]) -> dict[str, str]:
-    """What each test set of a run measures: ``source`` (the training dataset), ``shift`` (a shifted version
-    of it, ``<dataset>_<shift>``), ``cross`` (another dataset); ``test_roles`` of metrics.json where the run
-    recorded them."""
-    if "test_roles" in metrics:
-        return dict(metrics["test_roles"])
-    dataset = metrics.get("dataset")
-    return {
-        name: "source" if name == dataset else "shift" if name.startswith(f"{dataset}_") else "cross"
-        for name in metrics.get("test") or {}
-    }
+        clean = percent(CLEAN_ROLES)
+        return (clean[0] if clean else None), mean(percent(OTHER_ROLES))
 
 
 # -------------------------------------------------------------------------------------- reading runs
@@ -195,38 +182,17 @@ def _natural_key(path: Path) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
-        return flat
-    return {prefix: json.dumps(value) if isinstance(value, list) else value}
-
-
-def _select(config: Mapping[str, Any], dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def run_settings(run: RankRun) -> dict[str, Any]:
-    """What a run trained: its method, dataset, shots and seed, and the config entries of ``SETTING_KEYS``
-    (dotted keys; unset entries left out)."""
+    """What a run trained: its method, dataset, shots and seed, and its recipe (``kr_vlm.results``'s
+    ``RECIPE_KEYS``: model and adapter config, optimizer, sampler, ...) as dotted keys."""
     settings: dict[str, Any] = {"method": run.method}
     if run.metrics:
-        settings.update({key: run.metrics.get(key) for key in _LABEL_ORDER[1:]})
-        config = run.metrics.get("config") or {}
-        for key in SETTING_KEYS:
-            settings.update(_flatten(_select(config, key), key))
-    return {
-        key: value
-        for key, value in settings.items()
-        if value is not None and key.rpartition(".")[2] not in _NOT_SETTINGS and key != "model.adapter.method"
-    }
+        settings.update(
+            {key: run.metrics[key] for key in _LABEL_ORDER[1:] if run.metrics.get(key) is not None}
+        )
+        recipe = config_settings(run.metrics.get("config") or {}, RECIPE_KEYS)
+        settings.update({key: value for key, value in recipe.items() if key != "model.adapter.method"})
+    return settings
 
 
 def differing_settings(runs: Sequence[RankRun]) -> list[str]:
@@ -444,7 +410,7 @@ def accuracy_figure(runs: Sequence[RankRun]) -> Any | None:
         2, "Test accuracy against effective rank (mean over all layers, final step)", columns=2
     )
     for which, (axes, title) in enumerate(
-        zip(panels, ("training dataset (clean)", "shifted / other test sets"), strict=True)
+        zip(panels, ("clean: the training dataset", "shifted: other domains, classes, datasets"), strict=True)
     ):
         for run, style, rank, accuracy in points:
             if accuracy[which] is not None:
@@ -614,7 +580,8 @@ def page(runs: Sequence[RankRun], title: str) -> str:
         "<h2>Runs</h2>",
         run_table,
         '<p class="note">Effective rank, % of cap and relative update size: means over all adapted layers at the '
-        "final step. Clean: the training dataset's test set; shifted: the mean over the other test sets.</p>",
+        "final step. Clean: the training dataset's test set (its base classes, base-to-new); shifted: the mean over "
+        "its shifted domains, its new classes or other datasets.</p>",
         "<h2>Effective rank over steps</h2>",
         image_tag(png(rank_over_steps_figure(runs)), "effective rank over steps per group, one line per run"),
         "<h2>Every layer over the steps</h2>",

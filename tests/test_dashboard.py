@@ -72,6 +72,7 @@ def test_a_sweep_gives_one_page_and_its_csv_files(dashboard):
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//|file:)""", page, flags=re.IGNORECASE)
     # Ranks over steps, heat maps, spectra, relative update size, accuracy against rank.
     assert page.count('src="data:image/png;base64,') == 5
+    assert "<td>0</td></tr>" in page and "<td>1</td></tr>" in page  # run folders, relative to the page's
 
     runs = read_csv(dashboard / RUNS_CSV)
     assert [(run["label"], run["method"], run["rank_cap"], run["steps"]) for run in runs] == [

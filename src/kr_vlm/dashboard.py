@@ -511,8 +511,8 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- page
-def page(runs: Sequence[RankRun], title: str) -> str:
-    """The dashboard's HTML."""
+def page(runs: Sequence[RankRun], title: str, output_dir: Path | None = None) -> str:
+    """The dashboard's HTML; run folders below ``output_dir`` are shown relative to it."""
     summary = run_rows(runs)
     run_table = html_table(
         [
@@ -540,7 +540,7 @@ def page(runs: Sequence[RankRun], title: str) -> str:
                 fmt(row["relative_update"], 4),
                 fmt(row["top1_clean"]),
                 fmt(row["top1_shifted"]),
-                row["folder"],
+                _shown_path(Path(row["folder"]), output_dir),
             ]
             for row in summary
         ],
@@ -606,6 +606,12 @@ def page(runs: Sequence[RankRun], title: str) -> str:
     return html_page(title, "\n".join(sections))
 
 
+def _shown_path(folder: Path, output_dir: Path | None) -> str:
+    if output_dir is not None and folder.is_relative_to(output_dir.resolve()):
+        return str(folder.relative_to(output_dir.resolve()))
+    return str(folder)
+
+
 def _count(value: int | None) -> str:
     return "–" if value is None else f"{value:,}"
 
@@ -615,7 +621,7 @@ def write_dashboard(
 ) -> list[Path]:
     """Write the page and the three CSV files into ``output_dir``; returns their paths."""
     files = {
-        PAGE_FILE: page(runs, title),
+        PAGE_FILE: page(runs, title, output_dir),
         RUNS_CSV: csv_text(run_rows(runs)),
         LAYERS_CSV: csv_text(layer_rows(runs)),
         SPECTRA_CSV: csv_text(spectrum_rows(runs)),

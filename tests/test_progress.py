@@ -10,7 +10,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from kr_vlm.callbacks import RichStepProgressBar
 
 
-def fit(tmp_path, bar: RichStepProgressBar, **limits) -> Trainer:
+def fit(tmp_path, bar: RichStepProgressBar, ckpt_path=None, **limits) -> Trainer:
     trainer = Trainer(
         default_root_dir=tmp_path,
         callbacks=[bar],
@@ -21,7 +21,7 @@ def fit(tmp_path, bar: RichStepProgressBar, **limits) -> Trainer:
         enable_model_summary=False,
         **limits,
     )
-    trainer.fit(BoringModel())
+    trainer.fit(BoringModel(), ckpt_path=ckpt_path, weights_only=False)  # the test's own checkpoints
     return trainer
 
 
@@ -41,6 +41,17 @@ def test_the_bar_counts_optimizer_steps(tmp_path, accumulate):
     fit(tmp_path, bar, max_steps=4, max_epochs=-1, accumulate_grad_batches=accumulate)
     (task,) = bar.progress.tasks
     assert (task.completed, task.total) == (4, 4)
+
+
+def test_a_resumed_fit_goes_on_from_the_checkpoints_step(tmp_path, capsys):
+    first = fit(tmp_path, RichStepProgressBar(), max_steps=4, max_epochs=-1)  # ends in the middle of epoch 1
+    first.save_checkpoint(tmp_path / "step_4.ckpt")
+    capsys.readouterr()
+    bar = RichStepProgressBar()
+    fit(tmp_path, bar, ckpt_path=tmp_path / "step_4.ckpt", max_steps=7, max_epochs=-1)
+    (task,) = bar.progress.tasks
+    assert (task.completed, task.total) == (7, 7)
+    assert "Trained steps 4 to 7 in " in capsys.readouterr().out
 
 
 def test_an_epoch_bounded_fit_keeps_lightnings_bar(tmp_path):

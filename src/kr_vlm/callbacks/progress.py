@@ -38,6 +38,7 @@ class RichStepProgressBar(RichProgressBar):
         if not self._counts_steps(trainer):
             super().on_train_epoch_start(trainer, pl_module)
             return
+        # One bar a fit, from the current step (a resumed run's checkpoint step) to max_steps.
         if self.is_disabled or self.progress is None or self.train_progress_bar_id is not None:
             return
         self.train_progress_bar_id = self.progress.add_task(

@@ -97,7 +97,6 @@ def test_model_mini_composes_to_the_shipped_weights(tmp_path):
     assert all(torch.equal(loaded[key], value.to(torch.float16)) for key, value in reference.items())
 
 
-@pytest.mark.slow
 def test_a_short_kradapter_fit_improves_on_zero_shot(tmp_path):
     """The mini recipe (experiment=mini_kr_fewshot), shortened to a few steps, beats zero-shot on its classes."""
 

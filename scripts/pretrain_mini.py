@@ -2,11 +2,12 @@
 
 The weights kr_vlm ships in src/kr_vlm/models/pretrained/ came from (README, "The miniature CLIP"):
 
-    python scripts/pretrain_mini.py --out src/kr_vlm/models/pretrained
+    python scripts/pretrain_mini.py --out src/kr_vlm/models/pretrained --threads 1
 
 It writes kr-vlm-mini.safetensors (fp16), kr-vlm-mini.metadata.json (this command, the settings,
 the final loss, the zero-shot accuracies, the times) and kr-vlm-mini_log/metrics.csv (the losses)
-into --out. The defaults are the shipped run's; kr_vlm.pretrain.PretrainConfig documents each.
+into --out. The defaults are the shipped run's but for --threads (2 by default; the shipped run used
+one thread on a CPU shared with other jobs); kr_vlm.pretrain.PretrainConfig documents each.
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ FINAL_LOSS_STEPS = 50
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Settings of one pretraining run (defaults: the run that produced the shipped weights).
+    """Settings of one pretraining run (defaults: those of the run that produced the shipped weights,
+    but for `threads`: that run used one, on a CPU shared with other jobs; see its metadata JSON).
 
     Attributes:
         seed: seeds the corpus, the model's initial weights and the batch order.

@@ -314,15 +314,17 @@ def _per_group_figure(runs: Sequence[RankRun], title: str, ylabel: str, draw) ->
 
 def rank_over_steps_figure(runs: Sequence[RankRun]) -> Any:
     def draw(axes, run, names, style):
-        caps = cap_text(rank_cap(run.layers[name]) for name in names)
         series = run.group_series(names, lambda info: info["effective_rank"])
-        axes.plot(
-            run.history["steps"], _nan(series), label=f"{run.label} (cap {caps})", markersize=3, **style
-        )
+        axes.plot(run.history["steps"], _nan(series), label=run.label, markersize=3, **style)
+        cap = max(rank_cap(run.layers[name]) for name in names)
+        axes.axhline(cap, color=style["color"], linestyle=(0, (2, 3)), linewidth=1, alpha=0.7)
         axes.set_xlabel("step", fontsize="small")
 
     return _per_group_figure(
-        runs, "Effective rank over steps (mean over the group's layers)", "effective rank", draw
+        runs,
+        "Effective rank over steps (mean over the group's layers; dotted: each run's rank cap)",
+        "effective rank",
+        draw,
     )
 
 

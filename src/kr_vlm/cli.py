@@ -27,8 +27,10 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from kr_vlm import metric_names
 from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError, exit_on_user_error
 from kr_vlm.files import write_json_atomic
+from kr_vlm.schemas import register_schemas
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+register_schemas()
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -132,37 +135,36 @@ def use_model_transforms(datamodule: LightningDataModule, module: LightningModul
     datamodule.set_transforms(module.preprocess_train, module.preprocess_val)
 
 
+def hyperparameters(cfg: DictConfig) -> dict[str, Any]:
+    """The config as the loggers record it: resolved, once. ``model.adapter`` is ``${adapter}``, so the
+    adapter is recorded under ``adapter`` only."""
+    logged = OmegaConf.to_container(cfg, resolve=True)
+    logged["model"].pop("adapter", None)
+    return logged
+
+
 def build_trainer(cfg: DictConfig) -> Trainer:
-    """The Trainer with the configured callbacks and loggers; the loggers get the whole config."""
+    """The Trainer with the configured callbacks and loggers; the loggers get the config (the module
+    logs no hyperparameters of its own)."""
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
     loggers: list[Logger] = instantiate_list(cfg.get("logger"))
     trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(hyperparameters(cfg))
     return trainer
-
-
-def clip_model(module: LightningModule) -> torch.nn.Module:
-    """The open_clip model (adapters included) inside a CLIPFineTuner."""
-    return module.classifier.model
-
-
-def adapter_method(module: LightningModule) -> str:
-    """The adapter method the module was built with (``none`` for zero-shot)."""
-    return module.hparams["adapter"].get("method") or "none"
 
 
 def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> dict[str, dict[str, float]]:
     """{test set: {top1, top5, loss}} from what the module logged as ``test/<set>/<metric>``."""
-    results: dict[str, dict[str, float]] = {}
-    for task in datamodule.test_tasks:
-        prefix = f"test/{task.name}/"
-        results[task.name] = {
-            key.removeprefix(prefix): float(value)
-            for key, value in trainer.callback_metrics.items()
-            if key.startswith(prefix)
+    logged = trainer.callback_metrics
+    return {
+        task.name: {
+            metric: float(logged[key])
+            for metric in metric_names.EVAL_METRICS
+            if (key := metric_names.metric_key(metric_names.TEST, metric, task.name)) in logged
         }
-    return results
+        for task in datamodule.test_tasks
+    }
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -195,9 +197,9 @@ def run_summary(
     trainable, total = count_parameters(module)
     return {
         "task_name": cfg.task_name,
-        "method": adapter_method(module),
-        "model": module.hparams["clip"].get("name"),
-        "pretrained": module.hparams["clip"].get("pretrained"),
+        "method": module.adapter_method,
+        "model": module.model_name,
+        "pretrained": module.pretrained,
         "dataset": cfg.data.dataset,
         "shots": whole_number(cfg, "data.shots"),
         "seed": cfg.get("seed"),
@@ -229,8 +231,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     for name, values in metrics["test"].items():
         table.add_row(
             name,
-            f"{100 * values.get('top1', float('nan')):.2f}",
-            f"{100 * values.get('top5', float('nan')):.2f}",
+            f"{100 * values.get(metric_names.TOP1, float('nan')):.2f}",
+            f"{100 * values.get(metric_names.TOP5, float('nan')):.2f}",
         )
     console = Console()
     console.print(table)
@@ -258,7 +260,7 @@ def _check_test_ckpt(cfg: DictConfig) -> None:
     if choice == "best" and (not checkpoint or not checkpoint.get("monitor")):
         raise ConfigError(
             "test_ckpt=best tests the best checkpoint by a validation metric: it needs "
-            "callbacks.model_checkpoint.monitor=val/top1 callbacks.model_checkpoint.every_n_train_steps=null "
+            f"callbacks.model_checkpoint.monitor={metric_names.VAL_TOP1} callbacks.model_checkpoint.every_n_train_steps=null "
             "(save after every validation) and validation during training (trainer.val_check_interval=100)."
         )
 
@@ -298,7 +300,7 @@ def _check_ckpt_path(path: str) -> None:
 def _save_adapters(module: LightningModule, directory: Path) -> None:
     from kr_vlm.adapters import save_adapters
 
-    save_adapters(clip_model(module), directory)
+    save_adapters(module.clip_model, directory)
     log.info("Saved the adapters to %s", directory)
 
 
@@ -307,11 +309,27 @@ def configured_method(cfg: DictConfig) -> str:
     return (cfg.model.get("adapter") or {}).get("method") or "none"
 
 
+def optimized_metric(cfg: DictConfig, trainer: Trainer) -> dict[str, Any] | None:
+    """``{"name", "value"}`` of the metric named by ``optimized_metric`` (e.g. ``val/top1``) as the fit
+    ended, for hyperparameter searches; None when the config names none."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in trainer.callback_metrics:
+        logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+        raise ConfigError(
+            f"optimized_metric={name} was not logged by the fit (logged: {logged}). The module validates at "
+            f"the end of the fit and logs {metric_names.VAL_TOP1}; keep validation on (trainer.limit_val_batches)."
+        )
+    return {"name": name, "value": float(trainer.callback_metrics[name])}
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapters, test them on every test set, save them and ``metrics.json`` in the run folder.
 
     Nothing is fitted with the adapter method ``none`` or ``data.shots=0``: the model is then only
-    tested (zero-shot). ``ckpt_path`` resumes an interrupted fit.
+    tested (zero-shot). ``ckpt_path`` resumes an interrupted fit. With ``optimized_metric`` set, the
+    metrics hold its value at the end of the fit under ``optimized_metric``.
     """
     start = time.perf_counter()
     method, shots = configured_method(cfg), whole_number(cfg, "data.shots")
@@ -337,11 +355,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     use_model_transforms(datamodule, module)
     trainer = build_trainer(cfg)
 
-    timings = {}
+    timings, optimized = {}, None
     if fits:
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         timings["fit_time_s"] = time.perf_counter() - fit_start
+        # Read now: testing replaces the trainer's logged metrics.
+        optimized = optimized_metric(cfg, trainer)
         _save_adapters(module, output_dir / "adapters")
     tested = None
     if cfg.get("test"):
@@ -363,6 +383,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _save_adapters(module, output_dir / "adapters")
     timings["wall_time_s"] = time.perf_counter() - start
     metrics = run_summary(cfg, module, trainer, datamodule, timings, tested)
+    if optimized is not None:
+        metrics["optimized_metric"] = optimized
     write_metrics(output_dir / "metrics.json", metrics)
     print_results(metrics, output_dir)
     return metrics
@@ -428,7 +450,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         module = build_model(cfg)
         if cfg.get("adapters_dir"):
-            load_adapters(clip_model(module), cfg.adapters_dir)
+            load_adapters(module.clip_model, cfg.adapters_dir)
     use_model_transforms(datamodule, module)
     trainer = build_trainer(cfg)
     test_start = time.perf_counter()
@@ -443,7 +465,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def _run_job(job: Any, cfg: DictConfig) -> None:
+def _run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
     """Run ``job(cfg)`` for a command line: a user error (a ``KrVlmError``: bad config values, missing or
     broken files, a diverged fit) ends the command with its message, which says what is wrong and what to
     do, and exit status 1, not with a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
@@ -453,13 +475,15 @@ def _run_job(job: Any, cfg: DictConfig) -> None:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
     with exit_on_user_error():
-        job(cfg)
+        return job(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def train_main(cfg: DictConfig) -> None:
-    """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``."""
-    _run_job(train, cfg)
+def train_main(cfg: DictConfig) -> float | None:
+    """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``. Returns the value of
+    ``optimized_metric`` (what Hydra's sweepers, Optuna's included, optimise), or None."""
+    optimized = _run_job(train, cfg).get("optimized_metric")
+    return None if optimized is None else optimized["value"]
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")

@@ -35,6 +35,17 @@ TINY_MODEL: tuple[str, ...] = (
 
 # Quick runs: one CPU process, no loader workers, CSV logs only.
 FAST: tuple[str, ...] = ("trainer=cpu", "data.num_workers=0", "logger=csv")
+# The demo at its quickest: clean digits only (one test set), one shot per class (one batch per epoch),
+# no plots or progress bars.
+QUICK: tuple[str, ...] = (
+    "experiment=demo",
+    "data=digits",
+    "data.shots=1",
+    *TINY_MODEL,
+    *FAST,
+    "~callbacks.rank_monitor",
+    "~callbacks.progress_bar",
+)
 
 
 def path_overrides(tmp_path: Path) -> list[str]:

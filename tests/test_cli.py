@@ -14,8 +14,10 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +26,7 @@ import yaml
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
-from compose_helpers import FAST, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from compose_helpers import FAST, QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.callbacks import TrainingDivergedError
@@ -35,16 +37,6 @@ from kr_vlm.models import WeightsNotFoundError
 REPO = Path(__file__).resolve().parents[1]
 DIGIT_SETS = ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
 ADAPTER_WEIGHTS = "adapters/adapter_model.safetensors"
-# Clean digits only (one test set), one shot per class (one batch per epoch), no plots or progress bars.
-QUICK = (
-    "experiment=demo",
-    "data=digits",
-    "data.shots=1",
-    *TINY_MODEL,
-    *FAST,
-    "~callbacks.rank_monitor",
-    "~callbacks.progress_bar",
-)
 
 
 @pytest.fixture(autouse=True)
@@ -666,3 +658,28 @@ def test_the_readme_hyperparameter_search(tmp_path):
     assert 1e-3 <= results["best_params"]["model.optimizer.lr"] <= 5e-2
     trials = [read_metrics(sweep_dir / name) for name in ("0", "1")]
     assert results["best_value"] == max(trial["optimized_metric"]["value"] for trial in trials)
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_exits_non_zero_and_claims_no_results(tmp_path):
+    run_dir = tmp_path / "stopped"
+    paths = [override for override in path_overrides(tmp_path) if not override.startswith("paths.output_dir")]
+    command = [sys.executable, "train.py", "experiment=demo", *TINY_MODEL, "trainer.max_steps=100000"]
+    command += [*paths, f"hydra.run.dir={run_dir}", "trainer.log_every_n_steps=1"]
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        # Stop it once it trains: the CSV log gets its first rows.
+        deadline = time.monotonic() + 300
+        while not (run_dir / "csv" / "metrics.csv").is_file() and process.poll() is None:
+            assert time.monotonic() < deadline, "the run never started training"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Stopped by SIGTERM" in output and "Traceback" not in output
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()

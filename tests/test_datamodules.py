@@ -101,20 +101,28 @@ def test_shuffling_follows_the_seed_only():
     assert first_epoch_labels(1, 3) != first_epoch_labels(2, 3)
 
 
-def test_shuffle_state_continues_in_a_restored_module():
-    def epoch_labels(loader) -> list[int]:
-        return [label for _, labels in loader for label in labels.tolist()]
+def test_the_training_loader_state_continues_in_a_new_module():
+    """Lightning keeps the training loader's state in checkpoints: a new module's loader given that
+    state continues the epoch where it was, order and random augmentations alike, with workers."""
+    augment = T.Compose([T.RandomResizedCrop(16, scale=(0.2, 1.0)), T.ToTensor()])
 
-    dm = digits_module(shots=4, seed=1)
-    loader = dm.train_dataloader()
-    first = epoch_labels(loader)
-    state = dm.state_dict()  # what a checkpoint keeps after the first epoch
-    second = epoch_labels(loader)
-    assert second != first  # every epoch draws a new order
+    def train_loader():
+        dm = digits_module(shots=4, num_workers=2)  # 40 images: 5 batches an epoch
+        dm.set_transforms(augment, SMALL)
+        return dm.train_dataloader()
 
-    restored = digits_module(shots=4, seed=1)
-    restored.load_state_dict(state)
-    assert epoch_labels(restored.train_dataloader()) == second
+    loader = train_loader()
+    straight = [images for _ in range(2) for images, _ in loader]
+    loader = train_loader()
+    batches = iter(loader)
+    next(batches), next(batches)
+    state = loader.state_dict()  # two batches into the first epoch
+
+    resumed = train_loader()
+    resumed.load_state_dict(state)
+    rest = [images for _ in range(2) for images, _ in resumed]  # the rest of this epoch, then the next
+    assert len(rest) == 3 + 5
+    assert all(torch.equal(got, expected) for got, expected in zip(rest, straight[2:], strict=True))
 
 
 def test_few_shot_split_is_cached(tmp_path):

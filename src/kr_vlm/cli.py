@@ -13,6 +13,7 @@ import os
 import pickle
 import resource
 import secrets
+import signal
 import sys
 import time
 import warnings
@@ -474,8 +475,21 @@ def _run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    with exit_on_user_error():
-        return job(cfg)
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        with exit_on_user_error():
+            return job(cfg)
+    except SIGTERMException:
+        # Lightning stops a fit on SIGTERM (cluster preemption, `kill`) with a SystemExit that carries
+        # no code, which would end the command with status 0 as if the run had finished.
+        log.error(
+            "Stopped by SIGTERM before the run finished: no adapters or metrics.json were written. Resume "
+            "with ckpt_path=%s/checkpoints/last.ckpt (add hydra.run.dir=%s to continue in the same folder).",
+            cfg.paths.output_dir,
+            cfg.paths.output_dir,
+        )
+        sys.exit(128 + signal.SIGTERM)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

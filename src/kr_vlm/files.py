@@ -1,4 +1,4 @@
-"""Writing the small files kr_vlm keeps next to runs and data (JSON records, caches)."""
+"""Writing the files kr_vlm keeps next to runs and data (checkpoints, adapters, JSON records, caches)."""
 
 from __future__ import annotations
 
@@ -6,31 +6,103 @@ import json
 import math
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+from kr_vlm.errors import KrVlmError
 
 #: The key under which ``write_json_atomic`` lists the values it had to write as ``null``.
 NON_FINITE_KEY = "non_finite"
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder, then rename it into place.
+class FileWriteError(KrVlmError, OSError):
+    """A checkpoint or adapter file could not be written (full disk, no permission, read-only folder).
 
-    A reader (another process, a DDP rank, a rerun after a crash) finds the old file or the new one,
-    never half of one. Each call writes its own uniquely named temporary file, so processes writing the
-    same file at once (DDP ranks, on one machine or several) do not write into each other's, and the
-    file gets the usual permissions (``tempfile.mkstemp`` would make it private to its owner).
+    ``errno`` is the failed write's (``errno.ENOSPC``, ``errno.EACCES``, ...); the message names the
+    file and what to do.
+    """
+
+
+def _temporary_name(name: str, unique: str) -> str:
+    return f".{name}.{unique}.tmp"
+
+
+def leftover_temporaries(folder: str | Path, name_pattern: str) -> list[Path]:
+    """The temporary files of `atomic_write` in ``folder`` for files named like ``name_pattern`` (a
+    glob): what a process killed while writing left behind."""
+    return sorted(Path(folder).glob(_temporary_name(name_pattern, "*")))
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
+    """Open a temporary file in ``path``'s folder for binary writing; on success, flush it to disk
+    (fsync) and rename it onto ``path``; on any error, delete it and re-raise.
+
+    A reader (another process, a DDP rank, a rerun after a crash or a kill) finds the old file or the
+    new one, never half of one, and a failed write (full disk, no permission) leaves no file under
+    ``path``'s name. The temporary file lives in the same folder because a rename is atomic only
+    within one filesystem (a temporary folder elsewhere would turn it into a copy). Each call writes
+    its own uniquely named temporary file, so processes writing the same file at once do not write
+    into each other's, and the file gets the usual permissions (``tempfile.mkstemp`` would make it
+    private to its owner). The folder must exist.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary = path.with_name(_temporary_name(path.name, uuid.uuid4().hex))
     try:
-        temporary.write_text(text, encoding="utf-8")
+        with open(temporary, "xb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through `atomic_write`, creating the folders it needs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as handle:
+        handle.write(text.encode("utf-8"))
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that caused ``error``, if any: torch.save reports a failed write of its file
+    as a RuntimeError raised while handling the OSError."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def write_file_atomic(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path``'s folder and write ``path`` with ``write(handle)`` through `atomic_write`.
+
+    A failed write (full disk, no permission, a folder that cannot be made) raises `FileWriteError`
+    naming ``path``, and leaves nothing under that name: a previous file there stays as it was.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as handle:
+            write(handle)
+    except Exception as error:
+        cause = _os_error_behind(error)
+        if cause is None:
+            raise
+        reason = cause.strerror or str(cause)
+        failure = FileWriteError(
+            f"Cannot write {path}: {reason}. Nothing was written under that name (a previous file "
+            f"there is kept as it was). Free disk space or make {path.parent} writable, or choose another "
+            "folder (for a run: hydra.run.dir=...)."
+        )
+        failure.errno = cause.errno  # (a filename or strerror would replace the message in str())
+        raise failure from error
 
 
 def _finite_only(value: Any, key: str, non_finite: list[str]) -> Any:

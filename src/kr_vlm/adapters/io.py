@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 import kr_vlm
 from kr_vlm.adapters.config import AdapterConfig
 from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE, adapted_layers, inject_adapters, truncated_list
 from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
+from kr_vlm.files import write_file_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -145,12 +146,13 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     _, injected = found
     config: AdapterConfig = getattr(injected, CONFIG_ATTRIBUTE)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(
-        _safetensors_ready(adapter_state_dict(injected)), directory / WEIGHTS_FILE, metadata={"format": "pt"}
-    )
+    weights = save(_safetensors_ready(adapter_state_dict(injected)), metadata={"format": "pt"})
     header = {"format_version": FORMAT_VERSION, "kr_vlm_version": kr_vlm.__version__}
-    (directory / CONFIG_FILE).write_text(json.dumps({**header, **config.to_dict()}, indent=2) + "\n")
+    text = json.dumps({**header, **config.to_dict()}, indent=2, allow_nan=False) + "\n"
+    # Each file is written whole or not at all (a temporary file in the folder, then a rename); a
+    # failed write raises kr_vlm.files.FileWriteError naming the file.
+    write_file_atomic(directory / WEIGHTS_FILE, lambda handle: handle.write(weights))
+    write_file_atomic(directory / CONFIG_FILE, lambda handle: handle.write(text.encode("utf-8")))
     return directory
 
 

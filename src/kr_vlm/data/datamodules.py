@@ -35,6 +35,7 @@ from kr_vlm.data.fewshot import (
     resolve_cache_dir,
     subsample_classes,
 )
+from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle
 from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_folder, dataset_info
 from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
 from kr_vlm.errors import ConfigError
@@ -157,8 +158,8 @@ class FewShotDataModule(LightningDataModule):
         self.sampler = sampler
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
-        # One generator for the whole fit: every epoch draws its shuffle (and worker seeds) from it, and
-        # its state travels in checkpoints (`state_dict`), so a resumed fit continues the same sequence.
+        # One generator for the whole fit: every epoch draws its order and augmentation seeds from it; the
+        # training loader's state in a checkpoint brings it back (see `train_dataloader`).
         self._shuffle_generator = torch.Generator().manual_seed(seed)
 
         self.train_transform: Transform | None = None
@@ -278,15 +279,15 @@ class FewShotDataModule(LightningDataModule):
                 "the model's preprocessing before asking for loaders."
             )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         """The few-shot training loader: shuffled, batches of `batch_size`, the last one possibly smaller.
 
-        The shuffling uses a `torch.Generator` seeded with `seed`, so the batch order depends only on
-        the few-shot seed, not on how many random numbers model construction used before. The
-        generator also gives every worker its base seed, which makes the random augmentations
-        reproducible with `num_workers > 0`; with 0 workers they draw from torch's global generator
-        (seeded by `lightning.seed_everything`). The generator lives as long as the DataModule and is
-        saved in checkpoints (`state_dict`), so a resumed run draws the epochs it has not run yet. `drop_last` is False as in CLIP-LoRA: a small
+        A `torchdata` `StatefulDataLoader` (`kr_vlm.data.loading`), whose state Lightning keeps in
+        every checkpoint: a fit resumed from any step, mid-epoch included, continues with the batches
+        the uninterrupted fit would have loaded, with or without workers. The order of each epoch and
+        one augmentation seed a sample come from a `torch.Generator` seeded with `seed` and kept for
+        the whole fit, so the batches depend only on the few-shot seed (not on how many random numbers
+        model construction drew, nor on `num_workers`). `drop_last` is False as in CLIP-LoRA: a small
         few-shot set (1 shot x 10 classes) is smaller than one batch and would yield no batch at all.
         """
         if self.shots == 0:
@@ -295,25 +296,18 @@ class FewShotDataModule(LightningDataModule):
                 "Set data.shots to 1 or more to train."
             )
         self._ready_for_loading(self.train_transform, "training")
-        return DataLoader(
-            self.train_dataset,
+        return ResumableLoader(
+            SeededAugmentations(self.train_dataset),
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=self._shuffle_generator,
+            sampler=SeededShuffle(len(self.train_dataset), self._shuffle_generator),
+            # The workers' base seeds, which nothing draws from, come from a generator of their own: from
+            # torch's global one they would shift dropout's draws, from the shuffle generator the epochs'.
+            generator=torch.Generator().manual_seed(self.seed),
             drop_last=False,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the DataModule: the shuffle generator's state (Lightning saves it)."""
-        return {"shuffle_generator": self._shuffle_generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the shuffle generator from a checkpoint (Lightning calls this when resuming)."""
-        if "shuffle_generator" in state_dict:
-            self._shuffle_generator.set_state(state_dict["shuffle_generator"])
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per entry of `val_tasks`, in order (not shuffled)."""

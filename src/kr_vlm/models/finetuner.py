@@ -34,6 +34,7 @@ from kr_vlm.adapters.config import checked_options
 from kr_vlm.adapters.io import AdapterMismatchError, state_dict_mismatches
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
+from kr_vlm.files import write_file_atomic
 from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
@@ -394,8 +395,9 @@ class CLIPFineTuner(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
-        and torch's random states, which the training augmentations and dropout draw from: a fit
-        resumed from the checkpoint then draws what the uninterrupted fit would have drawn."""
+        and torch's random states, which adapter dropout draws from: a fit resumed from the checkpoint
+        then drops what the uninterrupted fit would have dropped. (The training loader's position and
+        augmentations come back with its own state, which Lightning saves: kr_vlm.data.loading.)"""
         keep = set(self.adapter_keys())
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if key in keep
@@ -439,12 +441,12 @@ class CLIPFineTuner(LightningModule):
         ``model.load_state_dict(...)``). This module is left unchanged (adapters stay unmerged).
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         state = open_clip_state_dict(self.clip_model)
         if path.suffix == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({key: tensor.contiguous() for key, tensor in state.items()}, str(path))
+            data = save({key: tensor.contiguous() for key, tensor in state.items()})
+            write_file_atomic(path, lambda handle: handle.write(data))
         else:
-            torch.save(state, path)
+            write_file_atomic(path, lambda handle: torch.save(state, handle))
         return path

@@ -65,7 +65,7 @@ def test_train_and_eval_defaults_compose(tmp_path):
     assert train_cfg.model.adapter.method == "kradapter"
     # CLIP-LoRA's length: 500 x shots iterations, validated once at the end.
     assert train_cfg.trainer.max_steps == 500 * train_cfg.data.shots == train_cfg.trainer.val_check_interval
-    assert train_cfg.trainer.precision == cli._auto_precision()  # 32-true on a CPU, bf16-mixed on recent GPUs
+    assert train_cfg.trainer.precision == cli.auto_precision()  # 32-true on a CPU, bf16-mixed on recent GPUs
     eval_cfg = compose_config(tmp_path, config_name="eval")
     assert eval_cfg.adapters_dir is None and eval_cfg.ckpt_path is None
     assert eval_cfg.model.adapter.method == "none"

@@ -1,6 +1,6 @@
 """CLIPFineTuner's optimisation: AdamW's options and the warm-up + cosine learning-rate schedule.
 
-Apart from the LightningModule so that the Hydra schemas (``kr_vlm.schemas``) can type these options
+Apart from the LightningModule so that the Hydra schemas (``kr_vlm.cli.schemas``) can type these options
 without importing the model code.
 """
 

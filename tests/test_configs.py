@@ -26,6 +26,7 @@ from kr_vlm.adapters import kradapter_shapes
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary, RichStepProgressBar
 from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.templates import COOP_IMAGENET_TEMPLATES_SELECT
 from kr_vlm.models import CLIPFineTuner
 
 CONFIG_DIR = Path(cli.CONFIG_DIR)
@@ -51,7 +52,18 @@ def write_dataset(data_dir: Path, dataset: str) -> None:
 
 
 def test_config_groups_are_the_documented_ones():
-    assert EXPERIMENTS == ["clip_kr_fewshot", "clip_kr_ood", "clip_lora_fewshot", "clip_zeroshot", "demo"]
+    assert EXPERIMENTS == [
+        "clip_kr_base2new",
+        "clip_kr_cross_dataset",
+        "clip_kr_fewshot",
+        "clip_kr_ood",
+        "clip_lora_fewshot",
+        "clip_lora_zeroshot",
+        "clip_zeroshot",
+        "coop_zsclip",
+        "coop_zsclip_ensemble",
+        "demo",
+    ]
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "fsdp"} <= set(TRAINERS)
     assert {"csv", "tensorboard", "wandb", "mlflow"} <= {
         p.stem for p in (CONFIG_DIR / "logger").glob("*.yaml")
@@ -111,7 +123,31 @@ EXPERIMENT_SETUPS = {
     # ImageNet and two of its four shifted sets: the missing ones are skipped with a warning.
     "clip_kr_ood": ("train", ["imagenet", "imagenet_v2", "imagenet_sketch"], [f"data.shots={SHOTS}"]),
     "clip_zeroshot": ("eval", ["oxford_pets"], []),
+    "coop_zsclip": ("eval", ["oxford_pets"], []),
+    "coop_zsclip_ensemble": ("eval", ["oxford_pets"], []),
+    "clip_lora_zeroshot": ("eval", ["oxford_pets"], []),
+    "clip_kr_base2new": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    # ImageNet and two of the ten other datasets: the missing ones are skipped with a warning.
+    "clip_kr_cross_dataset": ("train", ["imagenet", "dtd", "eurosat"], [f"data.shots={SHOTS}"]),
     "demo": ("train", [], []),
+}
+# The test templates of the zero-shot experiments on oxford_pets: the baseline each one reproduces.
+ZERO_SHOT_TEMPLATES = {
+    "clip_zeroshot": ("a photo of a {}, a type of pet.",),  # CoOp's ZeroshotCLIP
+    "coop_zsclip": ("a photo of a {}, a type of pet.",),
+    "coop_zsclip_ensemble": (
+        *COOP_IMAGENET_TEMPLATES_SELECT,
+        "a photo of a {}, a type of pet.",
+    ),  # ZeroshotCLIP2
+    "clip_lora_zeroshot": ("a photo of a {}.",),  # CLIP-LoRA's zero-shot row
+}
+# The few-shot draw of each experiment that reproduces a paper's protocol.
+SAMPLERS = {
+    "clip_kr_fewshot": "clip_lora",
+    "clip_lora_fewshot": "clip_lora",
+    "clip_kr_base2new": "coop",
+    "clip_kr_cross_dataset": "coop",
+    "clip_kr_ood": "coop",
 }
 
 
@@ -123,8 +159,9 @@ def test_experiment_instantiates(experiment, tmp_path):
     cfg = compose_config(tmp_path, [f"experiment={experiment}", *TINY_MODEL, *FAST, *overrides], config_name)
     assert cfg.task_name == experiment
 
-    if experiment == "clip_kr_ood":
-        with pytest.warns(UserWarning, match="imagenet_a, imagenet_r"):
+    if experiment in ("clip_kr_ood", "clip_kr_cross_dataset"):
+        missing = "imagenet_a, imagenet_r" if experiment == "clip_kr_ood" else "caltech101, oxford_pets"
+        with pytest.warns(UserWarning, match=missing):
             datamodule = cli.build_datamodule(cfg, "fit")
     else:
         datamodule = cli.build_datamodule(cfg, "fit")
@@ -140,12 +177,21 @@ def test_experiment_instantiates(experiment, tmp_path):
     method = cfg.model.adapter.method
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     assert (trainable > 0) == (method != "none")
-    if experiment == "clip_zeroshot":
+    if experiment in ZERO_SHOT_TEMPLATES:
         assert method == "none" and datamodule.shots == 0 and datamodule.train_dataset is None
-        assert datamodule.test_tasks[0].templates[0] == "a photo of a {}, a type of pet."  # CoOp's template
+        assert datamodule.test_tasks[0].templates == ZERO_SHOT_TEMPLATES[experiment]
     else:
         assert len(datamodule.train_dataset) > 0
-    if experiment == "clip_kr_ood":
+    if experiment in SAMPLERS:
+        assert datamodule.sampler == SAMPLERS[experiment]
+    if experiment == "clip_kr_base2new":
+        assert test_sets == ["oxford_pets_base", "oxford_pets_new"]
+        assert datamodule.test_roles == {"oxford_pets_base": "base", "oxford_pets_new": "new"}
+        assert datamodule.train_task.classnames == datamodule.test_tasks[0].classnames
+    elif experiment == "clip_kr_cross_dataset":
+        assert test_sets == ["imagenet", "dtd", "eurosat"]
+        assert set(datamodule.test_roles.values()) == {"source", "cross"}
+    elif experiment == "clip_kr_ood":
         assert isinstance(datamodule, DistributionShiftDataModule)
         assert test_sets == ["imagenet", "imagenet_v2", "imagenet_sketch"]
     elif experiment == "demo":
@@ -179,6 +225,8 @@ def test_data_config_instantiates(data, tmp_path):
     cfg = compose_config(tmp_path, [f"data={data}", "data.num_workers=0", "data.shots=1"])
     source = cfg.data.dataset
     write_dataset(tmp_path / "data", source)
+    for extra in cfg.data.get("shift_sets") or cfg.data.get("test_sets") or ():
+        write_dataset(tmp_path / "data", extra)  # every extra test set is there: no warning
     if data == "imagenet_ood":
         for shifted in ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r"):
             make_coop_dataset(tmp_path / "data", shifted, classes=3, per_class=SHOTS)
@@ -192,6 +240,9 @@ def test_data_config_instantiates(data, tmp_path):
     assert len(datamodule.test_dataloader()) == len(datamodule.test_tasks)
     if data.endswith("_ood"):
         assert len(datamodule.test_tasks) == 5  # the source and its four shifted sets
+    elif data == "imagenet_cross_dataset":
+        assert [task.name for task in datamodule.test_tasks] == ["imagenet", *cfg.data.test_sets]
+        assert len(datamodule.test_tasks) == 11  # ImageNet and the ten other few-shot datasets
     else:
         assert [task.name for task in datamodule.test_tasks] == [source]
 

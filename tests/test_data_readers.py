@@ -21,7 +21,7 @@ from kr_vlm.data.base import (
     MalformedDatasetError,
 )
 from kr_vlm.data.registry import DATASET_NAMES, DATASETS, build_dataset
-from kr_vlm.data.templates import CLIP_IMAGENET_TEMPLATES, get_templates
+from kr_vlm.data.templates import CLIP_IMAGENET_TEMPLATES, TEMPLATE_KINDS, get_templates
 
 COOP_NAMES = [name for name in DATASET_NAMES if name != "digits"]
 PER_CLASS = {"train": 3, "val": 1, "test": 2}
@@ -272,9 +272,9 @@ def test_templates():
     assert get_templates("ucf101", "clip80") == CLIP_IMAGENET_TEMPLATES
     assert len(CLIP_IMAGENET_TEMPLATES) == 80 and CLIP_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
     for name in DATASET_NAMES:
-        for kind in ("simple", "coop", "clip80"):
+        for kind in TEMPLATE_KINDS:
             ClassificationTask(name, ["x"], get_templates(name, kind))  # one "{}" each
-    with pytest.raises(ValueError, match="simple, coop, clip80"):
+    with pytest.raises(ValueError, match="simple, coop, coop_ensemble, clip80"):
         get_templates("dtd", "fancy")
 
 

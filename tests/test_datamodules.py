@@ -213,7 +213,7 @@ def test_distribution_shift_on_imagenet_with_missing_sets(tmp_path):
     dm.set_transforms(SMALL, SMALL)
     with pytest.warns(UserWarning, match="not found") as record:
         dm.setup()
-    shift_warnings = [w for w in record if "shifted test sets" in str(w.message)]
+    shift_warnings = [w for w in record if "test sets not found" in str(w.message)]
     assert len(shift_warnings) == 1
     assert "imagenet_v2, imagenet_sketch" in str(shift_warnings[0].message)
     assert [task.name for task in dm.test_tasks] == ["imagenet", "imagenet_a", "imagenet_r"]
@@ -272,7 +272,7 @@ def test_bad_few_shot_arguments(options, message):
 def test_bad_shift_arguments():
     with pytest.raises(ValueError, match="No shifted test sets are known for 'dtd'"):
         DistributionShiftDataModule("dtd")
-    with pytest.raises(ValueError, match="Unknown shifted test sets"):
+    with pytest.raises(ValueError, match="Unknown test sets"):
         DistributionShiftDataModule("imagenet", shift_sets=["imagenet_c"])
 
 

@@ -70,10 +70,14 @@ def run_summary(
     timings: dict[str, float],
     tested: str | None,
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``: accuracy per test set, parameters, steps, time, memory, config."""
+    """The content of ``metrics.json``: accuracy per test set, what each set measures and the protocols'
+    summaries (``kr_vlm.results.protocol_summary``: base/new/hm, source and target averages),
+    parameters, steps, time, memory, config."""
     from kr_vlm.adapters import count_parameters
+    from kr_vlm.results import protocol_summary
 
     trainable, total = count_parameters(module)
+    test = metrics_per_test_set(trainer, datamodule)
     return {
         "task_name": cfg.task_name,
         "method": module.adapter_method,
@@ -83,7 +87,8 @@ def run_summary(
         "shots": whole_number(cfg, "data.shots"),
         "seed": cfg.get("seed"),
         "tested": tested,
-        "test": metrics_per_test_set(trainer, datamodule),
+        "test": test,
+        **protocol_summary(test, datamodule.test_roles),
         "trainable_params": trainable,
         "total_params": total,
         "steps": int(trainer.global_step),
@@ -100,6 +105,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from kr_vlm.results import summary_lines
+
     table = Table(
         title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
         f"{metrics['shots']} shots, seed {metrics['seed']}"
@@ -115,6 +122,8 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
         )
     console = Console()
     console.print(table)
+    for line in summary_lines(metrics):
+        console.print(line)
     if "adapters_from" in metrics:
         console.print(f"Adapters from: {metrics['adapters_from']}")
     console.print(f"Run folder: {output_dir}")

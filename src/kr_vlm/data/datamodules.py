@@ -9,6 +9,14 @@ The contract with the model side:
   (`ClassificationTask`s: class names and prompt templates), where `val_tasks[i]` / `test_tasks[i]`
   describe the loader `val_dataloader()[i]` / `test_dataloader()[i]`; the loader methods always
   return lists, even of one;
+- `test_roles` says what each test set measures, by task name (one of `TEST_ROLES`): `source` (the
+  training dataset, all its classes), `base` / `new` (its two halves, base-to-new), `shift` (a
+  shifted version of the source: the same classes, drawn or photographed otherwise), `cross` (another
+  dataset: cross-dataset transfer). The run summary writes them in metrics.json, and
+  `kr_vlm.results` builds each protocol's table from them;
+- `batch_size` is the global training batch: under DDP each process loads
+  `batch_size / world_size` of it (`per_device_batch_size`), so the recipe does not change with the
+  number of devices;
 - batches are `(images, labels)`; labels index the class names of the loader's task;
 - `shots=0` is zero-shot: nothing is sampled and `train_dataloader()` is an error.
 """
@@ -36,7 +44,13 @@ from kr_vlm.data.fewshot import (
     subsample_classes,
 )
 from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle
-from kr_vlm.data.registry import IMAGENET_SHIFT_DATASETS, build_dataset, dataset_folder, dataset_info
+from kr_vlm.data.registry import (
+    DATASET_NAMES,
+    IMAGENET_SHIFT_DATASETS,
+    build_dataset,
+    dataset_folder,
+    dataset_info,
+)
 from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
 from kr_vlm.errors import ConfigError
 
@@ -46,8 +60,35 @@ Transform = Callable[[Any], Any]
 
 # The digits domains other than `clean` play the part of ImageNet's shifted test sets.
 DIGIT_SHIFT_SETS: tuple[str, ...] = tuple(f"digits_{domain}" for domain in DIGIT_DOMAINS if domain != "clean")
-# The shifted test sets evaluated by default for each source dataset.
+# The shifted versions of each source dataset (its classes, drawn or photographed otherwise): the test sets
+# of the distribution-shift protocol. Any other extra test set is a cross-dataset target.
 SHIFT_SETS: dict[str, tuple[str, ...]] = {"imagenet": IMAGENET_SHIFT_DATASETS, "digits": DIGIT_SHIFT_SETS}
+# Every name `test_sets` takes: a dataset of the registry, or a digits domain.
+TEST_SET_NAMES: tuple[str, ...] = (*DATASET_NAMES, *DIGIT_SHIFT_SETS)
+# What a test set measures (see the module docstring); metrics.json's `test_roles` holds these strings.
+TEST_ROLES: tuple[str, ...] = ("source", "base", "new", "shift", "cross")
+# data.subsample: the few-shot module's class subsets, and CoCoOp's protocol in one run.
+BASE_TO_NEW = "base_to_new"
+SUBSAMPLES: tuple[str, ...] = (*SUBSAMPLE_CHOICES, BASE_TO_NEW)
+
+
+def check_test_sets(test_sets: Sequence[str], source: str) -> list[str]:
+    """`test_sets` as a list, or a `ConfigError` for an unknown name, a repeated one or the source itself."""
+    names = list(test_sets)
+    unknown = [name for name in names if name not in TEST_SET_NAMES]
+    if unknown:
+        raise ConfigError(
+            f"Unknown test sets {unknown} in data.test_sets (data.shift_sets); known: "
+            f"{', '.join(TEST_SET_NAMES)}."
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated or source in names:
+        raise ConfigError(
+            f"data.test_sets (data.shift_sets) names {repeated or [source]} "
+            f"{'more than once' if repeated else 'although it is the source dataset, which is always tested'}: "
+            "list each extra test set once."
+        )
+    return names
 
 
 def _with_samples(
@@ -60,11 +101,17 @@ def _with_samples(
 
 
 class FewShotDataModule(LightningDataModule):
-    """Few-shot training on one dataset as in CoOp / CLIP-LoRA; validation and test on the same dataset.
+    """Few-shot training on one dataset as in CoOp / CLIP-LoRA; validation and test on the same dataset,
+    and tests on any further datasets (`test_sets`).
 
     Training uses `shots` images per class drawn with `seed` by `sampler` (`kr_vlm.data.fewshot`),
     validation min(`shots`, 4) per class of the val split, testing the whole test split. With
     `shots=0` nothing is drawn: there is no training loader and validation uses the whole val split.
+
+    The protocols of the field are options of this module: `subsample="base_to_new"` (CoCoOp's
+    base-to-new generalisation: train on the base half of the classes, test on both halves) and
+    `test_sets` (cross-dataset transfer; distribution shift, for which `DistributionShiftDataModule`
+    picks the shifted sets of the source).
 
     ImageNet's val folder is its test set (`DatasetInfo.val_is_test`), so its validation shots are
     drawn from its train folders, disjoint from the training shots, as CLIP-LoRA does; only
@@ -77,15 +124,23 @@ class FewShotDataModule(LightningDataModule):
         shots: training images per class; 0 for zero-shot evaluation.
         seed: the few-shot sampling seed. It also seeds the training loader's shuffling (see
             `train_dataloader`).
-        batch_size: training batch size (CLIP-LoRA: 32).
-        eval_batch_size: validation and test batch size.
+        batch_size: the global training batch (CLIP-LoRA: 32): under DDP each process loads
+            `batch_size / world_size` images a step (`per_device_batch_size`).
+        eval_batch_size: validation and test batch size of each process.
         num_workers: DataLoader worker processes.
-        train_templates: template kind of `train_task` (`simple`, `coop` or `clip80`; CLIP-LoRA
-            trains with the simple ``"a photo of a {}."``).
-        eval_templates: template kind of the validation and test tasks.
-        subsample: `all`, or CoOp's base-to-new protocol: `base` keeps the first ceil(n/2) classes,
-            `new` the others, relabelled from 0 (the split is sampled on all classes first, as CoOp).
-            The task name then gets the suffix ``_base`` or ``_new``.
+        train_templates: template kind of `train_task` (`kr_vlm.data.templates.TEMPLATE_KINDS`;
+            CLIP-LoRA trains with the simple ``"a photo of a {}."``).
+        eval_templates: template kind of the validation and test tasks; every test set gets the
+            templates of its own dataset.
+        subsample: `all`, or CoOp's base-to-new classes: `base` keeps the first ceil(n/2) classes,
+            `new` the others, relabelled from 0 (the split is sampled on all classes first, as CoOp);
+            the task name then gets the suffix ``_base`` or ``_new``. `base_to_new` trains and
+            validates on `base` and tests on both halves, as the test sets ``<dataset>_base`` and
+            ``<dataset>_new``, each with its own class names.
+        test_sets: further test sets, tested after the source's test split, each with its own class
+            names and templates: registry names (``dtd``, ``imagenet_a``) or digits domains
+            (``digits_rotated``). A set that is not under `root` is skipped, with one warning that
+            lists every skipped set.
         skip_corrupt: skip unreadable images instead of failing (see `ImageListDataset`).
         cache_dir: where drawn splits are cached as JSON (`kr_vlm.data.fewshot`); None: no cache.
             The default of the configs, `<root>/.kr_vlm_cache`, falls back to the per-user cache
@@ -116,9 +171,15 @@ class FewShotDataModule(LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
+        test_sets: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        # Hydra hands lists over as omegaconf ListConfigs; checkpoints keep these hyperparameters and are
+        # read back with weights_only=True, which takes plain Python data only.
+        for key, value in self.hparams.items():
+            if isinstance(value, Sequence) and not isinstance(value, str):
+                self.hparams[key] = list(value)
         info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
             raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
@@ -132,10 +193,8 @@ class FewShotDataModule(LightningDataModule):
                 raise ConfigError(
                     f"data.{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}."
                 )
-        if subsample not in SUBSAMPLE_CHOICES:
-            raise ConfigError(
-                f"data.subsample must be one of {', '.join(SUBSAMPLE_CHOICES)}, got {subsample!r}."
-            )
+        if subsample not in SUBSAMPLES:
+            raise ConfigError(f"data.subsample must be one of {', '.join(SUBSAMPLES)}, got {subsample!r}.")
         check_sampler(sampler)
         for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
             if value < 1:
@@ -156,6 +215,7 @@ class FewShotDataModule(LightningDataModule):
         self.skip_corrupt = skip_corrupt
         self.cache_dir = cache_dir
         self.sampler = sampler
+        self.test_sets: list[str] = check_test_sets(test_sets or (), dataset)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
         # One generator for the whole fit: every epoch draws its order and augmentation seeds from it; the
@@ -171,12 +231,21 @@ class FewShotDataModule(LightningDataModule):
         self.train_dataset: ImageListDataset | None = None
         self.val_datasets: list[ImageListDataset] = []
         self.test_datasets: list[ImageListDataset] = []
+        self.test_roles: dict[str, str] = {}
         self._is_set_up = False
 
     @property
+    def trained_classes(self) -> str:
+        """The classes trained and validated on: `all`, `base` or `new` (`base_to_new` trains on `base`)."""
+        return "base" if self.subsample == BASE_TO_NEW else self.subsample
+
+    @property
     def task_name(self) -> str:
-        """The name of the source task: the dataset name, with ``_base`` / ``_new`` for a subsample."""
-        return self.dataset if self.subsample == "all" else f"{self.dataset}_{self.subsample}"
+        """The name of the training task: the dataset name, with ``_base`` / ``_new`` for a subsample."""
+        return self._subsample_name(self.trained_classes)
+
+    def _subsample_name(self, subsample: str) -> str:
+        return self.dataset if subsample == "all" else f"{self.dataset}_{subsample}"
 
     def set_transforms(self, train_transform: Transform | None, eval_transform: Transform | None) -> None:
         """Set the image transforms: `train_transform` for training, `eval_transform` for val and test.
@@ -230,40 +299,75 @@ class FewShotDataModule(LightningDataModule):
             source_val = build_dataset(self.dataset, self.root, "val", **read) if has_val else None
             val_samples = source_val.samples if source_val is not None else []
 
-        def keep_subsample(samples: list[tuple[str, int]]) -> list[tuple[str, int]]:
-            return subsample_classes(samples, classnames, self.subsample)[0]
+        def subsampled(
+            dataset: ImageListDataset, samples: list[tuple[str, int]], subsample: str, split: str
+        ) -> tuple[ClassificationTask, ImageListDataset]:
+            """The evaluation task and the dataset of `samples` restricted to the classes of `subsample`."""
+            kept, kept_names = subsample_classes(samples, classnames, subsample)
+            name = self._subsample_name(subsample)
+            task = ClassificationTask(name, kept_names, get_templates(self.dataset, self.eval_templates))
+            return task, _with_samples(dataset, kept, kept_names, f"{name}/{split}")
 
-        task_classnames = [classnames[label] for label in base_new_labels(len(classnames), self.subsample)]
-        name = self.task_name
+        trained = self.trained_classes
+        trained_names = [classnames[label] for label in base_new_labels(len(classnames), trained)]
         self.train_task = ClassificationTask(
-            name, task_classnames, get_templates(self.dataset, self.train_templates)
-        )
-        eval_task = ClassificationTask(
-            name, task_classnames, get_templates(self.dataset, self.eval_templates)
+            self.task_name, trained_names, get_templates(self.dataset, self.train_templates)
         )
         if source_train is not None:
-            self.train_dataset = _with_samples(
-                source_train, keep_subsample(train_samples), task_classnames, f"{name}/train"
-            )
+            _, self.train_dataset = subsampled(source_train, train_samples, trained, "train")
         if source_val is not None:
-            self.val_tasks = [eval_task]
-            self.val_datasets = [
-                _with_samples(source_val, keep_subsample(val_samples), task_classnames, f"{name}/val")
-            ]
-        self.test_tasks = [eval_task]
-        self.test_datasets = [
-            _with_samples(source_test, keep_subsample(source_test.samples), task_classnames, f"{name}/test")
-        ]
-        self._add_test_sets()
+            val_task, val_dataset = subsampled(source_val, val_samples, trained, "val")
+            self.val_tasks, self.val_datasets = [val_task], [val_dataset]
+        # The source's test split: all classes, one half, or both halves (base-to-new) as two test sets.
+        tested = ("base", "new") if self.subsample == BASE_TO_NEW else (trained,)
+        for subsample in tested:
+            task, dataset = subsampled(source_test, source_test.samples, subsample, "test")
+            self._add_test_set(task, dataset, "source" if subsample == "all" else subsample)
+        self._add_extra_test_sets()
 
         self._apply_transforms()
         self._is_set_up = True
         train = "zero-shot" if self.train_dataset is None else f"{len(self.train_dataset)} training images"
         tests = {task.name: len(data) for task, data in zip(self.test_tasks, self.test_datasets, strict=True)}
-        log.info("%s: %s, val %s, test %s", name, train, [len(data) for data in self.val_datasets], tests)
+        val_sizes = [len(data) for data in self.val_datasets]
+        log.info("%s: %s, val %s, test %s", self.task_name, train, val_sizes, tests)
 
-    def _add_test_sets(self) -> None:
-        """Append further test sets to `test_tasks` / `test_datasets` (the distribution-shift sets)."""
+    def _add_test_set(self, task: ClassificationTask, dataset: ImageListDataset, role: str) -> None:
+        self.test_tasks.append(task)
+        self.test_datasets.append(dataset)
+        self.test_roles[task.name] = role
+
+    def _add_extra_test_sets(self) -> None:
+        """Append the test split of every set of `test_sets` found under `root`, with its own class names
+        and templates; warn once about those not found."""
+        missing: list[str] = []
+        for name in self.test_sets:
+            try:
+                dataset, template_source = self._build_test_set(name)
+            except DatasetNotFoundError as err:
+                missing.append(name)
+                log.info("Test set %s not found: %s", name, err)
+                continue
+            task = ClassificationTask(
+                name, dataset.classnames, get_templates(template_source, self.eval_templates)
+            )
+            self._add_test_set(
+                task, dataset, "shift" if name in SHIFT_SETS.get(self.dataset, ()) else "cross"
+            )
+        if missing:
+            warnings.warn(
+                f"Skipping the test sets not found under {self.root}: {', '.join(missing)}. "
+                "See data/README.md for where each one goes.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _build_test_set(self, name: str) -> tuple[ImageListDataset, str]:
+        """The test split of test set `name`, and the dataset whose templates it uses."""
+        if name in DIGIT_SHIFT_SETS:
+            domain = name.removeprefix("digits_")
+            return build_dataset("digits", self.root, "test", domain=domain), "digits"
+        return build_dataset(name, self.root, "test", skip_corrupt=self.skip_corrupt), name
 
     def _apply_transforms(self) -> None:
         if self.train_dataset is not None:
@@ -280,7 +384,8 @@ class FewShotDataModule(LightningDataModule):
             )
 
     def train_dataloader(self) -> ResumableLoader:
-        """The few-shot training loader: shuffled, batches of `batch_size`, the last one possibly smaller.
+        """The few-shot training loader: shuffled, batches of `per_device_batch_size()` (all of
+        `batch_size` on one device), the last one possibly smaller.
 
         A `torchdata` `StatefulDataLoader` (`kr_vlm.data.loading`), whose state Lightning keeps in
         every checkpoint: a fit resumed from any step, mid-epoch included, continues with the batches
@@ -298,7 +403,7 @@ class FewShotDataModule(LightningDataModule):
         self._ready_for_loading(self.train_transform, "training")
         return ResumableLoader(
             SeededAugmentations(self.train_dataset),
-            batch_size=self.batch_size,
+            batch_size=self.per_device_batch_size(),
             sampler=SeededShuffle(len(self.train_dataset), self._shuffle_generator),
             # The workers' base seeds, which nothing draws from, come from a generator of their own: from
             # torch's global one they would shift dropout's draws, from the shuffle generator the epochs'.
@@ -308,6 +413,23 @@ class FewShotDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
         )
+
+    def per_device_batch_size(self) -> int:
+        """The training batch of one process: `batch_size` (the global batch) over the world size of the
+        trainer the module is attached to (1 when it is attached to none).
+
+        So `trainer=ddp` on N devices trains the schedule of one device: the same images a step, the
+        same `max_steps`. A global batch that does not divide evenly is an error.
+        """
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is the global batch of a training step and must divide "
+                f"evenly over the {world_size} processes of the trainer (trainer.devices x "
+                f"trainer.num_nodes): set data.batch_size to a multiple of {world_size}, or change "
+                "trainer.devices."
+            )
+        return self.batch_size // world_size
 
     def val_dataloader(self) -> list[DataLoader]:
         """One loader per entry of `val_tasks`, in order (not shuffled)."""
@@ -335,9 +457,10 @@ class DistributionShiftDataModule(FewShotDataModule):
     """Few-shot training on a source dataset; test on its test split and on every shifted test set.
 
     The protocol of CoOp / CLIP-LoRA's domain-generalisation tables: train on few-shot ImageNet,
-    test on ImageNet and on ImageNet-V2, -Sketch, -A and -R. Each shifted set gets its own loader
-    and task, with its own class names (ImageNet-A and -R have 200 classes, labelled by their own
-    folders) and templates. Offline, `dataset="digits"` trains on clean digits and tests on the
+    test on ImageNet and on ImageNet-V2, -Sketch, -A and -R. It is `FewShotDataModule` with
+    `test_sets` defaulting to the shifted sets of the source (`SHIFT_SETS`): each gets its own
+    loader and task, with its own class names (ImageNet-A and -R have 200 classes, labelled by their
+    own folders) and templates. Offline, `dataset="digits"` trains on clean digits and tests on the
     other digits domains (`digits_inverted`, `digits_rotated`, `digits_noisy`, `digits_edges`).
 
     A shifted set that is not under `root` is skipped, with one warning that lists every skipped
@@ -346,8 +469,7 @@ class DistributionShiftDataModule(FewShotDataModule):
     Args:
         dataset: the source dataset (default `imagenet`).
         shift_sets: the shifted test sets, in order; None: all known for the source
-            (`SHIFT_SETS`). Names are registry names (``imagenet_a``) or digits domains
-            (``digits_rotated``).
+            (`SHIFT_SETS`). Any name `FewShotDataModule`'s `test_sets` takes.
         The other arguments are `FewShotDataModule`'s.
     """
 
@@ -369,6 +491,13 @@ class DistributionShiftDataModule(FewShotDataModule):
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
     ) -> None:
+        if shift_sets is None:
+            if dataset not in SHIFT_SETS:
+                raise ConfigError(
+                    f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
+                    "name them with data.shift_sets=[...]."
+                )
+            shift_sets = SHIFT_SETS[dataset]
         super().__init__(
             dataset=dataset,
             root=root,
@@ -385,45 +514,10 @@ class DistributionShiftDataModule(FewShotDataModule):
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
             sampler=sampler,
+            test_sets=shift_sets,
         )
-        if shift_sets is None:
-            if dataset not in SHIFT_SETS:
-                raise ConfigError(
-                    f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
-                    "name them with data.shift_sets=[...]."
-                )
-            shift_sets = SHIFT_SETS[dataset]
-        known = set(DIGIT_SHIFT_SETS) | {name for sets in SHIFT_SETS.values() for name in sets}
-        unknown = [name for name in shift_sets if name not in known]
-        if unknown:
-            raise ConfigError(
-                f"Unknown shifted test sets {unknown} in data.shift_sets; known: {', '.join(sorted(known))}."
-            )
-        self.shift_sets: list[str] = list(shift_sets)
 
-    def _add_test_sets(self) -> None:
-        missing: list[str] = []
-        for name in self.shift_sets:
-            try:
-                dataset, template_source = self._build_shift_set(name)
-            except DatasetNotFoundError as err:
-                missing.append(name)
-                log.info("Shifted test set %s not found: %s", name, err)
-                continue
-            templates = get_templates(template_source, self.eval_templates)
-            self.test_tasks.append(ClassificationTask(name, dataset.classnames, templates))
-            self.test_datasets.append(dataset)
-        if missing:
-            warnings.warn(
-                f"Skipping the shifted test sets not found under {self.root}: {', '.join(missing)}. "
-                "See data/README.md for where each one goes.",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    def _build_shift_set(self, name: str) -> tuple[ImageListDataset, str]:
-        """The test split of shifted set `name`, and the dataset whose templates it uses."""
-        if name in DIGIT_SHIFT_SETS:
-            domain = name.removeprefix("digits_")
-            return build_dataset("digits", self.root, "test", domain=domain), "digits"
-        return build_dataset(name, self.root, "test", skip_corrupt=self.skip_corrupt), name
+    @property
+    def shift_sets(self) -> list[str]:
+        """The shifted test sets (the `test_sets` of this module)."""
+        return self.test_sets

@@ -1,10 +1,13 @@
 """Prompt templates per dataset: one `{}` stands for the class name.
 
-Three kinds, chosen by `get_templates(dataset_name, kind)`:
+Four kinds, chosen by `get_templates(dataset_name, kind)`:
 
 - `simple`: ``"a photo of a {}."``, CLIP-LoRA's training template.
 - `coop`: the one hand-written template per dataset of CoOp's zero-shot CLIP
-  (`CUSTOM_TEMPLATES` in KaiyangZhou/CoOp `trainers/zsclip.py`).
+  (`CUSTOM_TEMPLATES` in KaiyangZhou/CoOp `trainers/zsclip.py`, its `ZeroshotCLIP`).
+- `coop_ensemble`: CoOp's prompt ensemble (`ZeroshotCLIP2` in the same file): the 7 templates of
+  `IMAGENET_TEMPLATES_SELECT` (`trainers/imagenet_templates.py`) plus the dataset's own `coop`
+  template, except for ImageNet, which gets the 7 alone (as `ZeroshotCLIP2` does).
 - `clip80`: the 80 ImageNet templates of OpenAI's CLIP prompt-engineering notebook, taken from
   `open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES`.
 
@@ -48,16 +51,30 @@ OTHER_TEMPLATES: dict[str, str] = {
 # open_clip stores the templates as functions of the class name; "{}" turns them back into strings.
 CLIP_IMAGENET_TEMPLATES: tuple[str, ...] = tuple(template("{}") for template in OPENAI_IMAGENET_TEMPLATES)
 
-TEMPLATE_KINDS = ("simple", "coop", "clip80")
+# The 7 templates CoOp's ZeroshotCLIP2 ensembles, copied from CoOp's trainers/imagenet_templates.py.
+COOP_IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+
+TEMPLATE_KINDS = ("simple", "coop", "coop_ensemble", "clip80")
 
 
 def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
-    """The prompt templates of `kind` (`simple`, `coop` or `clip80`) for dataset `dataset_name`."""
+    """The prompt templates of `kind` (one of `TEMPLATE_KINDS`) for dataset `dataset_name`."""
     info = dataset_info(dataset_name)
+    own = COOP_TEMPLATES[info.coop_name] if info.coop_name else OTHER_TEMPLATES[info.name]
     if kind == "simple":
         return (SIMPLE_TEMPLATE,)
     if kind == "coop":
-        return (COOP_TEMPLATES[info.coop_name] if info.coop_name else OTHER_TEMPLATES[info.name],)
+        return (own,)
+    if kind == "coop_ensemble":
+        return COOP_IMAGENET_TEMPLATES_SELECT + (() if info.coop_name == "ImageNet" else (own,))
     if kind == "clip80":
         return CLIP_IMAGENET_TEMPLATES
     raise ConfigError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

@@ -12,10 +12,13 @@ batch of 224 px images and tokenized captions, CLIP's contrastive loss, backward
 - ``authors``: the layer of the authors' README, as a reference: on every call it rebuilds ``ΔW`` and adds
   a second matmul ``x @ ΔWᵀ`` under plain autograd.
 
-Targets (``--targets``): ``mlp`` = ``mlp.c_fc`` and ``mlp.c_proj`` of every block of both towers; ``all``
-adds ``attn.q_proj/k_proj/v_proj/out_proj``, which needs the attention converted to separate linears
-(``kr_vlm.models.convert_attention``). Adding a method or a target set is one line in ``METHODS`` or
-``TARGET_SETS``.
+Targets (``--targets``): ``mlp`` = ``fc1`` and ``fc2`` (``mlp.c_fc``, ``mlp.c_proj``) of every block of both
+towers; ``all`` adds ``q k v o``, which needs the attention converted to separate linears
+(``kr_vlm.models.convert_attention``); ``kr_vlm.models.clip_target_modules`` turns them into module names.
+Adding a method or a target set is one line in ``METHODS`` or ``TARGET_SETS``.
+
+``scripts/bench_adapters.py`` runs it from the command line; ``scripts/bench_rank_monitor.py`` and
+``scripts/bench_data.py`` time the same training step.
 
 All models are built first, then the methods take steps in turn (round robin), so slow drifts of a shared
 machine hit every method alike. Step time = median wall time of the timed steps (after ``--warmup``).
@@ -33,12 +36,9 @@ exclude the other methods' models, which live in the same process. The inputs ar
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -47,14 +47,15 @@ import open_clip
 import torch
 from torch import nn
 
-from kr_vlm.adapters import AdapterConfig, find_target_linears, inject_adapters, kradapter_shapes
-from kr_vlm.models.attention import convert_attention
+from kr_vlm.adapters import AdapterConfig, inject_adapters, kradapter_shapes
+from kr_vlm.models import clip_target_modules, convert_attention
 
 MODEL_NAME = "ViT-B-16"
-ATTENTION_TARGETS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj")
+# Layer kinds of kr_vlm.models.targets.LAYER_MODULES; the attention ones need converted attention.
+ATTENTION_TARGETS = ("q", "k", "v", "o")
 TARGET_SETS: dict[str, tuple[str, ...]] = {
-    "mlp": ("mlp.c_fc", "mlp.c_proj"),
-    "all": ("mlp.c_fc", "mlp.c_proj", *ATTENTION_TARGETS),
+    "mlp": ("fc1", "fc2"),
+    "all": ("fc1", "fc2", *ATTENTION_TARGETS),
 }
 CAPTIONS = (
     "a photo of a dog.",
@@ -103,9 +104,19 @@ class AuthorsKRAdapter(nn.Module):
 
 def _authors_adapters(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     model.requires_grad_(False)
-    for name in find_target_linears(model, list(targets)):
+    for name in clip_target_modules(model, layers=targets):
         model.set_submodule(name, AuthorsKRAdapter(model.get_submodule(name)))
     return model
+
+
+def _adapted(method: str, **options) -> Callable[[nn.Module, Sequence[str]], nn.Module]:
+    """A METHODS entry: ``method`` with ``options`` on the layer kinds ``targets`` of both towers."""
+
+    def prepare(model: nn.Module, targets: Sequence[str]) -> nn.Module:
+        names = clip_target_modules(model, layers=targets)
+        return inject_adapters(model, AdapterConfig(method, names, **options))
+
+    return prepare
 
 
 def _require_input_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -120,13 +131,11 @@ def _frozen_with_input_grads(model: nn.Module) -> nn.Module:
     return model
 
 
-# name -> function(model, target module names) that prepares the model in place and returns it.
+# name -> function(model, layer kinds) that prepares the model in place and returns it.
 METHODS: dict[str, Callable[[nn.Module, Sequence[str]], nn.Module]] = {
-    "kradapter": lambda model, targets: inject_adapters(model, AdapterConfig("kradapter", list(targets))),
-    "lora": lambda model, targets: inject_adapters(
-        model, AdapterConfig("lora", list(targets), r=32, lora_alpha=32)
-    ),
-    "full": lambda model, targets: inject_adapters(model, AdapterConfig("full", list(targets))),
+    "kradapter": _adapted("kradapter"),
+    "lora": _adapted("lora", r=32, lora_alpha=32),
+    "full": _adapted("full"),
     "frozen": lambda model, targets: _frozen_with_input_grads(model),
     "authors": _authors_adapters,
 }
@@ -339,58 +348,3 @@ def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
 def build_base_model(targets: Sequence[str], device: torch.device) -> nn.Module:
     """Random-init open_clip ViT-B-16 (nothing downloaded), converted as ``targets`` need."""
     return convert_for_targets(open_clip.create_model(MODEL_NAME, pretrained=None), targets).to(device)
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median; at least 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--targets", default="mlp", choices=list(TARGET_SETS))
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
-    args = parser.parse_args(argv)
-    if args.steps < 3:
-        parser.error("--steps must be at least 3 (the step time is a median)")
-    return args
-
-
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the benchmark from command-line arguments; print a Markdown table; return the rows."""
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    targets = TARGET_SETS[args.targets]
-    base_model = build_base_model(targets, device)
-    images, tokens = make_batch(base_model, args.batch_size, device)
-    runs = run_benchmark(base_model, args.methods, targets, images, tokens, args.steps, args.warmup)
-    rows = summarize(runs)
-
-    where = device_description(device)
-    memory_source = "CUDA allocator peak" if device.type == "cuda" else "profiler allocation events"
-    print(
-        f"{MODEL_NAME} (random init), one training step (forward, CLIP loss, backward, AdamW), batch "
-        f"{args.batch_size}, targets {args.targets} ({', '.join(targets)}), {where}, torch {torch.__version__}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up, methods interleaved; "
-        f"time / LoRA = median of the per-round ratios.\n"
-        f"Peak memory = parameters + buffers + optimizer state + peak of the step's allocations "
-        f"({memory_source}); the inputs are not counted.\n"
-    )
-    print(markdown_table(rows))
-    verdict = kr_vs_lora(rows)
-    if verdict:
-        print(f"\n{verdict}")
-    if args.json:
-        meta = {key: value for key, value in vars(args).items() if key != "json"}
-        meta.update(device_name=where, torch=torch.__version__, target_modules=list(targets))
-        with open(args.json, "w") as file:
-            json.dump({"config": meta, "rows": rows, "kr_vs_lora": verdict}, file, indent=2)
-    return rows
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

@@ -153,11 +153,6 @@ class AdapterConfig:
         return self.target_modules
 
     @property
-    def exact(self) -> bool:
-        """True when the targets are full module names (given with their labels), matched exactly."""
-        return isinstance(self.target_modules, dict)
-
-    @property
     def labels(self) -> dict[str, Labels]:
         """The labels of the targets, by full module name (empty when the targets came without labels)."""
         return dict(self.target_modules) if isinstance(self.target_modules, dict) else {}

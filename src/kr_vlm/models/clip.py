@@ -103,26 +103,19 @@ def _weights_not_found(
     )
 
 
-def _download_blocker(allow_download: bool) -> str | None:
-    """Why nothing may be downloaded now, or None when downloading is allowed."""
-    if huggingface_hub.constants.HF_HUB_OFFLINE:
-        return "Downloading is off: HF_HUB_OFFLINE is set."
-    if not allow_download:
-        return (
-            "Downloading is off: load_clip(..., allow_download=False), the default "
-            "(model.clip.allow_download=true in the configs turns it on)."
-        )
-    return None
-
-
 def _fetched(
     what: str, looked_in: Sequence[str], command: str, allow_download: bool, fetch: Callable[[], Any]
 ):
     """``fetch()`` (a download through open_clip) when downloading is allowed; else, or when it fails,
     the ``WeightsNotFoundError`` that says where the files were looked for."""
-    blocker = _download_blocker(allow_download)
-    if blocker is not None:
-        raise _weights_not_found(what, looked_in, command, blocker)
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise _weights_not_found(what, looked_in, command, "Downloading is off: HF_HUB_OFFLINE is set.")
+    if not allow_download:
+        reason = (
+            "Downloading is off: load_clip(..., allow_download=False), the default "
+            "(model.clip.allow_download=true in the configs turns it on)."
+        )
+        raise _weights_not_found(what, looked_in, command, reason)
     log.info("Downloading %s", what[0].lower() + what[1:])
     try:
         return fetch()

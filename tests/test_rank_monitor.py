@@ -169,6 +169,19 @@ def test_layers_are_labelled_by_the_target_selection():
     assert labels["model.transformer.resblocks.0.mlp.c_proj"] == {"tower": "text", "layer": "fc2", "block": 0}
 
 
+def test_groups_come_in_model_order(tmp_path):
+    # Towers of one width: the decompositions stack the text tower's q/k/v/o with the vision tower's.
+    model = TinyTwoTower()
+    model.visual.transformer = TinyTransformer(TEXT_WIDTH)
+    inject_adapters(model, AdapterConfig("kradapter", clip_targets(model)))
+    monitor = EffectiveRankMonitor(output_dir=tmp_path)
+    record = monitor.evaluate(model, 0)
+    layer_types = ["q", "k", "v", "o", "fc1", "fc2"]
+    expected = [f"{tower}/{layer}" for tower in ("vision", "text") for layer in layer_types]
+    assert list(monitor.group_metrics(record)) == [*expected, "all"]
+    assert list(monitor.spectra_by_group()) == expected
+
+
 def test_batched_spectra_equal_per_layer_spectra():
     module = TinyModule("kradapter")
     for _, layer in adapted_layers(module):

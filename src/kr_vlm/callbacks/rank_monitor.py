@@ -291,8 +291,9 @@ class EffectiveRankMonitor(pl.Callback):
         """Means of each metric over the layers of every group (and over all layers, as group ``all``);
         groups in the order their first layers come in the model."""
         groups: dict[str, list[str]] = {}
-        for name in record["layers"]:
-            groups.setdefault(self.layer_info[name]["group"], []).append(name)
+        for name, info in self.layer_info.items():  # in module order
+            if name in record["layers"]:
+                groups.setdefault(info["group"], []).append(name)
         groups["all"] = list(record["layers"])
         return {
             group: {metric: _mean([record["layers"][name][metric] for name in names]) for metric in METRICS}
@@ -302,8 +303,9 @@ class EffectiveRankMonitor(pl.Callback):
     def spectra_by_group(self) -> dict[str, list[torch.Tensor]]:
         """The latest singular values of every layer, gathered by group (groups in model order)."""
         by_group: dict[str, list[torch.Tensor]] = {}
-        for name, sigma in self.final_spectra.items():
-            by_group.setdefault(self.layer_info[name]["group"], []).append(sigma)
+        for name, info in self.layer_info.items():  # in module order
+            if name in self.final_spectra:
+                by_group.setdefault(info["group"], []).append(self.final_spectra[name])
         return by_group
 
     def _log_to_loggers(self, trainer: pl.Trainer, step: int) -> None:

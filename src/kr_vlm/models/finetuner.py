@@ -74,7 +74,8 @@ def adapter_parts(adapter: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]
         raise ConfigError(
             f"Unknown adapter key(s) {unknown}: an adapter config is {{method, targets, options}}; the layers "
             "to adapt go under targets (e.g. adapter.targets.layers=[q,v]), the method's options under "
-            "options (e.g. adapter.options.rank=8)."
+            "options (e.g. adapter.options.rank=8). A checkpoint saved before adapter configs took this shape "
+            "holds the flat one: evaluate its run's adapters instead (eval.py adapters_dir=<run folder>/adapters)."
         )
     return method, adapter.get("targets"), checked_options(method, adapter.get("options") or {})
 

@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).parents[1] / "configs")
 
 
+def _prepare(cfg: DictConfig) -> None:
+    """What every run does before it builds anything: check ``ckpt_path``, set the CPU threads, seed."""
+    if cfg.get("ckpt_path"):
+        check_ckpt_path(cfg.ckpt_path)
+    set_cpu_threads(cfg)
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+
+
 @rank_zero_only
 def _save_adapters(module: LightningModule, directory: Path) -> None:
     from kr_vlm.adapters import save_adapters
@@ -67,11 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "`python eval.py ckpt_path=...` instead."
         )
     check_test_ckpt(cfg)
-    if cfg.get("ckpt_path"):
-        check_ckpt_path(cfg.ckpt_path)
-    set_cpu_threads(cfg)
-    if cfg.get("seed") is not None:
-        seed_everything(cfg.seed, workers=True)
+    _prepare(cfg)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg, "fit" if fits else "test")
     module = build_model(cfg)
@@ -123,11 +128,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     adapters_from = adapters_source(cfg)
     if cfg.get("adapters_dir"):
         check_adapters_dir(cfg)
-    if cfg.get("ckpt_path"):
-        check_ckpt_path(cfg.ckpt_path)
-    set_cpu_threads(cfg)
-    if cfg.get("seed") is not None:
-        seed_everything(cfg.seed, workers=True)
+    _prepare(cfg)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg, "test")
     if cfg.get("ckpt_path"):

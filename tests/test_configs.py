@@ -46,8 +46,8 @@ def _clear_hydra():
 
 
 def write_dataset(data_dir: Path, dataset: str) -> None:
-    """The tiny CoOp folder(s) a data config reads (nothing for the embedded digits)."""
-    if dataset != "digits":
+    """The tiny CoOp folder(s) a data config reads (nothing for digits and glyphs, which kr_vlm draws)."""
+    if dataset not in ("digits", "glyphs"):
         make_coop_dataset(data_dir, dataset, classes=3, per_class=SHOTS)
 
 
@@ -63,6 +63,8 @@ def test_config_groups_are_the_documented_ones():
         "coop_zsclip",
         "coop_zsclip_ensemble",
         "demo",
+        "mini_kr_fewshot",
+        "mini_zeroshot",
     ]
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "fsdp"} <= set(TRAINERS)
     assert {"csv", "tensorboard", "wandb", "mlflow"} <= {
@@ -130,6 +132,8 @@ EXPERIMENT_SETUPS = {
     # ImageNet and two of the ten other datasets: the missing ones are skipped with a warning.
     "clip_kr_cross_dataset": ("train", ["imagenet", "dtd", "eurosat"], [f"data.shots={SHOTS}"]),
     "demo": ("train", [], []),
+    "mini_kr_fewshot": ("train", [], []),
+    "mini_zeroshot": ("eval", [], []),
 }
 # The test templates of the zero-shot experiments on oxford_pets: the baseline each one reproduces.
 ZERO_SHOT_TEMPLATES = {
@@ -140,6 +144,7 @@ ZERO_SHOT_TEMPLATES = {
         "a photo of a {}, a type of pet.",
     ),  # ZeroshotCLIP2
     "clip_lora_zeroshot": ("a photo of a {}.",),  # CLIP-LoRA's zero-shot row
+    "mini_zeroshot": ("a photo of a {}.",),
 }
 # The few-shot draw of each experiment that reproduces a paper's protocol.
 SAMPLERS = {
@@ -194,29 +199,41 @@ def test_experiment_instantiates(experiment, tmp_path):
     elif experiment == "clip_kr_ood":
         assert isinstance(datamodule, DistributionShiftDataModule)
         assert test_sets == ["imagenet", "imagenet_v2", "imagenet_sketch"]
-    elif experiment == "demo":
+    elif experiment in ("demo", "mini_zeroshot"):
         assert test_sets == ["digits", "digits_inverted", "digits_rotated", "digits_noisy", "digits_edges"]
-        callbacks = {type(callback) for callback in trainer.callbacks}
-        assert {
-            EffectiveRankMonitor,
-            ParameterSummary,
-            ModelCheckpoint,
-            RichStepProgressBar,
-            LearningRateMonitor,
-        } <= callbacks
+        if experiment == "demo":
+            callbacks = {type(callback) for callback in trainer.callbacks}
+            assert {
+                EffectiveRankMonitor,
+                ParameterSummary,
+                ModelCheckpoint,
+                RichStepProgressBar,
+                LearningRateMonitor,
+            } <= callbacks
     else:
         assert test_sets == [datamodule.dataset]
 
 
-def test_demo_builds_its_own_tiny_clip(tmp_path):
+def test_demo_adapts_the_shipped_miniature_clip(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=demo"])
-    assert (cfg.model.clip.name, cfg.model.clip.pretrained, cfg.cpu_threads) == ("kr-vlm-tiny", None, 1)
+    assert (cfg.model.clip.name, cfg.model.clip.pretrained, cfg.cpu_threads) == (
+        "kr-vlm-mini",
+        "kr-vlm-mini",
+        1,
+    )
+    # The mini recipe: the model's learned logit scale, CLIP-LoRA's optimiser at a scaled learning rate.
+    assert cfg.model.logit_scale is None and cfg.model.optimizer.lr == 5e-3
+    assert (cfg.model.optimizer.weight_decay, cfg.model.scheduler.min_lr) == (1e-2, 1e-6)
+    assert (cfg.data.dataset, cfg.data.shots, cfg.trainer.max_steps) == ("digits", 16, 200)
     module = cli.build_model(cfg)
-    # KRAdapter on the six linears of 4 + 4 blocks of width 128 (q k v o: 128x128, fc1 fc2: 128x512).
-    k, _, r, r2 = kradapter_shapes(128, 128)
-    k_mlp, _, r_mlp, r2_mlp = kradapter_shapes(512, 128)
-    per_block = 4 * k * (r + r2) + 2 * k_mlp * (r_mlp + r2_mlp)
-    assert sum(p.numel() for _, p in module.trainable_parameters()) == 8 * per_block == 212_992
+    # KRAdapter on the six linears of 4 vision blocks of width 128 and 4 text blocks of width 64.
+    per_block = {}
+    for width in (128, 64):
+        k, _, r, r2 = kradapter_shapes(width, width)
+        k_mlp, _, r_mlp, r2_mlp = kradapter_shapes(4 * width, width)
+        per_block[width] = 4 * k * (r + r2) + 2 * k_mlp * (r_mlp + r2_mlp)
+    trainable = sum(p.numel() for _, p in module.trainable_parameters())
+    assert trainable == 4 * per_block[128] + 4 * per_block[64] == 143_360
     assert module.preprocess_val.transforms[0].size in (32, (32, 32))
 
 

@@ -37,11 +37,18 @@ CLASSNAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "s
 DOMAINS: tuple[str, ...] = ("clean", "inverted", "rotated", "noisy", "edges")
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 IMAGE_SIZE = 64  # side of the returned RGB images, in pixels
+GRID_SIZE = 8  # load_digits' images are 8x8 ...
+INK_LEVELS = 16  # ... of ink counts 0..16: 4x4 blocks of a 32x32 bitmap, each pixel inked or not
 PAD_PIXELS = 2  # empty 8x8-grid pixels around the digit: it covers 8/12 of the page
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = {"train": 0.5, "val": 0.2}  # the rest of each class is test
 NOISE_SIGMA = 64.0
 ROTATION_DEGREES = (25.0, 50.0)
+
+
+def ink_from_counts(counts: np.ndarray) -> np.ndarray:
+    """`load_digits`' ink counts (0..INK_LEVELS) as uint8 intensities (0 = no ink, 255 = full ink)."""
+    return np.rint(np.asarray(counts) * (255.0 / INK_LEVELS)).astype(np.uint8)
 
 
 @lru_cache(maxsize=1)
@@ -50,8 +57,7 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits  # imported here: scikit-learn is only needed for digits
 
     bunch = load_digits()
-    ink = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)  # load_digits counts ink 0..16
-    return ink, bunch.target.astype(np.int64)
+    return ink_from_counts(bunch.images), bunch.target.astype(np.int64)
 
 
 @lru_cache(maxsize=1)
@@ -71,15 +77,20 @@ def split_indices() -> dict[str, list[int]]:
     return {split: sorted(indices) for split, indices in splits.items()}
 
 
-def _ink_page(index: int) -> Image.Image:
-    """Digit `index` as a grayscale ink map (255 = ink) on an IMAGE_SIZE page.
+def ink_grid_page(ink: np.ndarray) -> Image.Image:
+    """An 8x8 grid of uint8 ink intensities as a grayscale ink map (255 = ink) on an IMAGE_SIZE page.
 
-    The 8x8 grid is padded with empty pixels before upsampling: strokes touch the grid's edge, and
+    The grid is padded with empty pixels before upsampling: strokes touch the grid's edge, and
     without the padding the smooth filter would cut them off straight at the border.
     """
-    ink, _ = _digits()
-    padded = np.pad(ink[index], PAD_PIXELS)
+    padded = np.pad(ink, PAD_PIXELS)
     return Image.fromarray(padded).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BICUBIC)
+
+
+def _ink_page(index: int) -> Image.Image:
+    """Digit `index` as a grayscale ink map (255 = ink) on an IMAGE_SIZE page."""
+    ink, _ = _digits()
+    return ink_grid_page(ink[index])
 
 
 def _domain_rng(domain: str, index: int) -> np.random.Generator:

@@ -121,6 +121,7 @@ _INFOS = (
     _shift_set("imagenet_a", "imagenet-adversarial", "ImageNetA", "imagenet-a", read_wnid_folders),
     _shift_set("imagenet_r", "imagenet-rendition", "ImageNetR", "imagenet-r", read_wnid_folders),
     DatasetInfo("digits", None, None, "embedded in kr_vlm (kr_vlm.data.digits)", None),
+    DatasetInfo("glyphs", None, None, "drawn by kr_vlm (kr_vlm.data.glyphs)", None),
 )
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in _INFOS}
@@ -149,7 +150,7 @@ def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> Ima
 
     Keyword options for the CoOp datasets: `transform` (applied to each PIL image) and
     `skip_corrupt` (skip unreadable images instead of failing). `digits` passes every option on to
-    `kr_vlm.data.digits.build_digits`.
+    `kr_vlm.data.digits.build_digits`, `glyphs` to `kr_vlm.data.glyphs.build_glyphs`.
 
     Raises:
         ConfigError: an unknown dataset name (the message lists the known ones), or a split the
@@ -165,7 +166,11 @@ def build_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> Ima
             f"Dataset {name!r} has no split {split!r}; its splits are {list(info.splits)}{only}."
         )
     if info.reader is None:
-        # Imported here so the registry works before, and without, the digits module.
+        # Imported here so the registry works before, and without, the modules that draw these sets.
+        if name == "glyphs":
+            from kr_vlm.data.glyphs import build_glyphs
+
+            return build_glyphs(root, split, **kwargs)
         from kr_vlm.data.digits import build_digits
 
         return build_digits(root, split, **kwargs)

@@ -43,9 +43,11 @@ COOP_TEMPLATES: dict[str, str] = {
     "ImageNetR": "a photo of a {}.",
 }
 
-# Datasets CoOp does not have. digits: OpenAI CLIP's MNIST prompt (CLIP repo, data/prompts.md).
+# Datasets CoOp does not have. digits: OpenAI CLIP's MNIST prompt (CLIP repo, data/prompts.md);
+# glyphs (digits and letters in held-out fonts, kr_vlm's own): the plain CLIP prompt.
 OTHER_TEMPLATES: dict[str, str] = {
     "digits": 'a photo of the number: "{}".',
+    "glyphs": "a photo of a {}.",
 }
 
 # open_clip stores the templates as functions of the class name; "{}" turns them back into strings.

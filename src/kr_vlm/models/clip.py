@@ -37,7 +37,7 @@ from torchvision.transforms import Compose, RandomHorizontalFlip
 from kr_vlm.errors import ConfigError, KrVlmError
 from kr_vlm.models.attention import convert_attention
 
-__all__ = ["PRECISIONS", "WeightsNotFoundError", "load_clip"]
+__all__ = ["PRECISIONS", "SHIPPED_WEIGHTS", "WeightsNotFoundError", "load_clip"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,17 @@ TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_colo
 # Where open_clip.pretrained.download_pretrained_from_url puts weights fetched by URL when given no
 # cache_dir; open_clip has no public name for it.
 OPEN_CLIP_URL_CACHE = "~/.cache/clip"
+
+# The architectures kr_vlm ships (open_clip model configs, one JSON file each), registered with open_clip
+# so that create_model and get_tokenizer know their names.
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+# Weights shipped inside the package, by (model name, pretrained tag): open_clip has no public way to
+# register a tag, so load_clip looks here before open_clip's own tags.
+SHIPPED_WEIGHTS_DIR = Path(__file__).parent / "pretrained"
+SHIPPED_WEIGHTS: dict[tuple[str, str], Path] = {
+    ("kr-vlm-mini", "kr-vlm-mini"): SHIPPED_WEIGHTS_DIR / "kr-vlm-mini.safetensors",
+}
 
 
 class WeightsNotFoundError(KrVlmError, FileNotFoundError):
@@ -268,13 +279,23 @@ def _architecture_weights(
     allow_download: bool,
 ) -> tuple[str, bool, dict[str, Any]]:
     """``(weights file, use QuickGELU, preprocess overrides)`` for a named architecture's tag or file."""
+    shipped = SHIPPED_WEIGHTS.get((name, pretrained))
+    if shipped is not None:
+        if not shipped.is_file():
+            raise WeightsNotFoundError(
+                f"The weights kr_vlm ships for model {name!r} (pretrained={pretrained!r}) are missing: "
+                f"{shipped}. Reinstall kr_vlm, or regenerate them with scripts/pretrain_mini.py (README)."
+            )
+        return str(shipped), bool(force_quick_gelu), {}
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
         if os.path.isfile(pretrained):
             return pretrained, bool(force_quick_gelu), {}
         if _looks_like_path(pretrained):
             raise WeightsNotFoundError(f"Pretrained weights file for model {name!r} not found: {pretrained}")
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = open_clip.list_pretrained_tags_by_model(name) + [
+            tag for model, tag in SHIPPED_WEIGHTS if model == name
+        ]
         raise ConfigError(
             f"pretrained={pretrained!r} is neither a pretrained tag of {name!r} "
             f"(known tags: {tags or 'none'}) nor an existing weights file."
@@ -322,7 +343,8 @@ def load_clip(
             for ``model_cfg``, ``"hf-hub:org/repo"`` (config and weights from the Hugging Face cache),
             or ``"local-dir:/path"`` (a folder with ``open_clip_config.json`` and a weights file).
         pretrained: None (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...;
-            see ``open_clip.list_pretrained_tags_by_model(name)``), or a local ``.safetensors``,
+            see ``open_clip.list_pretrained_tags_by_model(name)``), a tag of the weights kr_vlm ships
+            (:data:`SHIPPED_WEIGHTS`: ``"kr-vlm-mini"`` for the model ``"kr-vlm-mini"``), or a local ``.safetensors``,
             ``.bin``, ``.pt`` or ``.pth`` file (an open_clip state dict, or OpenAI's TorchScript file).
             ``"local-dir:/path"`` or ``"hf-hub:org/repo"`` here means the same as in ``name`` (config
             and weights both come from there; ``name`` is then only a label). Must be None when

@@ -12,11 +12,9 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from kr_vlm.callbacks.grouping import LAYER_TYPES, TOWERS, group_sort_key
-
 # Log-scale plots need a floor: relative singular values below float32 round-off are noise anyway.
 _RELATIVE_FLOOR = 1e-8
-_LINESTYLE_BY_TOWER = dict(zip(TOWERS, ("-", "--", ":"), strict=True))
+_LINESTYLES = ("-", "--", ":", "-.")
 
 EFFECTIVE_RANK_EXPLANATION = (
     "The <b>effective rank</b> of a weight update ΔW (Roy &amp; Vetterli, 2007) is exp(H(p)), where H is the "
@@ -31,9 +29,17 @@ EFFECTIVE_RANK_EXPLANATION = (
 )
 
 
-def _style(group: str) -> dict[str, Any]:
-    tower, layer_type = group.split("/")
-    return {"color": f"C{LAYER_TYPES.index(layer_type)}", "linestyle": _LINESTYLE_BY_TOWER[tower]}
+def _styles(groups: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """One colour per layer type and one line style per tower, in the order the groups come."""
+    towers = list(dict.fromkeys(group.split("/")[0] for group in groups))
+    layer_types = list(dict.fromkeys(group.split("/")[1] for group in groups))
+    return {
+        group: {
+            "color": f"C{layer_types.index(group.split('/')[1]) % 10}",
+            "linestyle": _LINESTYLES[towers.index(group.split("/")[0]) % len(_LINESTYLES)],
+        }
+        for group in groups
+    }
 
 
 def _new_axes() -> tuple[Figure, Any]:
@@ -53,13 +59,14 @@ def render_spectra_figure(spectra_by_group: dict[str, Sequence[torch.Tensor]], s
     """PNG: singular values divided by the largest, averaged over each group's layers, on a log scale."""
     figure, axes = _new_axes()
     plotted = False
+    styles = _styles(list(spectra_by_group))
     for group, sigmas in spectra_by_group.items():
         nonzero = [sigma / sigma[0] for sigma in sigmas if sigma.numel() and sigma[0] > 0]
         if not nonzero:
             continue
         length = min(len(sigma) for sigma in nonzero)
         mean = torch.stack([sigma[:length] for sigma in nonzero]).mean(0).clamp_min(_RELATIVE_FLOOR)
-        axes.plot(range(1, length + 1), mean.tolist(), label=f"{group} ({len(nonzero)})", **_style(group))
+        axes.plot(range(1, length + 1), mean.tolist(), label=f"{group} ({len(nonzero)})", **styles[group])
         plotted = True
     axes.set_yscale("log")
     axes.set_xlabel("index i")
@@ -77,9 +84,11 @@ def render_history_figure(history: dict[str, Any]) -> bytes:
     figure, axes = _new_axes()
     steps = history["steps"]
     marker = "o" if len(steps) < 30 else None
-    for group in sorted((g for g in history["groups"] if g != "all"), key=group_sort_key):
+    groups = [group for group in history["groups"] if group != "all"]
+    styles = _styles(groups)
+    for group in groups:
         series = history["groups"][group]["effective_rank"]
-        axes.plot(steps, series, marker=marker, markersize=3, label=group, **_style(group))
+        axes.plot(steps, series, marker=marker, markersize=3, label=group, **styles[group])
     axes.set_xlabel("step")
     axes.set_ylabel("effective rank, mean over the group's layers")
     axes.set_title("Effective rank of the weight updates during training")
@@ -114,7 +123,7 @@ def write_html_report(path: Path, history: dict[str, Any], spectra_png: bytes, h
     """Write one HTML file with tables and base64 images: opens anywhere, needs no other file or network."""
     layers = history["layers"]
     group_rows = []
-    for group in sorted((g for g in history["groups"] if g != "all"), key=group_sort_key):
+    for group in (g for g in history["groups"] if g != "all"):
         members = [info for info in layers.values() if info["group"] == group]
         shapes = sorted({f"{info['shape'][0]}×{info['shape'][1]}" for info in members})
         max_rank = sum(info["max_rank"] for info in members) / len(members)

@@ -19,7 +19,7 @@ import logging
 import sys
 from pathlib import Path
 
-from kr_vlm import results
+from kr_vlm import metric_names, results
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--metric",
-        default="top1",
-        choices=["top1", "top5"],
+        default=metric_names.TOP1,
+        choices=[metric_names.TOP1, metric_names.TOP5],
         help="the accuracy to tabulate (default: top1; the published rows are top-1)",
     )
     parser.add_argument(
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(
             f"no metrics.json below {', '.join(map(str, args.folders))}: is it the folder of a finished sweep?"
         )
-    if (args.reference or args.reference_file) and args.metric != "top1":
+    if (args.reference or args.reference_file) and args.metric != metric_names.TOP1:
         parser.error("the published rows are top-1 accuracies: use --reference with --metric top1")
     references = results.load_references(args.reference_file) if args.reference or args.reference_file else []
 

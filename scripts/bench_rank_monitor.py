@@ -6,7 +6,7 @@ blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 an
 
 Measured in one run, on one device:
 - the median time of one training step (forward of both towers, CLIP loss, backward, AdamW), reusing
-  ``scripts/bench_adapters.py``;
+  ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py`` times);
 - the median time of one monitor evaluation: ``EffectiveRankMonitor.evaluate`` (every ``delta_weight()``,
   batched singular values, the metrics) plus rewriting ``rank_history.json``: what runs every
   ``every_n_steps`` steps;
@@ -24,16 +24,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import open_clip
 import torch
 
 from kr_vlm.adapters import adapted_layers
-from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_adapters import (  # noqa: E402
+from kr_vlm.benchmarks.adapters import (
     TARGET_SETS,
     build_base_model,
     build_run,
@@ -42,6 +38,7 @@ from bench_adapters import (  # noqa: E402
     synchronize,
     timed_step,
 )
+from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor
 
 INTERVALS = (50, 100, 200, 500)
 

@@ -6,6 +6,7 @@ any module tree: a custom transformer, a Hugging Face-style tree, and a tiny tra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -15,20 +16,25 @@ from torch import nn
 
 from kr_vlm.adapters import (
     METHODS,
+    AdaptedLayer,
     AdapterConfig,
     KRAdapterLinear,
     adapted_layers,
     adapter_state_dict,
     inject_adapters,
+    layer_labels,
     load_adapter_state_dict,
     load_adapters,
     merge_adapters,
+    path_labels,
     save_adapters,
     unmerge_adapters,
 )
-from kr_vlm.adapters.full import FullFineTuneLinear
 from kr_vlm.adapters.inject import count_parameters
-from kr_vlm.adapters.peft_bridge import PeftLayerView
+from kr_vlm.adapters.layer import Method, instances_of, replace_layers
+from kr_vlm.adapters.methods import REGISTRY
+from kr_vlm.adapters.methods.full import FullFineTuneLinear
+from kr_vlm.adapters.methods.peft import PeftLayerView
 
 WIDTH, HIDDEN = 16, 24
 
@@ -589,3 +595,141 @@ def test_load_errors_name_the_problem(tmp_path):
 def test_save_without_adapters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="holds no adapters"):
         save_adapters(build_model(), tmp_path)
+
+
+# ---------------------------------------------------------------- the method registry and labels
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_every_layer_answers_the_protocol(method):
+    model = adapted(method)
+    for name, layer in adapted_layers(model):
+        assert isinstance(layer, AdaptedLayer), name
+        prefixed = {f"{name}.{key}" for key in layer.adapter_state_dict()}
+        assert prefixed <= set(adapter_state_dict(model)) | {
+            key
+            for key in prefixed
+            if "vera_" in key or "randlora_" in key  # shared: saved once
+        }
+
+
+@dataclasses.dataclass
+class ScaleOptions:
+    scale: float = 1.0
+
+
+class ScaledLinear(nn.Module):
+    """A method made up for the test: ΔW = scale * diag(d) @ W0 with a trainable vector d."""
+
+    def __init__(self, base: nn.Linear, scale: float) -> None:
+        super().__init__()
+        self.base_layer, self.scale, self.merged = base, scale, False
+        self.d = nn.Parameter(torch.zeros(base.out_features))
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * self.d[:, None] * self.base_layer.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(x) if self.merged else self.base_layer(x) + x @ self.delta_weight().T
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        self.base_layer.weight += self.delta_weight()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        self.merged = False
+        self.base_layer.weight /= 1 + self.scale * self.d[:, None]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {"d": self.d}
+
+
+def test_a_new_method_is_a_module_and_a_registry_line(monkeypatch, tmp_path):
+    def inject(model, names, options):
+        replace_layers(model, names, lambda base: ScaledLinear(base, options.scale))
+
+    monkeypatch.setitem(REGISTRY, "scaled", Method(ScaleOptions, inject, find=instances_of(ScaledLinear)))
+    with pytest.raises(ValueError, match="Unknown option 'scal' for method 'scaled'. Valid options: scale"):
+        AdapterConfig("scaled", ["fc1"], scal=2.0)
+    model = inject_adapters(build_model(), AdapterConfig("scaled", ["fc1", "fc2"], scale=0.5))
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            layer.d.normal_()
+    x = inputs()
+    expected = model(x)
+    assert [name for name, _ in adapted_layers(model)] == [
+        f"model.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")
+    ]
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == set(adapter_state_dict(model))
+    save_adapters(model, tmp_path)
+    torch.testing.assert_close(load_adapters(build_model(), tmp_path)(x), expected, rtol=0, atol=0)
+    merge_adapters(model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "labels"),
+    [
+        ("model.layers.3.self_attn.q_proj", {"tower": "model", "block": 3, "layer": "self_attn.q_proj"}),
+        (
+            "vision_model.encoder.layers.0.self_attn.v_proj",
+            {"tower": "vision_model", "block": 0, "layer": "self_attn.v_proj"},
+        ),
+        ("text_model.encoder.layers.11.mlp.fc2", {"tower": "text_model", "block": 11, "layer": "mlp.fc2"}),
+        ("encoder.layer.0.output.dense", {"tower": "encoder", "block": 0, "layer": "output.dense"}),
+        ("transformer.h.2.attn.c_attn", {"tower": "transformer", "block": 2, "layer": "attn.c_attn"}),
+        ("lm_head", {"tower": "model", "layer": "lm_head"}),
+        ("0", {"tower": "model", "layer": "0"}),
+        ("0.fc", {"tower": "model", "block": 0, "layer": "fc"}),
+    ],
+)
+def test_labels_from_the_module_path(name, labels):
+    assert path_labels(name) == labels
+
+
+LABELLED = {
+    "model.layers.0.fc1": {"tower": "model", "layer": "fc1", "block": 0},
+    "model.layers.1.self_attn.q_proj": {"tower": "model", "layer": "q", "block": 1},
+}
+
+
+def test_labelled_targets_are_exact_names_and_their_labels_are_saved(tmp_path):
+    # a mapping selects exactly its names: "layers.0.fc1" as a suffix target would also match nothing else,
+    # but the full name "model.layers.0.fc1" must not match "xmodel.layers.0.fc1" or "a.model.layers.0.fc1"
+    nested = nn.ModuleDict({"a": build_model(), "model": build_model().model})
+    config = AdapterConfig("kradapter", {"model.layers.0.fc1": LABELLED["model.layers.0.fc1"]})
+    inject_adapters(nested, config)
+    assert [name for name, _ in adapted_layers(nested)] == ["model.layers.0.fc1"]
+
+    model = inject_adapters(build_model(), AdapterConfig("lora", LABELLED, r=2))
+    assert layer_labels(model) == LABELLED
+    assert layer_labels(nn.Sequential(model))["0.model.layers.0.fc1"] == LABELLED["model.layers.0.fc1"]
+    save_adapters(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert written["target_modules"] == LABELLED
+    loaded = load_adapters(build_model(), tmp_path)
+    assert loaded.kr_vlm_adapter_config.labels == LABELLED and layer_labels(loaded) == LABELLED
+
+
+def test_adapter_files_without_labels_still_load(tmp_path):
+    model = inject_adapters(build_model(), AdapterConfig("lora", list(LABELLED), r=2))
+    save_adapters(model, tmp_path)  # a list of names: what kr_vlm wrote before targets had labels
+    # into a model whose adapters carry labels: the same layers, so the same config
+    labelled = inject_adapters(build_model(), AdapterConfig("lora", LABELLED, r=2))
+    assert labelled.kr_vlm_adapter_config == model.kr_vlm_adapter_config
+    torch.testing.assert_close(load_adapters(labelled, tmp_path)(inputs()), model(inputs()), rtol=0, atol=0)
+    # without labels, the layers are labelled by their paths
+    assert layer_labels(load_adapters(build_model(), tmp_path))["model.layers.0.fc1"] == path_labels(
+        "model.layers.0.fc1"
+    )
+
+
+def test_options_left_out_equal_their_defaults():
+    assert AdapterConfig("kradapter", ["fc1"]) == AdapterConfig("kradapter", ["fc1"], rank=None, scaling=2.0)
+    assert AdapterConfig("kradapter", ["fc1"], factor_dtype="torch.float32") == AdapterConfig(
+        "kradapter", ["fc1"]
+    )
+    assert AdapterConfig("kradapter", ["fc1"]) != AdapterConfig("kradapter", ["fc1"], scaling=1.0)

@@ -270,7 +270,7 @@ def test_custom_blocks_are_converted_exactly(tiny_clip_cfg, options, training):
 def test_custom_attention_boolean_and_per_head_masks():
     torch.manual_seed(0)
     source = OpenClipAttention(EMBED, HEADS, qk_norm=True).eval()
-    converted = SeparateQKVCustomAttention.from_open_clip_attention(source)
+    converted = SeparateQKVCustomAttention(source)
     x = torch.randn(BATCH, LENGTH, EMBED)
     bool_mask = torch.rand(LENGTH, LENGTH) > 0.5
     bool_mask.fill_diagonal_(False)

@@ -162,7 +162,7 @@ def test_a_checkpoint_folder_that_cannot_be_written_stops_the_run(tmp_path, monk
         assert names(checkpoints) == []
     # The command line shows the message alone and exits with status 1.
     with pytest.raises(SystemExit) as exit_status:
-        cli._run_job(cli.train, compose_config(tmp_path, [*QUICK, *overrides]))
+        cli.run_job(cli.train, compose_config(tmp_path, [*QUICK, *overrides]))
     assert exit_status.value.code == 1
 
 

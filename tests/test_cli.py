@@ -8,6 +8,7 @@ Runs use a tiny random CLIP (`compose_helpers.TINY_MODEL`), the embedded digits 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
@@ -135,6 +137,27 @@ def test_tensorboard_on_a_sweep_folder_shows_the_rank_curves_of_its_runs_side_by
     for run in board.Runs():
         steps = [event.step for event in board.Scalars(run, "effective_rank/vision/q")]
         assert steps == [0, 2, 4]
+
+
+def test_the_run_config_is_logged_once(eight_step_run):
+    logged = yaml.safe_load((eight_step_run[0] / "run" / "csv" / "hparams.yaml").read_text())
+    # The composed config (the adapter under `adapter` only) and the parameter counts; not the module's
+    # own hyperparameters (clip, optimizer, ... at the top level) again.
+    assert logged["adapter"]["method"] == "kradapter" and "adapter" not in logged["model"]
+    config = eight_step_run[1]["config"]
+    assert logged["model"]["optimizer"] == config["model"]["optimizer"]
+    assert "clip" not in logged and "optimizer" not in logged
+    assert logged["parameters"]["trainable"] == eight_step_run[1]["trainable_params"]
+
+
+def test_train_returns_the_optimized_metric(tmp_path):
+    metrics = run_train(tmp_path, *QUICK, "trainer.max_steps=2", "optimized_metric=val/top1")
+    assert (
+        metrics["optimized_metric"]["name"] == "val/top1" and 0 <= metrics["optimized_metric"]["value"] <= 1
+    )
+    assert read_metrics(tmp_path / "run")["optimized_metric"] == metrics["optimized_metric"]
+    with pytest.raises(ConfigError, match="optimized_metric=val/top2 was not logged.*val/top1"):
+        run_train(tmp_path, *QUICK, "trainer.max_steps=2", "optimized_metric=val/top2", run="typo")
 
 
 def test_eval_on_saved_adapters_reproduces_the_test_accuracy(eight_step_run, tmp_path):
@@ -392,7 +415,13 @@ def test_a_checkpoint_of_other_adapters_is_refused_when_resuming(eight_step_run,
     with pytest.raises(
         KrVlmError, match="do not match this module's adapters.*Resume with the model and adapter"
     ):
-        run_train(tmp_path, *QUICK, "adapter.towers=vision", "trainer.max_steps=9", f"ckpt_path={checkpoint}")
+        run_train(
+            tmp_path,
+            *QUICK,
+            "adapter.targets.towers=vision",
+            "trainer.max_steps=9",
+            f"ckpt_path={checkpoint}",
+        )
 
 
 @pytest.mark.parametrize(
@@ -402,9 +431,9 @@ def test_a_checkpoint_of_other_adapters_is_refused_when_resuming(eight_step_run,
         (["data.train_templates=bogus"], "train_templates must be one of"),
         (["model.clip.precision=fp8"], "precision must be one of"),
         (["+model.optimizer.momentum=0.9"], r"Unknown optimizer option\(s\) \['momentum'\]"),
-        (["adapter.layers=[qq]"], "layers must be a non-empty subset of"),
-        (["adapter.rank=1000"], "KRAdapter rank must be an integer"),
-        (["adapter=lora", "+adapter.bogus=1"], "Unknown option 'bogus' for method 'lora'"),
+        (["adapter.targets.layers=[qq]"], "layers must be a non-empty subset of"),
+        (["adapter.options.rank=1000"], "KRAdapter rank must be an integer"),
+        (["adapter=lora", "+adapter.options.bogus=1"], "Unknown option 'bogus' for method 'lora'"),
         (["callbacks.rank_monitor.every_n_steps=-1"], "every_n_steps must be a non-negative integer"),
     ],
 )
@@ -526,7 +555,7 @@ def bad_adapters(folder: Path, method: str, weights: bytes) -> Path:
         ),
         (
             "train.py",
-            ["experiment=demo", "adapter.rank=1000"],
+            ["experiment=demo", "adapter.options.rank=1000"],
             "ConfigError: KRAdapter rank must be an integer",
         ),
     ],
@@ -662,6 +691,28 @@ def test_the_readme_clip_sweep_composes_and_stops_at_the_missing_weights(where, 
     root = Path(env.get("KR_VLM_ROOT", repo))
     (sweep_dir,) = (root / "logs" / "clip_kr_fewshot" / "multiruns").iterdir()
     assert (sweep_dir / "multirun.yaml").is_file() and not list(sweep_dir.rglob("metrics.json"))
+
+
+@pytest.mark.slow
+def test_the_readme_hyperparameter_search(tmp_path):
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper is not installed (pip install -e '.[optuna]')")
+    done = run_script(
+        tmp_path,
+        "train.py",
+        "hparams_search=demo_lr",
+        "experiment=demo",
+        "trainer.max_steps=3",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=1",
+        "~callbacks.progress_bar",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "logs" / "demo" / "multiruns").iterdir()
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert 1e-3 <= results["best_params"]["model.optimizer.lr"] <= 5e-2
+    trials = [read_metrics(sweep_dir / name) for name in ("0", "1")]
+    assert results["best_value"] == max(trial["optimized_metric"]["value"] for trial in trials)
 
 
 @pytest.mark.slow

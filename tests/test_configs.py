@@ -12,14 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision.transforms as T
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
 
 from compose_helpers import FAST, TINY_MODEL, compose_config, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.adapters import kradapter_shapes
+from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary, RichStepProgressBar
 from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.data.templates import COOP_IMAGENET_TEMPLATES_SELECT
@@ -75,7 +79,7 @@ def test_train_and_eval_defaults_compose(tmp_path):
     assert train_cfg.model.adapter.method == "kradapter"
     # CLIP-LoRA's length: 500 x shots iterations, validated once at the end.
     assert train_cfg.trainer.max_steps == 500 * train_cfg.data.shots == train_cfg.trainer.val_check_interval
-    assert train_cfg.trainer.precision == cli._auto_precision()  # 32-true on a CPU, bf16-mixed on recent GPUs
+    assert train_cfg.trainer.precision == cli.auto_precision()  # 32-true on a CPU, bf16-mixed on recent GPUs
     eval_cfg = compose_config(tmp_path, config_name="eval")
     assert eval_cfg.adapters_dir is None and eval_cfg.ckpt_path is None
     assert eval_cfg.model.adapter.method == "none"
@@ -84,7 +88,7 @@ def test_train_and_eval_defaults_compose(tmp_path):
 def test_clip_kr_fewshot_follows_clip_lora_recipe(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data.shots=4"])
     assert (cfg.model.clip.name, cfg.model.clip.pretrained) == ("ViT-B-16", "openai")
-    assert cfg.adapter.method == "kradapter" and list(cfg.adapter.layers) == [
+    assert cfg.adapter.method == "kradapter" and list(cfg.adapter.targets.layers) == [
         "q",
         "k",
         "v",
@@ -92,7 +96,7 @@ def test_clip_kr_fewshot_follows_clip_lora_recipe(tmp_path):
         "fc1",
         "fc2",
     ]
-    assert cfg.adapter.towers == "both" and cfg.adapter.blocks == "all"
+    assert cfg.adapter.targets.towers == "both" and cfg.adapter.targets.blocks == "all"
     assert cfg.model.optimizer.lr == 2e-4 and cfg.model.optimizer.weight_decay == 1e-2
     assert cfg.model.scheduler.min_lr == 1e-6 and cfg.model.logit_scale == 100
     assert cfg.data.batch_size == 32 and cfg.data.train_templates == "simple"
@@ -102,9 +106,10 @@ def test_clip_kr_fewshot_follows_clip_lora_recipe(tmp_path):
 def test_clip_lora_fewshot_is_clip_lora_as_published(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=clip_lora_fewshot"])
     adapter = cfg.model.adapter
-    assert adapter.method == "lora" and list(adapter.layers) == ["q", "k", "v"]
-    assert (adapter.r, adapter.lora_alpha, adapter.lora_dropout, adapter.use_rslora) == (2, 1, 0.25, True)
-    assert adapter.towers == "both" and adapter.blocks == "all"
+    assert adapter.method == "lora" and list(adapter.targets.layers) == ["q", "k", "v"]
+    options = adapter.options
+    assert (options.r, options.lora_alpha, options.lora_dropout, options.use_rslora) == (2, 1, 0.25, True)
+    assert adapter.targets.towers == "both" and adapter.targets.blocks == "all"
 
 
 def test_command_line_overrides_beat_the_experiment(tmp_path):
@@ -263,7 +268,7 @@ def test_data_config_instantiates(data, tmp_path):
 def test_adapter_config_instantiates_on_the_tiny_model(adapter, tmp_path):
     cfg = compose_config(tmp_path, [*TINY_MODEL, f"adapter={adapter}"])
     module = cli.build_model(cfg)
-    assert cli.adapter_method(module) == adapter
+    assert module.adapter_method == adapter
     trainable = module.trainable_parameters()  # raises if anything but adapter tensors trains
     assert bool(trainable) == (adapter != "none")
 
@@ -307,3 +312,35 @@ def test_logger_config_instantiates(logger, tmp_path):
     assert written and all(
         path.is_relative_to(tmp_path / "run") or path.is_relative_to(tmp_path / "logs") for path in written
     )
+
+
+@pytest.mark.parametrize(
+    ("override", "full_key", "problem"),
+    [
+        ("adapter.options.rnak=4", "adapter.options.rnak", "Key 'rnak' not in 'KRAdapterOptions'"),
+        ("adapter.options.rank=four", "adapter.options.rank", "could not be converted to Integer"),
+        ("model.optimizer.lr=fast", "model.optimizer.lr", "could not be converted to Float"),
+        ("model.scheduler.warmup=5", "model.scheduler.warmup", "Key 'warmup' not in 'SchedulerOptions'"),
+    ],
+)
+def test_a_wrong_key_or_type_fails_at_composition_with_its_full_name(override, full_key, problem, tmp_path):
+    with pytest.raises(ConfigCompositionException) as raised:
+        compose_config(tmp_path, ["adapter=kradapter", override])
+    cause = str(raised.value.__cause__)
+    assert f"full_key: {full_key}" in cause and problem in cause
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_every_adapter_config_is_typed_by_its_method_s_options(adapter, tmp_path):
+    cfg = compose_config(tmp_path, [f"adapter={adapter}"])
+    assert set(cfg.adapter) == {"method", "targets", "options"} and cfg.adapter.method == adapter
+    assert OmegaConf.get_type(cfg.adapter.options) is REGISTRY[adapter].options
+
+
+def test_the_hyperparameter_search_composes(tmp_path):
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
+        pytest.skip("hydra-optuna-sweeper is not installed (pip install -e '.[optuna]')")
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", ["hparams_search=demo_lr", "experiment=demo"], return_hydra_config=True)
+    assert cfg.optimized_metric == "val/top1" and cfg.hydra.mode.name == "MULTIRUN"
+    assert "model.optimizer.lr" in cfg.hydra.sweeper.params

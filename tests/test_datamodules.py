@@ -33,14 +33,14 @@ def assert_aligned(dm: FewShotDataModule) -> None:
     for task, loader in zip(dm.val_tasks + dm.test_tasks, val_loaders + test_loaders, strict=True):
         images, labels = next(iter(loader))
         assert images.ndim == 4 and labels.dtype == torch.int64
-        assert labels.min() >= 0 and labels.max() < task.num_classes
+        assert labels.min() >= 0 and labels.max() < len(task.classnames)
         assert list(loader.dataset.classnames) == list(task.classnames)
 
 
 def test_digits_few_shot_loaders_and_tasks():
     dm = digits_module(shots=4)
     dm.setup("fit")
-    assert dm.train_task.name == "digits" and dm.train_task.num_classes == 10
+    assert dm.train_task.name == "digits" and len(dm.train_task.classnames) == 10
     assert dm.train_task.templates == get_templates("digits", "simple")
     assert len(dm.train_dataset) == 4 * 10
     assert [len(d) for d in dm.val_datasets] == [4 * 10]
@@ -217,7 +217,7 @@ def test_distribution_shift_on_imagenet_with_missing_sets(tmp_path):
     assert len(shift_warnings) == 1
     assert "imagenet_v2, imagenet_sketch" in str(shift_warnings[0].message)
     assert [task.name for task in dm.test_tasks] == ["imagenet", "imagenet_a", "imagenet_r"]
-    assert [task.num_classes for task in dm.test_tasks] == [4, 2, 3]
+    assert [len(task.classnames) for task in dm.test_tasks] == [4, 2, 3]
     assert dm.test_tasks[1].classnames != dm.test_tasks[0].classnames[:2]  # -A has its own classes
     assert [len(d) for d in dm.test_datasets] == [8, 4, 3]
     assert len(dm.train_dataset) == 8

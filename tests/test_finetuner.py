@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import pickle
 
+import hydra
 import open_clip
 import pytest
 import torch
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from kr_vlm.adapters import adapter_state_dict
+from kr_vlm.adapters import adapted_layers, adapter_state_dict
 from kr_vlm.adapters.io import AdapterMismatchError
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
@@ -132,7 +133,7 @@ def test_the_model_is_in_training_mode_inside_training_step(tiny_clip_cfg):
     """load_clip returns the model in eval mode and Lightning keeps each submodule's mode: without the
     module's own model.train(), dropout (peft's lora_dropout included) would stay off while training."""
     seed_everything(0)
-    module = make_module(tiny_clip_cfg, adapter={"method": "lora", "r": 2, "lora_dropout": 0.5})
+    module = make_module(tiny_clip_cfg, adapter={"method": "lora", "options": {"r": 2, "lora_dropout": 0.5}})
     modes: list[set[bool]] = []
     training_step = module.training_step
 
@@ -159,7 +160,7 @@ def count_text_calls(module: CLIPFineTuner, monkeypatch) -> list[int]:
 
 
 def test_frozen_text_tower_embeds_every_task_once(tiny_clip_cfg, monkeypatch):
-    module = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "towers": "vision"})
+    module = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "targets": {"towers": "vision"}})
     calls = count_text_calls(module, monkeypatch)
     trainer = make_trainer(max_steps=4, limit_val_batches=None)
     trainer.fit(module, TinyDataModule())
@@ -170,7 +171,7 @@ def test_frozen_text_tower_embeds_every_task_once(tiny_clip_cfg, monkeypatch):
 
 def test_text_tower_adapters_reembed_classes_every_step(tiny_clip_cfg, monkeypatch):
     module = make_module(
-        tiny_clip_cfg, adapter={"method": "kradapter", "towers": "text", "layers": ["q", "v"]}
+        tiny_clip_cfg, adapter={"method": "kradapter", "targets": {"towers": "text", "layers": ["q", "v"]}}
     )
     calls = count_text_calls(module, monkeypatch)
     trainer = make_trainer(max_steps=4, limit_val_batches=None)
@@ -179,6 +180,35 @@ def test_text_tower_adapters_reembed_classes_every_step(tiny_clip_cfg, monkeypat
     assert calls == [3, 3, 6, 7, 3, 3, 6, 7]
     trainer.test(module, TinyDataModule(), verbose=False)
     assert calls[8:] == [6, 7]
+
+
+def test_one_tower_s_targets_leave_the_other_tower_alone(tiny_clip_cfg):
+    # transformer.resblocks.0.attn.q_proj (text) is also a dotted suffix of visual.transformer.resblocks.0...:
+    # the selected names must be matched exactly.
+    module = make_module(
+        tiny_clip_cfg, adapter={"method": "lora", "targets": {"towers": "text", "layers": ["q"]}}
+    )
+    assert [name for name, _ in adapted_layers(module.clip_model)] == [
+        "transformer.resblocks.0.attn.q_proj",
+        "transformer.resblocks.1.attn.q_proj",
+    ]
+    assert module.adapter_config.labels["transformer.resblocks.1.attn.q_proj"] == {
+        "tower": "text",
+        "layer": "q",
+        "block": 1,
+    }
+
+
+def test_targets_may_be_module_names_or_a_regex(tiny_clip_cfg):
+    names = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "targets": ["mlp.c_fc"]})
+    assert len(names.adapter_config.labels) == 2 * 2  # towers x blocks
+    assert names.adapter_config.labels["visual.transformer.resblocks.0.mlp.c_fc"]["layer"] == "fc1"
+    regex = make_module(
+        tiny_clip_cfg, adapter={"method": "kradapter", "targets": r"visual\..*\.attn\.v_proj"}
+    )
+    assert list(regex.adapter_config.labels) == [
+        f"visual.transformer.resblocks.{i}.attn.v_proj" for i in (0, 1)
+    ]
 
 
 def test_every_eval_set_logs_top1_and_top5_under_its_name(tiny_clip_cfg):
@@ -242,7 +272,7 @@ def test_checkpoint_of_other_adapters_is_refused(tiny_clip_cfg, tmp_path):
     trainer = make_trainer(max_steps=1)
     trainer.fit(make_module(tiny_clip_cfg), TinyDataModule())
     trainer.save_checkpoint(tmp_path / "kr.ckpt")
-    other = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "towers": "vision"})
+    other = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "targets": {"towers": "vision"}})
     with pytest.raises(AdapterMismatchError, match="do not match this module's adapters"):
         make_trainer(max_steps=2).fit(other, TinyDataModule(), ckpt_path=tmp_path / "kr.ckpt")
 
@@ -268,7 +298,14 @@ def test_resuming_from_a_checkpoint_is_exact(tiny_clip_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "adapter",
-    [{"method": "kradapter"}, {"method": "lora", "r": 2, "lora_alpha": 4, "layers": ["q", "v", "o", "fc2"]}],
+    [
+        {"method": "kradapter"},
+        {
+            "method": "lora",
+            "targets": {"layers": ["q", "v", "o", "fc2"]},
+            "options": {"r": 2, "lora_alpha": 4},
+        },
+    ],
     ids=["kradapter", "lora"],
 )
 def test_export_merged_loads_into_stock_open_clip(tiny_clip_cfg, tmp_path, adapter):
@@ -302,16 +339,25 @@ def test_export_merged_loads_into_stock_open_clip(tiny_clip_cfg, tmp_path, adapt
 
 
 def test_hydra_configs_become_plain_hyperparameters(tiny_clip_cfg):
-    module = CLIPFineTuner(
-        clip=OmegaConf.create({"name": "tiny-test-clip", "model_cfg": tiny_clip_cfg}),
-        adapter=OmegaConf.create(
-            {"method": "kradapter", "layers": ["q", "v"], "blocks": "last_1", "rank": 4}
-        ),
-        optimizer=OmegaConf.create({"lr": 1e-3, "betas": [0.9, 0.98]}),
-        logit_scale=100.0,
+    # As model/clip.yaml instantiates it: Hydra hands over plain containers (_convert_: all).
+    module = hydra.utils.instantiate(
+        OmegaConf.create(
+            {
+                "_target_": "kr_vlm.models.CLIPFineTuner",
+                "_convert_": "all",
+                "clip": {"name": "tiny-test-clip", "model_cfg": tiny_clip_cfg},
+                "adapter": {
+                    "method": "kradapter",
+                    "targets": {"layers": ["q", "v"], "blocks": "last_1"},
+                    "options": {"rank": 4},
+                },
+                "optimizer": {"lr": 1e-3, "betas": [0.9, 0.98]},
+                "logit_scale": 100.0,
+            }
+        )
     )
     hparams = pickle.loads(pickle.dumps(dict(module.hparams)))  # no OmegaConf objects inside
-    assert type(hparams["adapter"]["layers"]) is list
+    assert type(hparams["adapter"]["targets"]["layers"]) is list
     assert module.adapter_config.options == {"rank": 4}
     assert len(module.adapter_config.target_modules) == 4  # q and v of the last block of each tower
     assert module.optimizer_config["betas"] == [0.9, 0.98]
@@ -321,9 +367,17 @@ def test_hydra_configs_become_plain_hyperparameters(tiny_clip_cfg):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"adapter": {"layers": ["q"]}}, "needs a 'method'"),
-        ({"adapter": {"method": "none", "layers": ["q"]}}, "adapts nothing"),
-        ({"adapter": {"method": "kradapter", "alpha": 3}}, "Unknown option 'alpha'"),
+        ({"adapter": {"targets": {"layers": ["q"]}}}, "needs a 'method'"),
+        ({"adapter": {"method": "none", "targets": {"layers": ["q"]}}}, "adapts nothing"),
+        ({"adapter": {"method": "kradapter", "options": {"alpha": 3}}}, "Unknown option 'alpha'"),
+        (
+            {"adapter": {"method": "kradapter", "rank": 3}},
+            r"Unknown adapter key\(s\) \['rank'\].*adapter.options",
+        ),
+        (
+            {"adapter": {"method": "kradapter", "targets": {"tower": "text"}}},
+            r"Unknown adapter target key\(s\) \['tower'\]",
+        ),
         ({"optimizer": {"learning_rate": 1e-3}}, r"Unknown optimizer option\(s\) \['learning_rate'\]"),
         ({"scheduler": {"warmup_steps": 5, "warmup_ratio": 0.1}}, "not both"),
         ({"scheduler": {"min_lr": 1.0}}, "above optimizer.lr"),

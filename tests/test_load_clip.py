@@ -26,11 +26,16 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 @pytest.fixture
 def offline(monkeypatch, tmp_path):
-    """Hugging Face offline mode with an empty hub cache under tmp_path; downloads would fail the test."""
+    """Hugging Face offline mode with an empty hub cache under tmp_path; downloads would fail the test.
+
+    As a process started with these variables sees them: huggingface_hub reads them when it is imported.
+    """
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     monkeypatch.delenv("HUGGINGFACE_HUB_CACHE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
 
     def no_downloads(*args, **kwargs):
         raise AssertionError("load_clip tried to download")
@@ -94,6 +99,16 @@ def test_random_weights_asked_for_are_said_in_one_info_line_not_a_warning(tiny_c
         f"{TINY}: random weights, as configured (pretrained is None)."
     ]
     assert logging.getLogger().filters == []  # open_clip's warnings about other models still show
+
+
+def test_one_name_for_two_custom_configs_in_one_process(tiny_clip_cfg):
+    wide = copy.deepcopy(tiny_clip_cfg)
+    wide["vision_cfg"]["width"] = 96
+    narrow_model = load_clip(TINY, model_cfg=tiny_clip_cfg)[0]
+    wide_model = load_clip(TINY, model_cfg=wide)[0]
+    again = load_clip(TINY, model_cfg=tiny_clip_cfg)[0]
+    assert _q_weight(narrow_model).shape == _q_weight(again).shape == (64, 64)
+    assert _q_weight(wide_model).shape == (96, 96)
 
 
 def test_transforms_follow_clip_lora(tiny_clip_cfg):

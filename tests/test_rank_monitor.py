@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, kradapter_shapes
 from kr_vlm.adapters.inject import count_parameters
-from kr_vlm.callbacks.grouping import group_of
+from kr_vlm.adapters.labels import layer_labels
 from kr_vlm.callbacks.parameter_summary import (
     ParameterSummary,
     count_parameters_by_group,
@@ -25,6 +25,7 @@ from kr_vlm.callbacks.parameter_summary import (
     parameter_table,
 )
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, delta_weight_spectra
+from kr_vlm.models.targets import clip_targets
 from kr_vlm.rank_report import layer_history_figure, layers_by_group, spectra_figure
 from kr_vlm.spectral import effective_rank, singular_values, stable_rank
 
@@ -97,7 +98,8 @@ class TinyModule(pl.LightningModule):
         torch.manual_seed(0)
         self.model = TinyTwoTower()
         if method is not None:
-            inject_adapters(self.model, AdapterConfig(method, TARGETS, **options))
+            # CLIP's target selection: every layer of TARGETS in both towers, labelled with tower and layer type.
+            inject_adapters(self.model, AdapterConfig(method, clip_targets(self.model), **options))
 
     def training_step(self, batch, batch_idx):
         image_x, text_x, labels = batch
@@ -157,26 +159,28 @@ def expected_group(name: str) -> str:
     return f"{tower}/{layer_type[name.rsplit('.', 1)[-1]]}"
 
 
-@pytest.mark.parametrize(
-    ("name", "group"),
-    [
-        ("clip.visual.transformer.resblocks.3.attn.q_proj", "vision/q"),
-        ("model.clip.transformer.resblocks.0.attn.out_proj", "text/o"),
-        ("transformer.resblocks.11.mlp.c_fc", "text/fc1"),
-        ("visual.transformer.resblocks.0.mlp.c_proj.lora_A.default.weight", "vision/fc2"),
-        ("visual.transformer.resblocks.0.attn.k_proj.kr_u", "vision/k"),
-        ("visual.transformer.resblocks.0.attn.in_proj_weight", "vision/other"),
-        ("vision_model.encoder.layers.0.self_attn.v_proj", "vision/v"),
-        ("text_model.encoder.layers.0.mlp.fc2", "text/fc2"),
-        ("model.layers.0.self_attn.q_proj", "other/q"),
-        ("encoder.layer.0.output.dense", "other/other"),
-        ("logit_scale", "other/other"),
-        ("token_embedding.weight", "text/other"),
-        ("visual.conv1.weight", "vision/other"),
-    ],
-)
-def test_group_of_names(name, group):
-    assert group_of(name) == group
+def test_layers_are_labelled_by_the_target_selection():
+    labels = layer_labels(TinyModule("kradapter"))
+    assert len(labels) == 2 * BLOCKS * len(TARGETS)
+    assert labels["model.visual.transformer.resblocks.1.attn.q_proj"] == {
+        "tower": "vision",
+        "layer": "q",
+        "block": 1,
+    }
+    assert labels["model.transformer.resblocks.0.mlp.c_proj"] == {"tower": "text", "layer": "fc2", "block": 0}
+
+
+def test_groups_come_in_model_order(tmp_path):
+    # Towers of one width: the decompositions stack the text tower's q/k/v/o with the vision tower's.
+    model = TinyTwoTower()
+    model.visual.transformer = TinyTransformer(TEXT_WIDTH)
+    inject_adapters(model, AdapterConfig("kradapter", clip_targets(model)))
+    monitor = EffectiveRankMonitor(output_dir=tmp_path)
+    record = monitor.evaluate(model, 0)
+    layer_types = ["q", "k", "v", "o", "fc1", "fc2"]
+    expected = [f"{tower}/{layer}" for tower in ("vision", "text") for layer in layer_types]
+    assert list(monitor.group_metrics(record)) == [*expected, "all"]
+    assert list(monitor.spectra_by_group()) == expected
 
 
 def test_batched_spectra_equal_per_layer_spectra():

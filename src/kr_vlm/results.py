@@ -36,6 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from kr_vlm import metric_names
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("few_shot", "base_to_new", "distribution_shift", "cross_dataset")
@@ -69,7 +71,7 @@ def protocol_summary(test: Mapping[str, Mapping[str, float]], roles: Mapping[str
     shifted sets ``distribution_shift`` and with other datasets ``cross_dataset``, each
     ``{source, targets: {set: top1}, target_average}`` (the source is not in the average).
     """
-    top1 = {name: values.get("top1") for name, values in test.items()}
+    top1 = {name: values.get(metric_names.TOP1) for name, values in test.items()}
     by_role: dict[str, list[str]] = defaultdict(list)
     for name, role in roles.items():
         if top1.get(name) is not None:
@@ -254,7 +256,7 @@ def _training_run(run: Run, by_folder: Mapping[Path, Run]) -> Run | None:
 class Measurements:
     """Top-1 accuracies (percent) of trained models: `values[trained][test set] = (role, top1)`."""
 
-    metric: str = "top1"
+    metric: str = metric_names.TOP1
     values: dict[Trained, dict[str, tuple[str, float]]] = field(default_factory=dict)
     duplicates: int = 0
 
@@ -271,7 +273,7 @@ class Measurements:
         sets[test_set] = (role, top1)
 
 
-def measure(runs: Sequence[Run], metric: str = "top1") -> Measurements:
+def measure(runs: Sequence[Run], metric: str = metric_names.TOP1) -> Measurements:
     """Every run's `metric` per test set, keyed by the model that was trained (training runs first)."""
     by_folder = {run.folder.absolute(): run for run in runs if not run.is_evaluation}
     measurements = Measurements(metric)

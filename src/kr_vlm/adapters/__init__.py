@@ -1,6 +1,7 @@
 """Adapter library: KRAdapter and peft baselines for any ``torch.nn.Module``.
 
-Nothing here knows about CLIP, Lightning or data.
+Nothing here knows about CLIP, Lightning or data. The methods live in ``kr_vlm.adapters.methods`` (one
+module a method family, one line a method in ``REGISTRY``); their layers answer ``AdaptedLayer``.
 """
 
 from kr_vlm.adapters.config import METHODS, AdapterConfig
@@ -13,21 +14,29 @@ from kr_vlm.adapters.inject import (
     unmerge_adapters,
 )
 from kr_vlm.adapters.io import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
-from kr_vlm.adapters.kradapter import KRAdapterLinear, kradapter_shapes
+from kr_vlm.adapters.labels import layer_labels, path_labels
+from kr_vlm.adapters.layer import AdaptedLayer, Method
+from kr_vlm.adapters.merged import merged_state_dict
+from kr_vlm.adapters.methods.kradapter import KRAdapterLinear, kradapter_shapes
 
 __all__ = [
     "METHODS",
+    "AdaptedLayer",
     "AdapterConfig",
     "KRAdapterLinear",
+    "Method",
     "adapted_layers",
     "adapter_state_dict",
     "count_parameters",
     "find_target_linears",
     "inject_adapters",
     "kradapter_shapes",
+    "layer_labels",
     "load_adapter_state_dict",
     "load_adapters",
     "merge_adapters",
+    "merged_state_dict",
+    "path_labels",
     "save_adapters",
     "unmerge_adapters",
 ]

@@ -1,15 +1,14 @@
 """``AdapterConfig``: which adapter method, on which ``nn.Linear`` layers, with which options.
 
-Options are checked when the config is built: for peft methods against the fields of peft's config class
-(``LoraConfig``, ``VeraConfig``, ...), for ``kradapter`` against ``KRAdapterLinear``'s arguments. A config
-is plain data (``to_dict()`` / ``from_dict()`` are JSON-safe), so it can live in a Hydra YAML file and in
-``adapter_config.json`` next to saved adapter weights.
+Options are checked when the config is built, against the method's options dataclass
+(``kr_vlm.adapters.methods.REGISTRY[method].options``). A config is plain data (``to_dict()`` /
+``from_dict()`` are JSON-safe), so it can live in a Hydra YAML file and in ``adapter_config.json`` next to
+saved adapter weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -17,91 +16,15 @@ from typing import Any
 
 import torch
 
-from kr_vlm.adapters.kradapter import KRAdapterLinear
+from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 
-METHODS = ("kradapter", "lora", "dora", "vera", "lokr", "loha", "randlora", "full", "none")
+#: The built-in methods (``REGISTRY`` in ``kr_vlm.adapters.methods``), in the order the docs list them.
+METHODS = tuple(REGISTRY)
 
-# Methods that peft implements; peft_bridge maps each one to its peft config class.
-PEFT_METHODS = ("lora", "dora", "vera", "lokr", "loha", "randlora")
-
-# peft config fields that kr_vlm sets itself or that would change what is trained or saved behind its back.
-RESERVED_PEFT_OPTIONS: dict[str, str] = {
-    "target_modules": "pass the layers as AdapterConfig(method, target_modules, ...)",
-    "exclude_modules": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
-    "layers_to_transform": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
-    "layers_pattern": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
-    "target_parameters": "kr_vlm adapts nn.Linear modules only",
-    "modules_to_save": "it trains whole modules outside the adapters, which save_adapters would not save",
-    "trainable_token_indices": "it trains embedding rows outside the adapters, which save_adapters would not save",
-    "bias": "it trains biases of the whole model outside the adapters, which save_adapters would not save",
-    "use_dora": "choose method='dora' instead",
-    "save_projection": "kr_vlm always saves the shared random projections, so that loading is exact",
-    "fan_in_fan_out": "it only applies to transformers' Conv1D; nn.Linear weights are (out, in)",
-    "layer_replication": "it changes the model's layer structure",
-    # LoRA variants other than DoRA change the update in ways delta_weight() does not report.
-    **dict.fromkeys(
-        (
-            "alora_invocation_tokens",
-            "arrow_config",
-            "kasa_config",
-            "velora_config",
-            "monteclora_config",
-            "use_bdlora",
-            "use_qalora",
-            "qalora_group_size",
-            "megatron_config",
-            "megatron_core",
-        ),
-        "it selects a LoRA variant or backend that kr_vlm does not support (plain LoRA and DoRA are supported)",
-    ),
-    "peft_type": "it follows from the method",
-    "task_type": "kr_vlm injects adapters without a PeftModel wrapper",
-    "inference_mode": "freezing is decided by inject_adapters",
-    "base_model_name_or_path": "it is PeftModel bookkeeping",
-    "revision": "it is PeftModel bookkeeping",
-    "auto_mapping": "it is PeftModel bookkeeping",
-    "peft_version": "it is PeftModel bookkeeping",
-}
-
-# KRAdapterLinear arguments that are not options: the layer it wraps.
-_KRADAPTER_NON_OPTIONS = ("self", "base")
-
-
-def peft_config_class(method: str) -> type:
-    """peft's config class for a peft method (``dora`` is ``LoraConfig`` with ``use_dora=True``)."""
-    import peft
-
-    classes = {
-        "lora": peft.LoraConfig,
-        "dora": peft.LoraConfig,
-        "vera": peft.VeraConfig,
-        "lokr": peft.LoKrConfig,
-        "loha": peft.LoHaConfig,
-        "randlora": peft.RandLoraConfig,
-    }
-    return classes[method]
-
-
-def valid_options(method: str) -> tuple[str, ...]:
-    """The option names a method accepts, sorted."""
-    if method == "kradapter":
-        parameters = inspect.signature(KRAdapterLinear.__init__).parameters
-        return tuple(sorted(name for name in parameters if name not in _KRADAPTER_NON_OPTIONS))
-    if method in PEFT_METHODS:
-        fields = {field.name for field in dataclasses.fields(peft_config_class(method))}
-        return tuple(sorted(fields - RESERVED_PEFT_OPTIONS.keys()))
-    return ()
-
-
-def factor_dtype_from_name(name: str) -> torch.dtype:
-    """``"float32"`` (or ``"torch.float32"``) -> ``torch.float32``; only floating point dtypes."""
-    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ConfigError(
-            f"factor_dtype must name a floating point torch dtype such as 'float32' or 'bfloat16', got {name!r}."
-        )
-    return dtype
+#: What a target selection that knows the model gives for each module name, e.g.
+#: ``{"tower": "vision", "layer": "q", "block": 3}``.
+Labels = dict[str, Any]
 
 
 def _plain_json(value: Any, where: str) -> Any:
@@ -122,40 +45,77 @@ def _plain_json(value: Any, where: str) -> Any:
     )
 
 
-@dataclasses.dataclass(init=False)
+def checked_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` of ``method`` as plain JSON data (a dtype as its name), checked against the method's
+    options dataclass: an unknown method or option is a ``ConfigError`` that lists the valid ones."""
+    if method not in REGISTRY:
+        raise ConfigError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(REGISTRY)}.")
+    spec = REGISTRY[method]
+    allowed = sorted(field.name for field in dataclasses.fields(spec.options))
+    for name in options:
+        if name in allowed:
+            continue
+        if name in spec.unavailable_options:
+            raise ConfigError(
+                f"Option {name!r} is not available for method {method!r}: {spec.unavailable_options[name]}."
+            )
+        valid = ", ".join(allowed) if allowed else "none"
+        raise ConfigError(f"Unknown option {name!r} for method {method!r}. Valid options: {valid}.")
+    plain = _plain_json(
+        {
+            name: str(value).removeprefix("torch.") if isinstance(value, torch.dtype) else value
+            for name, value in options.items()
+        },
+        "options",
+    )
+    spec.options(**plain)  # the options dataclass checks the values it can check
+    return plain
+
+
+@dataclasses.dataclass(init=False, eq=False)
 class AdapterConfig:
     """Which adapter ``method`` to put on which ``nn.Linear`` layers (``target_modules``), with ``options``.
 
     Args:
-        method: one of ``METHODS``. ``full`` trains the targeted layers' own weights; ``none`` trains nothing.
-        target_modules: as in peft: a list of module names, each matching a module whose name equals it or
+        method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``METHODS``). ``full`` trains the targeted
+            layers' own weights; ``none`` trains nothing.
+        target_modules: as in peft, a list of module names, each matching a module whose name equals it or
             ends with ``"." + entry`` (``["q_proj", "v_proj"]``), or one string that must fully match a
-            module name as a regular expression. Not needed for ``none``.
-        **options: the method's options: peft config fields for peft methods (e.g. ``r=2, lora_alpha=1``),
-            ``rank``, ``scaling`` and ``factor_dtype`` (a dtype or its name, kept as the name such as
-            ``"float32"``) for kradapter.
+            module name as a regular expression; or a mapping from full module names to their labels
+            (``{"visual.transformer.resblocks.0.attn.q_proj": {"tower": "vision", "layer": "q", "block": 0}}``),
+            as a target selection that knows the model returns it: exactly those modules, and the labels
+            that the rank monitor and the parameter table group them by. Not needed for ``none``.
+        **options: the method's options, the fields of its options dataclass: e.g. ``r=2, lora_alpha=1``
+            for lora, ``rank``, ``scaling`` and ``factor_dtype`` (a dtype or its name, kept as the name such
+            as ``"float32"``) for kradapter.
+
+    Two configs are equal when they adapt the same modules the same way: the labels are not compared, and
+    options left out equal their defaults.
 
     Example: ``AdapterConfig("lora", ["q_proj", "v_proj"], r=8, lora_alpha=16, lora_dropout=0.1)``.
     """
 
     method: str
-    target_modules: list[str] | str | None
+    target_modules: list[str] | str | dict[str, Labels] | None
     options: dict[str, Any]
 
     def __init__(
-        self, method: str, target_modules: Sequence[str] | str | None = None, **options: Any
+        self,
+        method: str,
+        target_modules: Sequence[str] | str | Mapping[str, Labels] | None = None,
+        **options: Any,
     ) -> None:
-        if method not in METHODS:
-            raise ConfigError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(METHODS)}.")
+        self.options = checked_options(method, options)
         self.method = method
         self.target_modules = self._checked_targets(method, target_modules)
-        self.options = self._checked_options(method, options)
 
     @staticmethod
-    def _checked_targets(method: str, target_modules: Sequence[str] | str | None) -> list[str] | str | None:
-        if method == "none":
+    def _checked_targets(
+        method: str, target_modules: Sequence[str] | str | Mapping[str, Labels] | None
+    ) -> list[str] | str | dict[str, Labels] | None:
+        if not REGISTRY[method].adapts_layers:
             if target_modules:
-                raise ConfigError(f"Method 'none' adapts nothing; got target_modules={target_modules!r}.")
+                raise ConfigError(f"Method {method!r} adapts nothing; got target_modules={target_modules!r}.")
             return None
         if isinstance(target_modules, str):
             if not target_modules:
@@ -169,45 +129,54 @@ class AdapterConfig:
                     f"target_modules={target_modules!r} is not a valid regex: {error}."
                 ) from error
             return target_modules
-        if target_modules is None or not isinstance(target_modules, Sequence) or len(target_modules) == 0:
+        if (
+            target_modules is None
+            or not isinstance(target_modules, (Sequence, Mapping))
+            or not target_modules
+        ):
             raise ConfigError(
                 f"Method {method!r} needs target_modules: a list of module names (e.g. ['q_proj', 'v_proj']) "
                 f"or a regex string; got {target_modules!r}."
             )
-        names = list(target_modules)
-        bad = [name for name in names if not isinstance(name, str) or not name]
+        bad = [name for name in target_modules if not isinstance(name, str) or not name]
         if bad:
             raise TypeError(f"target_modules entries must be non-empty strings, got {bad!r}.")
-        return names
+        if isinstance(target_modules, Mapping):
+            return _plain_json(target_modules, "target_modules")
+        return list(target_modules)
 
-    @staticmethod
-    def _checked_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
-        allowed = valid_options(method)
-        for name in options:
-            if name in allowed:
-                continue
-            if method in PEFT_METHODS and name in RESERVED_PEFT_OPTIONS:
-                raise ConfigError(
-                    f"Option {name!r} is not available for method {method!r}: {RESERVED_PEFT_OPTIONS[name]}."
-                )
-            valid = ", ".join(allowed) if allowed else "none"
-            raise ConfigError(f"Unknown option {name!r} for method {method!r}. Valid options: {valid}.")
-        options = dict(options)
-        if method == "kradapter" and isinstance(options.get("factor_dtype"), torch.dtype):
-            options["factor_dtype"] = str(options["factor_dtype"]).removeprefix("torch.")
-        checked = _plain_json(options, "options")
-        if method == "kradapter" and checked.get("factor_dtype") is not None:
-            factor_dtype_from_name(checked["factor_dtype"])
-        return checked
+    @property
+    def module_names(self) -> list[str] | str | None:
+        """The targets without their labels: a list of names (exact or suffixes), a regex, or None."""
+        if isinstance(self.target_modules, dict):
+            return list(self.target_modules)
+        return self.target_modules
+
+    @property
+    def labels(self) -> dict[str, Labels]:
+        """The labels of the targets, by full module name (empty when the targets came without labels)."""
+        return dict(self.target_modules) if isinstance(self.target_modules, dict) else {}
+
+    def method_options(self) -> Any:
+        """The options as an instance of the method's options dataclass (defaults filled in)."""
+        return REGISTRY[self.method].options(**self.options)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, AdapterConfig):
+            return NotImplemented
+        return (self.method, self.module_names, self.method_options()) == (
+            other.method,
+            other.module_names,
+            other.method_options(),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """``{"method", "target_modules", "options"}``, JSON-safe; ``from_dict`` reverses it."""
-        targets = list(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
-        return {
-            "method": self.method,
-            "target_modules": targets,
-            "options": json.loads(json.dumps(self.options)),
-        }
+        return json.loads(
+            json.dumps(
+                {"method": self.method, "target_modules": self.target_modules, "options": self.options}
+            )
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> AdapterConfig:

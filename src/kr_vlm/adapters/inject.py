@@ -6,14 +6,13 @@ Works on any module tree (open_clip, Hugging Face transformers, your own): layer
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from torch import nn
 
-from kr_vlm.adapters.config import PEFT_METHODS, AdapterConfig, factor_dtype_from_name
-from kr_vlm.adapters.full import FullFineTuneLinear
-from kr_vlm.adapters.kradapter import KRAdapterLinear
-from kr_vlm.adapters.peft_bridge import PeftLayerView, inject_peft_adapters, is_peft_layer
+from kr_vlm.adapters.config import AdapterConfig
+from kr_vlm.adapters.layer import AdaptedLayer
+from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 
 # The attribute inject_adapters sets on the model it injected into; save_adapters writes this config.
@@ -23,11 +22,15 @@ CONFIG_ATTRIBUTE = "kr_vlm_adapter_config"
 MAX_NAMES_IN_ERROR = 25
 
 
-def _matches(name: str, target_modules: list[str] | str) -> bool:
+def _matches(name: str, target_modules: list[str] | str | Mapping[str, object]) -> bool:
     """peft's rule: a string is a regex that must match the whole name; a list entry matches the name
-    itself or a dotted suffix of it (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``)."""
+    itself or a dotted suffix of it (``"q_proj"`` matches ``"model.layers.0.self_attn.q_proj"``). The keys
+    of a mapping (full names with their labels) match exactly: ``transformer.resblocks.0.attn.q_proj`` is
+    not also ``visual.transformer.resblocks.0.attn.q_proj``."""
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, name) is not None
+    if isinstance(target_modules, Mapping):
+        return name in target_modules
     return any(name == target or name.endswith("." + target) for target in target_modules)
 
 
@@ -53,7 +56,9 @@ def _no_match_message(model: nn.Module, target_modules: list[str] | str) -> str:
     )
 
 
-def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> list[str]:
+def find_target_linears(
+    model: nn.Module, target_modules: list[str] | str | Mapping[str, object]
+) -> list[str]:
     """Names (in module order) of the ``nn.Linear`` layers that ``target_modules`` selects.
 
     Raises if nothing matches (the message lists the model's linear layers), if a matching module is not an
@@ -89,65 +94,52 @@ def find_target_linears(model: nn.Module, target_modules: list[str] | str) -> li
     return matched
 
 
-def is_adapted_layer(module: nn.Module) -> bool:
-    """True for a layer that inject_adapters put in (KRAdapter, full fine-tuning or peft)."""
-    return isinstance(module, (KRAdapterLinear, FullFineTuneLinear)) or is_peft_layer(module)
-
-
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
     """Freeze ``model``, then put ``cfg.method``'s adapter on every ``nn.Linear`` that ``cfg.target_modules``
     selects; only the adapter tensors train. Returns the same (modified) model.
 
     ``kradapter`` replaces each layer with ``KRAdapterLinear``, ``full`` with ``FullFineTuneLinear`` (the
-    layer's own weight and bias train), the peft methods with peft's layers; ``none`` only freezes. The
-    config is recorded as ``model.kr_vlm_adapter_config`` for ``save_adapters``. Injecting into a model
-    that already holds adapters is an error.
+    layer's own weight and bias train), the peft methods with peft's layers; ``none`` only freezes (see
+    ``kr_vlm.adapters.methods.REGISTRY``). The config is recorded as ``model.kr_vlm_adapter_config`` for
+    ``save_adapters``. Injecting into a model that already holds adapters is an error.
     """
     if not isinstance(cfg, AdapterConfig):
         raise TypeError(f"inject_adapters needs an AdapterConfig, got {type(cfg).__name__}.")
     existing = [
         name or "<model>" for name, module in model.named_modules() if hasattr(module, CONFIG_ATTRIBUTE)
     ]
-    existing += [name for name, module in model.named_modules() if is_adapted_layer(module)]
+    existing += [name for name, _ in adapted_layers(model)]
     if existing:
         raise RuntimeError(
             f"The model already holds adapters ({', '.join(existing[:5])}{' ...' if len(existing) > 5 else ''}); "
             "injecting twice is not supported. Start again from a model without adapters."
         )
+    method = REGISTRY[cfg.method]
     model.requires_grad_(False)
-    if cfg.method != "none":
-        names = find_target_linears(model, cfg.target_modules)
-        if cfg.method == "kradapter":
-            options = dict(cfg.options)
-            if options.get("factor_dtype") is not None:
-                options["factor_dtype"] = factor_dtype_from_name(options["factor_dtype"])
-            for name in names:
-                model.set_submodule(name, KRAdapterLinear(model.get_submodule(name), **options))
-        elif cfg.method == "full":
-            for name in names:
-                model.set_submodule(name, FullFineTuneLinear(model.get_submodule(name)))
-        elif cfg.method in PEFT_METHODS:
-            inject_peft_adapters(model, cfg.method, names, cfg.options)
+    if method.adapts_layers:
+        method.inject(model, find_target_linears(model, cfg.target_modules), cfg.method_options())
     setattr(model, CONFIG_ATTRIBUTE, cfg)
     return model
 
 
-def adapted_layers(
-    model: nn.Module,
-) -> Iterator[tuple[str, KRAdapterLinear | FullFineTuneLinear | PeftLayerView]]:
+def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
     """Yield ``(name, layer)`` for every adapted layer, in module order.
 
-    Every layer has ``delta_weight()`` (the dense ``(out_features, in_features)`` update it adds to its base
-    weight, scaling included), ``base_weight()`` (that weight, ``W0``), ``rank_cap`` (the highest rank its
-    update can reach), ``merge()``, ``unmerge()``, ``merged``, ``in_features`` and ``out_features``.
-    KRAdapter and full fine-tuning layers are yielded as they are; a peft layer is yielded as a
-    ``PeftLayerView`` whose ``.module`` is the peft layer.
+    Every layer answers ``kr_vlm.adapters.layer.AdaptedLayer``: ``delta_weight()`` (the dense
+    ``(out_features, in_features)`` update it adds to its base weight, scaling included), ``merge()``,
+    ``unmerge()``, ``merged``, ``base_layer``, ``base_weight()`` (``W0``), ``rank_cap`` (the highest rank
+    its update can reach), ``in_features``, ``out_features`` and ``adapter_state_dict()``. KRAdapter and
+    full fine-tuning layers are yielded as they are; a peft layer is yielded as a ``PeftLayerView`` whose
+    ``.module`` is the peft layer.
     """
+    # Methods that share their kind of layer (peft's six) share one finder.
+    finders = list(dict.fromkeys(method.find for method in REGISTRY.values()))
     for name, module in model.named_modules():
-        if isinstance(module, (KRAdapterLinear, FullFineTuneLinear)):
-            yield name, module
-        elif is_peft_layer(module):
-            yield name, PeftLayerView(module)
+        for find in finders:
+            layer = find(module)
+            if layer is not None:
+                yield name, layer
+                break
 
 
 def merge_adapters(model: nn.Module) -> None:

@@ -13,12 +13,16 @@ Which tensors are saved, keyed by the model's own ``state_dict`` names:
   them from ``projection_prng_key``, but the result depends on the platform (peft warns so; RandLoRA even
   draws them in bfloat16 or float16 depending on the hardware), so saving them makes loading exact;
 - ``full``: ``<layer>.weight`` and ``<layer>.bias``.
+
+That is each layer's ``adapter_state_dict()`` (``kr_vlm.adapters.layer.AdaptedLayer``) under the layer's name.
+``adapter_config.json`` holds the ``AdapterConfig`` (``to_dict()``), the targets' labels included when the
+target selection gave them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -28,14 +32,7 @@ from torch import nn
 
 import kr_vlm
 from kr_vlm.adapters.config import AdapterConfig
-from kr_vlm.adapters.full import FullFineTuneLinear
-from kr_vlm.adapters.inject import (
-    CONFIG_ATTRIBUTE,
-    adapted_layers,
-    inject_adapters,
-    is_adapted_layer,
-    truncated_list,
-)
+from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE, adapted_layers, inject_adapters, truncated_list
 from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
 from kr_vlm.files import write_file_atomic
 
@@ -50,17 +47,6 @@ class AdapterMismatchError(ConfigError):
     """Saved adapters (files, a checkpoint) that do not fit the adapters of the model they are loaded into."""
 
 
-def _layer_adapter_tensors(layer: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The adapter tensors of one adapted layer, by their names inside it."""
-    if isinstance(layer, FullFineTuneLinear):
-        yield from layer.named_parameters()  # weight and bias; the initial_weight buffer is not saved
-        return
-    # KRAdapter and peft layers keep the frozen original as ``base_layer``; everything else is the adapter.
-    for name, tensor in [*layer.named_parameters(), *layer.named_buffers()]:
-        if not name.startswith("base_layer."):
-            yield name, tensor
-
-
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter tensors of ``model`` (detached, sharing memory with the model), keyed by state-dict name.
 
@@ -69,10 +55,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for layer_name, layer in model.named_modules():
-        if not is_adapted_layer(layer):
-            continue
-        for name, tensor in _layer_adapter_tensors(layer):
+    for layer_name, layer in adapted_layers(model):
+        for name, tensor in layer.adapter_state_dict().items():
             if id(tensor) in seen:
                 continue
             seen.add(id(tensor))

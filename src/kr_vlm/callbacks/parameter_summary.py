@@ -1,4 +1,8 @@
-"""How many parameters train, per tower and layer type: a table at fit/test start, and hyperparameters."""
+"""How many parameters train, per tower and layer type: a table at fit/test start, and hyperparameters.
+
+Adapted layers are grouped by their labels (``kr_vlm.adapters.layer_labels``: tower and layer type, as the
+target selection gave them); everything else in the model is the group ``other/other``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ import lightning.pytorch as pl
 from rich.table import Table
 from torch import nn
 
-from kr_vlm.callbacks.grouping import group_of, group_sort_key
+from kr_vlm.adapters import adapted_layers, layer_labels
+from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE
+from kr_vlm.adapters.labels import REST, label_group
 from kr_vlm.console import print_table
 
 
 @dataclass(frozen=True)
 class ParameterCount:
-    """Trainable and total parameters of one group ``"<tower>/<layer type>"`` (see ``grouping``)."""
+    """Trainable and total parameters of one group ``"<tower>/<layer type>"`` (``label_group``)."""
 
     group: str
     trainable: int
@@ -27,20 +33,27 @@ class ParameterCount:
 
 
 def count_parameters_by_group(model: nn.Module) -> list[ParameterCount]:
-    """Trainable and total parameters per group, in display order (vision/q first, other/other last).
+    """Trainable and total parameters per group: the adapted layers' groups in module order, then the rest
+    of the model as ``other/other``.
 
-    Shared parameters are counted once (``named_parameters`` skips repeats), so the counts add up to
-    ``kr_vlm.adapters.count_parameters(model)``.
+    An adapted layer counts its adapter and its base layer. Shared parameters are counted once, so the
+    counts add up to ``kr_vlm.adapters.count_parameters(model)``.
     """
+    labels = layer_labels(model)
+    group_of_parameter: dict[int, str] = {}
+    for name, _ in adapted_layers(model):
+        for parameter in model.get_submodule(name).parameters():
+            group_of_parameter.setdefault(id(parameter), label_group(labels[name]))
+    rest = label_group(REST)
     trainable: dict[str, int] = {}
     total: dict[str, int] = {}
-    for name, parameter in model.named_parameters():
-        group = group_of(name)
-        total[group] = total.get(group, 0) + parameter.numel()
-        trainable[group] = trainable.get(group, 0) + (parameter.numel() if parameter.requires_grad else 0)
-    return [
-        ParameterCount(group, trainable[group], total[group]) for group in sorted(total, key=group_sort_key)
-    ]
+    for group in [*dict.fromkeys(group_of_parameter.values()), rest]:
+        trainable[group] = total[group] = 0
+    for parameter in model.parameters():
+        group = group_of_parameter.get(id(parameter), rest)
+        total[group] += parameter.numel()
+        trainable[group] += parameter.numel() if parameter.requires_grad else 0
+    return [ParameterCount(group, trainable[group], total[group]) for group in total if total[group]]
 
 
 def total_count(counts: list[ParameterCount]) -> ParameterCount:
@@ -50,15 +63,12 @@ def total_count(counts: list[ParameterCount]) -> ParameterCount:
 
 def adapter_methods(model: nn.Module) -> list[str]:
     """Names of the adapter methods recorded on the model or its submodules by ``inject_adapters``."""
-    methods: list[str] = []
-    for module in model.modules():
-        config = getattr(module, "kr_vlm_adapter_config", None)
-        configs = config if isinstance(config, (list, tuple)) else [config]
-        for item in configs:
-            method = getattr(item, "method", None)
-            if method is not None and method not in methods:
-                methods.append(method)
-    return methods
+    methods = [
+        getattr(module, CONFIG_ATTRIBUTE).method
+        for module in model.modules()
+        if hasattr(module, CONFIG_ATTRIBUTE)
+    ]
+    return list(dict.fromkeys(methods))
 
 
 def parameter_table(model: nn.Module, title: str | None = None) -> Table:

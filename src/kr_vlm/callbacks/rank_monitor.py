@@ -3,8 +3,9 @@
 The Khatri-Rao updates of KRAdapter are meant to use (nearly) all directions of a layer, LoRA's at most
 ``r``. ``EffectiveRankMonitor`` makes that visible: it decomposes every ``delta_weight()`` at train start,
 every ``every_n_steps`` optimizer steps and at train end, logs effective rank, stable rank and Frobenius
-norm per layer and per group (tower × layer type) to the trainer's loggers, keeps ``rank_history.json``
-current in the run folder, and at train end draws two plots and a self-contained ``rank_report.html``.
+norm per layer and per group (tower × layer type, from the labels stored with the adapter config) to the
+trainer's loggers, keeps ``rank_history.json`` current in the run folder, and at train end draws two plots
+and a self-contained ``rank_report.html``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from torch import nn
 
 from kr_vlm import spectral
-from kr_vlm.adapters import adapted_layers
-from kr_vlm.callbacks.grouping import group_of, group_sort_key
+from kr_vlm.adapters import adapted_layers, layer_labels
+from kr_vlm.adapters.labels import label_group
 from kr_vlm.callbacks.parameter_summary import parameter_summary
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_text_atomic
@@ -270,9 +271,11 @@ class EffectiveRankMonitor(pl.Callback):
             return None
         spectra = delta_weight_spectra(layers, self.max_stack_elements, self.cpu_threads)
         layer_metrics = {name: spectrum_metrics(sigma) for name, sigma in spectra.items()}
+        labels = layer_labels(model)
         self.layer_info = {
             name: {
-                "group": group_of(name),
+                "group": label_group(labels[name]),
+                "labels": labels[name],
                 "shape": [layer.out_features, layer.in_features],
                 "max_rank": min(layer.out_features, layer.in_features),
                 "rank_cap": layer.rank_cap,
@@ -294,11 +297,12 @@ class EffectiveRankMonitor(pl.Callback):
         return self._base_norms[name]
 
     def group_metrics(self, record: dict[str, Any]) -> dict[str, dict[str, float]]:
-        """Means of each metric over the layers of every group (and over all layers, as group ``all``)."""
-        members: dict[str, list[str]] = {}
-        for name in record["layers"]:
-            members.setdefault(self.layer_info.get(name, {}).get("group", group_of(name)), []).append(name)
-        groups = {group: members[group] for group in sorted(members, key=group_sort_key)}
+        """Means of each metric over the layers of every group (and over all layers, as group ``all``);
+        groups in the order their first layers come in the model."""
+        groups: dict[str, list[str]] = {}
+        for name, info in self.layer_info.items():  # in module order
+            if name in record["layers"]:
+                groups.setdefault(info["group"], []).append(name)
         groups["all"] = list(record["layers"])
         return {
             group: {metric: _mean([record["layers"][name][metric] for name in names]) for metric in METRICS}
@@ -306,11 +310,12 @@ class EffectiveRankMonitor(pl.Callback):
         }
 
     def spectra_by_group(self) -> dict[str, list[torch.Tensor]]:
-        """The latest singular values of every layer, gathered by group (groups in display order)."""
+        """The latest singular values of every layer, gathered by group (groups in model order)."""
         by_group: dict[str, list[torch.Tensor]] = {}
-        for name, sigma in self.final_spectra.items():
-            by_group.setdefault(self.layer_info[name]["group"], []).append(sigma)
-        return {group: by_group[group] for group in sorted(by_group, key=group_sort_key)}
+        for name, info in self.layer_info.items():  # in module order
+            if name in self.final_spectra:
+                by_group.setdefault(info["group"], []).append(self.final_spectra[name])
+        return by_group
 
     def _log_to_loggers(self, trainer: pl.Trainer, step: int) -> None:
         record = self.records[-1]

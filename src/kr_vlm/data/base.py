@@ -60,11 +60,6 @@ class ClassificationTask:
                 f"class name; these do not: {bad}"
             )
 
-    @property
-    def num_classes(self) -> int:
-        """Number of classes (labels are 0 .. num_classes - 1)."""
-        return len(self.classnames)
-
 
 def load_rgb_image(path: str) -> Image.Image:
     """Open `path` with PIL, decode it fully and return it as RGB.

@@ -266,8 +266,8 @@ def warn_short_classes(
     what: str,
     classnames: Sequence[str] | None = None,
     consequence: str = "they are sampled with replacement",
-) -> list[int]:
-    """Warn (once, naming them) about the classes with fewer than `shots` samples; return their labels.
+) -> None:
+    """Warn (once, naming them) about the classes with fewer than `shots` samples.
 
     With `classnames`, a class that has no sample at all is reported too (it cannot be sampled).
     `consequence` says what the sampler does with such a class.
@@ -288,7 +288,6 @@ def warn_short_classes(
             UserWarning,
             stacklevel=3,
         )
-    return short
 
 
 def _warn_about_short_classes(

@@ -126,8 +126,7 @@ _INFOS = (
 
 DATASETS: dict[str, DatasetInfo] = {info.name: info for info in _INFOS}
 DATASET_NAMES: tuple[str, ...] = tuple(DATASETS)
-# The 11 few-shot benchmarks of CoOp / CLIP-LoRA, and the ImageNet shift sets.
-FEWSHOT_DATASETS: tuple[str, ...] = DATASET_NAMES[:11]
+# The ImageNet shift sets.
 IMAGENET_SHIFT_DATASETS: tuple[str, ...] = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 
 

@@ -243,11 +243,6 @@ class SeparateQKVCustomAttention(nn.Module):
         self.out_drop = source.out_drop
         self.train(source.training)
 
-    @classmethod
-    def from_open_clip_attention(cls, source: OpenClipAttention) -> SeparateQKVCustomAttention:
-        """An equivalent module sharing ``source``'s norms and out_proj, with q/k/v weights copied."""
-        return cls(source)
-
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over batch-first ``x`` of shape ``(N, L, C)``."""
         batch, length, channels = x.shape
@@ -294,7 +289,7 @@ def convert_attention(model: nn.Module) -> nn.Module:
         if isinstance(module, nn.MultiheadAttention):
             replacement = SeparateQKVAttention.from_multihead_attention(module)
         else:
-            replacement = SeparateQKVCustomAttention.from_open_clip_attention(module)
+            replacement = SeparateQKVCustomAttention(module)
         model.set_submodule(name, replacement)
     return model
 

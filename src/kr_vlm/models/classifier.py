@@ -16,9 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kr_vlm.errors import ConfigError
-
-# Parameters of an open_clip model that belong to neither tower.
-_HEAD_PARAMETERS = ("logit_scale", "logit_bias")
+from kr_vlm.models.targets import text_tower_parameters
 
 
 class Task(Protocol):
@@ -79,12 +77,8 @@ class CLIPClassifier(nn.Module):
         self._embeddings: dict[TaskKey, tuple[tuple, Tensor]] = {}
 
     def text_tower_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the text tower: everything outside ``visual`` and the logit scale/bias."""
-        return [
-            param
-            for name, param in self.model.named_parameters()
-            if not name.startswith("visual.") and name not in _HEAD_PARAMETERS
-        ]
+        """Parameters of the text tower (``kr_vlm.models.targets.text_tower_parameters``)."""
+        return text_tower_parameters(self.model)
 
     def text_tower_trainable(self) -> bool:
         """True when some text-tower parameter requires grad (e.g. adapters in the text tower)."""

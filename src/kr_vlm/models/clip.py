@@ -1,19 +1,24 @@
 """Load an open_clip CLIP offline, with its attention converted to separate q/k/v/out linears.
 
 Weights come from a local file, a local folder, or the caches open_clip downloads into (the Hugging
-Face hub cache and open_clip's URL cache). Nothing is downloaded unless asked for
-(``allow_download=True``) and Hugging Face offline mode (``HF_HUB_OFFLINE``) is off; missing weights
-raise :class:`WeightsNotFoundError`, which names the folders looked in and the command that fetches
-them on a connected machine.
+Face hub cache and open_clip's URL cache), looked up the way open_clip and huggingface_hub look them up
+(``huggingface_hub.try_to_load_from_cache``; huggingface_hub reads ``HF_HOME``, ``HF_HUB_CACHE`` and
+``HF_HUB_OFFLINE`` when it is imported). Nothing is downloaded unless asked for (``allow_download=True``)
+and Hugging Face offline mode is off; missing weights raise :class:`WeightsNotFoundError`, which names the
+folders looked in and the command that fetches them on a connected machine.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import copy
 import difflib
+import hashlib
+import json
 import logging
 import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -23,9 +28,9 @@ import huggingface_hub
 import open_clip
 import torch
 from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.file_download import repo_folder_name
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
 from open_clip.factory import parse_model_name
-from open_clip.pretrained import _get_safe_alternatives
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
@@ -42,8 +47,9 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Preprocessing settings of a pretrained tag (open_clip merges these into the model's preprocess cfg).
 TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
-# open_clip's default location for weights fetched by URL (open_clip.pretrained.download_pretrained_from_url).
-OPEN_CLIP_URL_CACHE = Path("~/.cache/clip").expanduser()
+# Where open_clip.pretrained.download_pretrained_from_url puts weights fetched by URL when given no
+# cache_dir; open_clip has no public name for it.
+OPEN_CLIP_URL_CACHE = "~/.cache/clip"
 
 # The architectures kr_vlm ships (open_clip model configs, one JSON file each), registered with open_clip
 # so that create_model and get_tokenizer know their names.
@@ -61,36 +67,31 @@ class WeightsNotFoundError(KrVlmError, FileNotFoundError):
     """Pretrained weights are neither in a cache nor at the given path (and were not downloaded)."""
 
 
-def _hub_offline() -> bool:
-    """Hugging Face offline mode, read now (huggingface_hub reads the variable once, at import)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    from_env = any(str(flag).upper() in {"1", "ON", "YES", "TRUE"} for flag in flags if flag)
-    return from_env or huggingface_hub.constants.HF_HUB_OFFLINE
+def _hub_repo_folder(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The folder of ``repo_id`` in the Hugging Face cache (``cache_dir`` or huggingface_hub's own)."""
+    hub_cache = cache_dir if cache_dir is not None else huggingface_hub.constants.HF_HUB_CACHE
+    return Path(hub_cache).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def _hub_cache_dir(cache_dir: str | os.PathLike | None) -> Path:
-    """The Hugging Face hub cache open_clip would use, honouring HF_HUB_CACHE / HF_HOME set at run time."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    hub_cache = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if hub_cache:
-        return Path(hub_cache).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(huggingface_hub.constants.HF_HUB_CACHE)
-
-
-def _hub_repo_folder(hub_cache: Path, repo_id: str) -> Path:
-    return hub_cache / f"models--{repo_id.replace('/', '--')}"
-
-
-def _cached_hub_file(repo_id: str, filenames: Sequence[str], hub_cache: Path) -> str | None:
-    """Path of the first of ``filenames`` present in the hub cache for ``repo_id`` (no network)."""
+def _cached_hub_file(
+    repo_id: str, filenames: Sequence[str], cache_dir: str | os.PathLike | None
+) -> str | None:
+    """Path of the first of ``filenames`` in the Hugging Face cache for ``repo_id`` (no network)."""
     for filename in filenames:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=hub_cache)
+        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
         if isinstance(cached, str):
             return cached
     return None
+
+
+def _weights_candidates(filename: str) -> list[str]:
+    """The files open_clip would load for ``filename`` of a hub repo, in its order: a .safetensors file
+    first where it can be one (``open_clip_model.safetensors`` for ``open_clip_pytorch_model.bin``)."""
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
 
 
 def _fetch_command(model_name: str, pretrained: str | None, cache_dir: str | os.PathLike | None) -> str:
@@ -114,16 +115,24 @@ def _weights_not_found(
     )
 
 
-def _download_blocker(allow_download: bool) -> str | None:
-    """Why nothing may be downloaded now, or None when downloading is allowed."""
-    if _hub_offline():
-        return "Downloading is off: HF_HUB_OFFLINE is set."
+def _fetched(
+    what: str, looked_in: Sequence[str], command: str, allow_download: bool, fetch: Callable[[], Any]
+):
+    """``fetch()`` (a download through open_clip) when downloading is allowed; else, or when it fails,
+    the ``WeightsNotFoundError`` that says where the files were looked for."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise _weights_not_found(what, looked_in, command, "Downloading is off: HF_HUB_OFFLINE is set.")
     if not allow_download:
-        return (
+        reason = (
             "Downloading is off: load_clip(..., allow_download=False), the default "
             "(model.clip.allow_download=true in the configs turns it on)."
         )
-    return None
+        raise _weights_not_found(what, looked_in, command, reason)
+    log.info("Downloading %s", what[0].lower() + what[1:])
+    try:
+        return fetch()
+    except Exception as error:  # any network or hub failure: report it as missing weights
+        raise _weights_not_found(what, looked_in, command, f"Downloading failed: {error}") from error
 
 
 def _tag_weights(
@@ -137,70 +146,58 @@ def _tag_weights(
     if "file" in tag_cfg:
         return tag_cfg["file"]
     looked_in = []
-    hf_hub = tag_cfg.get("hf_hub", "")
-    if hf_hub:
+    if tag_cfg.get("hf_hub"):
         # open_clip's hf_hub entries are "org/repo/filename" or "org/repo/" (default weights filename).
-        repo_id, filename = os.path.split(hf_hub)
-        filename = filename or HF_WEIGHTS_NAME
-        hub_cache = _hub_cache_dir(cache_dir)
-        candidates = [*_get_safe_alternatives(filename), filename]  # the order open_clip downloads in
-        cached = _cached_hub_file(repo_id, candidates, hub_cache)
+        repo_id, filename = os.path.split(tag_cfg["hf_hub"])
+        candidates = _weights_candidates(filename or HF_WEIGHTS_NAME)
+        cached = _cached_hub_file(repo_id, candidates, cache_dir)
         if cached is not None:
             return cached
         looked_in.append(
-            f"{_hub_repo_folder(hub_cache, repo_id)} (Hugging Face cache; files {', '.join(candidates)})"
+            f"{_hub_repo_folder(repo_id, cache_dir)} (Hugging Face cache; files {', '.join(candidates)})"
         )
-    url = tag_cfg.get("url", "")
-    if url:
-        url_file = Path(cache_dir).expanduser() if cache_dir is not None else OPEN_CLIP_URL_CACHE
-        url_file = url_file / os.path.basename(url)
+    if tag_cfg.get("url"):
+        url_file = Path(cache_dir or OPEN_CLIP_URL_CACHE).expanduser() / os.path.basename(tag_cfg["url"])
         if url_file.is_file():
             return str(url_file)
         looked_in.append(f"{url_file} (open_clip URL cache)")
-
-    blocker = _download_blocker(allow_download)
-    command = _fetch_command(model_name, tag, cache_dir)
     what = f"Pretrained weights for model {model_name!r} (pretrained={tag!r})"
-    if blocker is not None:
-        raise _weights_not_found(what, looked_in, command, blocker)
-    log.info("Downloading pretrained weights for %s (pretrained=%r)", model_name, tag)
-    try:
-        return open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir)
-    except Exception as error:  # any network or hub failure: report it as missing weights
-        raise _weights_not_found(what, looked_in, command, f"Downloading failed: {error}") from error
+    command = _fetch_command(model_name, tag, cache_dir)
+    return _fetched(
+        what,
+        looked_in,
+        command,
+        allow_download,
+        lambda: open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir),
+    )
 
 
 def _has_weights_file(folder: Path) -> bool:
-    # The file types open_clip's local-dir loader (factory._find_checkpoint_in_dir) picks up.
+    # The file types open_clip's local-dir loader picks up.
     return any(any(folder.glob(f"*{suffix}")) for suffix in (".safetensors", ".bin", ".pth"))
 
 
 def _hf_hub_folder(repo_id: str, cache_dir: str | os.PathLike | None, allow_download: bool) -> Path:
     """The cached snapshot folder of an open_clip hub repo (config + weights), downloaded if allowed."""
-    hub_cache = _hub_cache_dir(cache_dir)
-    config = _cached_hub_file(repo_id, ["open_clip_config.json"], hub_cache)
-    weights = _cached_hub_file(repo_id, [HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME], hub_cache)
+    config = _cached_hub_file(repo_id, ["open_clip_config.json"], cache_dir)
+    weights = _cached_hub_file(repo_id, _weights_candidates(HF_WEIGHTS_NAME), cache_dir)
     if config is not None and weights is not None and Path(config).parent == Path(weights).parent:
         return Path(config).parent
-
     looked_in = [
-        f"{_hub_repo_folder(hub_cache, repo_id)} (Hugging Face cache; files open_clip_config.json and "
+        f"{_hub_repo_folder(repo_id, cache_dir)} (Hugging Face cache; files open_clip_config.json and "
         f"{HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME})"
     ]
+
+    def fetch() -> Path:
+        download = open_clip.pretrained.download_pretrained_from_hf
+        config = download(repo_id, filename="open_clip_config.json", cache_dir=cache_dir)
+        download(repo_id, cache_dir=cache_dir)
+        return Path(config).parent
+
     what = f"Config and weights of model 'hf-hub:{repo_id}'"
-    command = _fetch_command(f"hf-hub:{repo_id}", None, cache_dir)
-    blocker = _download_blocker(allow_download)
-    if blocker is not None:
-        raise _weights_not_found(what, looked_in, command, blocker)
-    log.info("Downloading config and weights of hf-hub:%s", repo_id)
-    try:
-        config = open_clip.pretrained.download_pretrained_from_hf(
-            repo_id, filename="open_clip_config.json", cache_dir=cache_dir
-        )
-        open_clip.pretrained.download_pretrained_from_hf(repo_id, cache_dir=cache_dir)
-    except Exception as error:  # any network or hub failure: report it as missing weights
-        raise _weights_not_found(what, looked_in, command, f"Downloading failed: {error}") from error
-    return Path(config).parent
+    return _fetched(
+        what, looked_in, _fetch_command(f"hf-hub:{repo_id}", None, cache_dir), allow_download, fetch
+    )
 
 
 def _unknown_model_error(name: str) -> ValueError:
@@ -215,34 +212,43 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
-@contextlib.contextmanager
-def _registered_model_config(name: str, model_cfg: dict[str, Any] | None) -> Iterator[None]:
-    """Make ``name`` resolve to ``model_cfg`` in open_clip's registry for the duration of the block.
+# Custom architectures (load_clip's model_cfg) are written here for open_clip.add_model_config, for the
+# process's lifetime: open_clip reads the folder again whenever a config is added.
+_CUSTOM_CONFIG_DIR: Path | None = None
 
-    open_clip's create_model and get_tokenizer only take registered names; removing the entry afterwards
-    keeps a custom architecture from lingering in (or shadowing) open_clip's global registry.
+
+def _registered_name(name: str, model_cfg: dict[str, Any] | None) -> str:
+    """The name open_clip knows the architecture by: ``name``, or for a custom ``model_cfg`` a name made
+    of ``name`` and a digest of the config, registered with ``open_clip.add_model_config``.
+
+    The digest keeps two configs given under one name in one process apart (and one config registered
+    once), and ``name`` itself never enters open_clip's registry, so it shadows nothing there.
     """
+    global _CUSTOM_CONFIG_DIR
     if model_cfg is None:
-        yield
-        return
+        return name
     missing = {"embed_dim", "vision_cfg", "text_cfg"} - set(model_cfg)
     if missing:
         raise ConfigError(
             f"model_cfg for {name!r} lacks {sorted(missing)} (open_clip model configs need all three)"
         )
-    registry = open_clip.factory._MODEL_CONFIGS
-    if name in registry:
+    if name in open_clip.list_models():
         raise ConfigError(
             f"model_cfg was given under the name {name!r}, which open_clip already defines; "
             "choose another name for the custom architecture."
         )
     if "/" in name or ":" in name:
         raise ConfigError(f"a custom architecture name may not contain '/' or ':', got {name!r}")
-    registry[name] = copy.deepcopy(model_cfg)
-    try:
-        yield
-    finally:
-        registry.pop(name, None)
+    text = json.dumps(model_cfg, sort_keys=True)
+    registered = f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+    if registered not in open_clip.list_models():
+        if _CUSTOM_CONFIG_DIR is None:
+            _CUSTOM_CONFIG_DIR = Path(tempfile.mkdtemp(prefix="kr_vlm_model_configs_"))
+            atexit.register(shutil.rmtree, _CUSTOM_CONFIG_DIR, ignore_errors=True)
+        path = _CUSTOM_CONFIG_DIR / f"{registered}.json"
+        path.write_text(text)
+        open_clip.add_model_config(path)
+    return registered
 
 
 def _looks_like_path(value: str) -> bool:
@@ -433,9 +439,10 @@ def load_clip(
     random_weights = schema is None and checkpoint is None
     if random_weights:
         log.info("%s: random weights, as configured (pretrained is None).", name)
-    with _registered_model_config(name, model_cfg), _without_random_init_warning(random_weights):
+    registered = _registered_name(name, model_cfg)
+    with _without_random_init_warning(random_weights):
         model = open_clip.create_model(
-            name,
+            registered,
             pretrained=checkpoint,
             precision=precision,
             device=device or "cpu",
@@ -446,7 +453,7 @@ def load_clip(
             # weights_only=True; everything else is loaded the safe way.
             weights_only=not (checkpoint is not None and _is_torchscript_archive(checkpoint)),
         )
-        tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(registered)
 
     convert_attention(model)
     model.eval()

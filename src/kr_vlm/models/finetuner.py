@@ -1,17 +1,17 @@
 """``CLIPFineTuner``: the LightningModule that trains adapters on an open_clip model for classification.
 
 The base model is rebuilt from the config at every load (``load_clip``), so checkpoints hold the
-adapter tensors, the hyperparameters and the training state only: KRAdapter on every linear of both
-ViT-B-16 towers (7.2M trainable entries) gives an 83 MB checkpoint, two thirds of it AdamW's state,
-against 600 MB for the model. ``export_merged`` writes the other kind of file: a plain open_clip state dict with the
-adapters merged in, which stock open_clip loads without kr_vlm.
+adapter tensors, the hyperparameters and the training state (AdamW's two moments per adapter tensor)
+only, never the frozen model. ``export_merged`` writes the other kind of file: a plain open_clip state
+dict with the adapters merged in, which stock open_clip loads without kr_vlm.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +22,27 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from kr_vlm.adapters import AdapterConfig, adapted_layers, adapter_state_dict, inject_adapters
+from kr_vlm import metric_names
+from kr_vlm.adapters import (
+    AdapterConfig,
+    adapted_layers,
+    adapter_state_dict,
+    inject_adapters,
+    merged_state_dict,
+)
+from kr_vlm.adapters.config import checked_options
 from kr_vlm.adapters.io import AdapterMismatchError, state_dict_mismatches
+from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_file_atomic
 from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
-from kr_vlm.models.targets import clip_target_modules
+from kr_vlm.models.targets import select_targets
+from kr_vlm.optim import OptimizerOptions, SchedulerOptions, warmup_cosine_factor
 
-# CLIP-LoRA's optimiser (AdamW, lr 2e-4, weight decay 1e-2) and its cosine schedule down to 1e-6.
-OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 2e-4, "weight_decay": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8}
-SCHEDULER_DEFAULTS: dict[str, Any] = {"warmup_steps": 0, "warmup_ratio": 0.0, "min_lr": 1e-6}
-
-# Adapter config keys that choose the layers (through clip_target_modules); the rest are method options.
-TARGET_KEYS = ("layers", "towers", "blocks")
+#: The keys of an adapter config: the method, the layers it adapts, the method's options.
+ADAPTER_KEYS = ("method", "targets", "options")
 
 # Where the open_clip model sits inside this LightningModule (prefix of its state-dict keys).
 MODEL_PREFIX = "classifier.model."
@@ -47,90 +53,48 @@ RNG_STATES_KEY = "kr_vlm_rng_states"
 _TASK_ATTRIBUTES = {"train": "train_task", "val": "val_tasks", "test": "test_tasks"}
 
 
-def _plain(value: Any) -> Any:
-    """``value`` as plain dicts and lists (Hydra hands over DictConfig / ListConfig), so that
-    hyperparameters pickle and compare without OmegaConf."""
-    if isinstance(value, Mapping):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(item) for item in value]
-    return value
+def _options(options_class: type, given: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
+    """``given`` with the defaults of ``options_class`` filled in; an unknown name is a ``ConfigError``."""
+    given = dict(given or {})
+    valid = [field.name for field in dataclasses.fields(options_class)]
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(f"Unknown {what} option(s) {unknown}; valid options: {sorted(valid)}.")
+    return dataclasses.asdict(options_class(**given))
 
 
-def _split_adapter_config(adapter: dict[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
-    """``(method, layer selection for clip_target_modules, method options)`` of an adapter config."""
-    options = dict(adapter)
-    method = options.pop("method", None)
+def adapter_parts(adapter: Mapping[str, Any]) -> tuple[str, Any, dict[str, Any]]:
+    """``(method, targets, options)`` of an adapter config ``{method, targets, options}``, the method and
+    its options checked (``kr_vlm.adapters.config.checked_options``)."""
+    method = adapter.get("method")
     if method is None:
         raise ConfigError(f"adapter needs a 'method' (e.g. 'kradapter', 'lora', or 'none'); got {adapter}.")
-    targets = {key: options.pop(key) for key in TARGET_KEYS if key in options}
-    if method == "none" and (targets or options):
-        raise ConfigError(
-            f"adapter method 'none' (zero-shot) adapts nothing; remove {sorted({**targets, **options})}."
-        )
-    return method, targets, options
-
-
-def _with_defaults(given: Mapping[str, Any] | None, defaults: dict[str, Any], what: str) -> dict[str, Any]:
-    given = dict(given or {})
-    unknown = sorted(set(given) - set(defaults))
+    unknown = sorted(set(adapter) - set(ADAPTER_KEYS))
     if unknown:
-        raise ConfigError(f"Unknown {what} option(s) {unknown}; valid options: {sorted(defaults)}.")
-    return {**defaults, **given}
-
-
-def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_factor: float) -> float:
-    """Learning-rate multiplier at optimiser step ``step``: linear warm-up over ``warmup_steps``, then a
-    cosine from 1 down to ``min_factor`` (= min_lr / lr), reached at ``total_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        raise ConfigError(
+            f"Unknown adapter key(s) {unknown}: an adapter config is {{method, targets, options}}; the layers "
+            "to adapt go under targets (e.g. adapter.targets.layers=[q,v]), the method's options under "
+            "options (e.g. adapter.options.rank=8). A checkpoint saved before adapter configs took this shape "
+            "holds the flat one: evaluate its run's adapters instead (eval.py adapters_dir=<run folder>/adapters)."
+        )
+    return method, adapter.get("targets"), checked_options(method, adapter.get("options") or {})
 
 
 def _accuracy_metrics(num_classes: int) -> MetricCollection:
     # Micro averaging: accuracy over samples, as CLIP papers report it (torchmetrics defaults to macro).
     return MetricCollection(
         {
-            "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
+            metric_names.TOP1: MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            metric_names.TOP5: MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
         }
     )
 
 
 def open_clip_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """A copy (on the CPU) of ``model``'s weights as stock open_clip names them, adapters merged in.
-
-    Every adapted layer contributes its merged ``weight`` / ``bias`` under its own name; the adapter
-    tensors are dropped. Converted attention modules get their q/k/v projections fused back into
-    ``in_proj_weight`` / ``in_proj_bias``. ``model`` is left exactly as it was: layers merged here
-    are unmerged afterwards and their base weights restored from a copy, so no rounding drift is left.
-    """
-    layers = dict(adapted_layers(model))
-    # FullFineTuneLinear is its own base layer; KRAdapter and peft layers keep theirs as `base_layer`.
-    bases = {name: getattr(layer, "base_layer", layer) for name, layer in layers.items()}
-    to_merge = [name for name, layer in layers.items() if not layer.merged]
-    originals = {
-        name: {key: t.detach().clone() for key, t in bases[name].state_dict().items()} for name in to_merge
-    }
-    for name in to_merge:
-        layers[name].merge()
-    try:
-        state = {
-            key: tensor.detach().to("cpu", copy=True)
-            for key, tensor in model.state_dict().items()
-            if not any(key.startswith(name + ".") for name in layers)
-        }
-        for name, base in bases.items():
-            state[f"{name}.weight"] = base.weight.detach().to("cpu", copy=True)
-            if base.bias is not None:
-                state[f"{name}.bias"] = base.bias.detach().to("cpu", copy=True)
-    finally:
-        for name in to_merge:
-            layers[name].unmerge()
-            bases[name].load_state_dict(originals[name])
-    fuse_qkv_state_dict(model, state)
-    return state
+    """A copy (on the CPU) of ``model``'s weights as stock open_clip names them, adapters merged in
+    (``kr_vlm.adapters.merged_state_dict``), with the q/k/v projections of converted attention fused back
+    into ``in_proj_weight`` / ``in_proj_bias``. ``model`` is left exactly as it was."""
+    return fuse_qkv_state_dict(model, merged_state_dict(model))
 
 
 class CLIPFineTuner(LightningModule):
@@ -145,22 +109,24 @@ class CLIPFineTuner(LightningModule):
     Args:
         clip: keyword arguments of ``load_clip``: ``name`` (required), ``pretrained`` (None: random
             init, an open_clip tag, or a local file), ``cache_dir``, ``precision``, ``model_cfg``, ...
-        adapter: ``method`` (``kradapter``, ``lora``, ..., ``full``, or ``none`` for zero-shot; the
-            default None means ``none``), the layers to adapt as ``layers`` / ``towers`` / ``blocks``
-            (``clip_target_modules``' arguments; its defaults when left out), and the method's options
-            (e.g. ``rank``, ``scaling`` for kradapter; ``r``, ``lora_alpha``, ``lora_dropout`` for lora).
-        optimizer: AdamW options ``lr``, ``weight_decay``, ``betas``, ``eps`` (``OPTIMIZER_DEFAULTS``).
-            Weight decay skips 1-D tensors (biases, norms).
-        scheduler: ``warmup_steps`` or ``warmup_ratio`` (of the total steps) of linear warm-up, then a
-            cosine to ``min_lr``; stepped every optimiser step, over ``trainer.estimated_stepping_batches``
-            (``SCHEDULER_DEFAULTS``).
+        adapter: ``{method, targets, options}`` (``ADAPTER_KEYS``): ``method`` is ``kradapter``, ``lora``,
+            ..., ``full``, or ``none`` for zero-shot (the default None means ``none``); ``targets`` the
+            layers to adapt: the friendly selection ``{layers, towers, blocks}`` (``clip_targets``'
+            arguments; its defaults where left out, all six layers of both towers when ``targets`` is left
+            out), a list of module names or a regex; ``options`` the method's options (e.g. ``rank``,
+            ``scaling`` for kradapter; ``r``, ``lora_alpha``, ``lora_dropout`` for lora).
+        optimizer: AdamW options (``OptimizerOptions``: ``lr``, ``weight_decay``, ``betas``, ``eps``).
+        scheduler: warm-up and cosine (``SchedulerOptions``: ``warmup_steps`` or ``warmup_ratio``,
+            ``min_lr``), stepped every optimiser step over ``trainer.estimated_stepping_batches``.
         logit_scale: fixed logit scale (CLIP-LoRA: 100), or None for the model's learned one.
         text_batch_size: prompts per text-encoder call when embedding class names.
         init_seed: seed of the random base weights when ``clip.pretrained`` is None, so a module rebuilt
             from a checkpoint gets the same frozen weights (they are not saved). Adapters are initialised
             from the global seed as usual.
 
-    Only adapter tensors may train: ``configure_optimizers`` raises if any other parameter requires grad.
+    Hydra configs arrive as plain dicts (``model/clip.yaml`` instantiates with ``_convert_: all``), so the
+    hyperparameters hold plain data. Only adapter tensors may train: ``configure_optimizers`` raises if
+    any other parameter requires grad.
     """
 
     def __init__(
@@ -175,14 +141,13 @@ class CLIPFineTuner(LightningModule):
     ) -> None:
         super().__init__()
         self._resumed_rng_states: dict[str, Any] | None = None
-        clip, adapter = _plain(clip), _plain(adapter) if adapter is not None else {"method": "none"}
-        optimizer, scheduler = _plain(optimizer) or {}, _plain(scheduler) or {}
+        adapter = {"method": "none"} if adapter is None else adapter
         if "name" not in clip:
             raise ConfigError(f"clip needs a model 'name' (e.g. 'ViT-B-16'); got {clip}.")
         # Check every config before loading the model, which can take a while.
-        method, targets, options = _split_adapter_config(adapter)
-        self.optimizer_config = _with_defaults(optimizer, OPTIMIZER_DEFAULTS, "optimizer")
-        self.scheduler_config = _with_defaults(scheduler, SCHEDULER_DEFAULTS, "scheduler")
+        method, targets, options = adapter_parts(adapter)
+        self.optimizer_config = _options(OptimizerOptions, optimizer, "optimizer")
+        self.scheduler_config = _options(SchedulerOptions, scheduler, "scheduler")
         if self.scheduler_config["warmup_steps"] and self.scheduler_config["warmup_ratio"]:
             raise ConfigError("Give scheduler.warmup_steps or scheduler.warmup_ratio, not both.")
         if self.scheduler_config["min_lr"] > self.optimizer_config["lr"]:
@@ -190,16 +155,18 @@ class CLIPFineTuner(LightningModule):
                 f"scheduler.min_lr ({self.scheduler_config['min_lr']}) is above optimizer.lr "
                 f"({self.optimizer_config['lr']}); the cosine schedule decays from lr down to min_lr."
             )
+        # The run's config is logged once, by the command line (kr_vlm.cli); these go into checkpoints.
         self.save_hyperparameters(
             {
                 "clip": clip,
                 "adapter": adapter,
-                "optimizer": optimizer,
-                "scheduler": scheduler,
+                "optimizer": optimizer or {},
+                "scheduler": scheduler or {},
                 "logit_scale": logit_scale,
                 "text_batch_size": text_batch_size,
                 "init_seed": init_seed,
-            }
+            },
+            logger=False,
         )
 
         if clip.get("pretrained") is None:
@@ -208,10 +175,10 @@ class CLIPFineTuner(LightningModule):
                 model, self.preprocess_train, self.preprocess_val, self.tokenizer = load_clip(**clip)
         else:
             model, self.preprocess_train, self.preprocess_val, self.tokenizer = load_clip(**clip)
-        if method == "none":
-            self.adapter_config = AdapterConfig("none")
+        if REGISTRY[method].adapts_layers:
+            self.adapter_config = AdapterConfig(method, select_targets(model, targets), **options)
         else:
-            self.adapter_config = AdapterConfig(method, clip_target_modules(model, **targets), **options)
+            self.adapter_config = AdapterConfig(method, targets, **options)  # targets must be left out
         inject_adapters(model, self.adapter_config)
         # load_clip returns eval mode and Lightning keeps submodules' modes: start in training mode like
         # any fresh nn.Module, or adapter dropout would stay off while training.
@@ -219,6 +186,26 @@ class CLIPFineTuner(LightningModule):
         self.classifier = CLIPClassifier(model, self.tokenizer, logit_scale, text_batch_size)
         # One MetricCollection per evaluation set, rebuilt in `setup` from the DataModule's tasks.
         self.eval_metrics = nn.ModuleDict()
+
+    @property
+    def clip_model(self) -> nn.Module:
+        """The open_clip model, adapters included (what ``save_adapters`` / ``load_adapters`` take)."""
+        return self.classifier.model
+
+    @property
+    def adapter_method(self) -> str:
+        """The adapter method this module was built with (``none`` for zero-shot)."""
+        return self.adapter_config.method
+
+    @property
+    def model_name(self) -> str:
+        """The open_clip architecture (``clip.name``)."""
+        return self.hparams["clip"]["name"]
+
+    @property
+    def pretrained(self) -> str | None:
+        """Where the base weights came from (``clip.pretrained``): a tag, a file, or None (random)."""
+        return self.hparams["clip"].get("pretrained")
 
     # ----------------------------------------------------------------------------------- tasks & metrics
 
@@ -266,8 +253,16 @@ class CLIPFineTuner(LightningModule):
         logits = self.classifier(images, self._tasks("train"))
         loss = F.cross_entropy(logits, labels)
         batch_size = labels.shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/top1", (logits.argmax(dim=-1) == labels).float().mean(), batch_size=batch_size)
+        train_top1 = (logits.argmax(dim=-1) == labels).float().mean()
+        self.log(
+            metric_names.metric_key(metric_names.TRAIN, metric_names.LOSS),
+            loss,
+            prog_bar=True,
+            batch_size=batch_size,
+        )
+        self.log(
+            metric_names.metric_key(metric_names.TRAIN, metric_names.TOP1), train_top1, batch_size=batch_size
+        )
         return loss
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
@@ -276,16 +271,13 @@ class CLIPFineTuner(LightningModule):
         Raises ValueError naming the offenders if anything outside the adapters trains (e.g. an unfrozen
         logit scale or base weight): checkpoints keep only adapter tensors, so it would be lost.
         """
-        adapted = [MODEL_PREFIX + name for name, _ in adapted_layers(self.classifier.model)]
-
-        def is_adapter_tensor(name: str) -> bool:
-            return any(
-                name.startswith(layer + ".") and not name.startswith(layer + ".base_layer.")
-                for layer in adapted
-            )
-
+        adapter_tensors = {
+            id(tensor)
+            for _, layer in adapted_layers(self.clip_model)
+            for tensor in layer.adapter_state_dict().values()
+        }
         trainable = [(name, param) for name, param in self.named_parameters() if param.requires_grad]
-        offenders = [name for name, _ in trainable if not is_adapter_tensor(name)]
+        offenders = [name for name, param in trainable if id(param) not in adapter_tensors]
         if offenders:
             shown = ", ".join(offenders[:10]) + (
                 f" ... ({len(offenders)} in all)" if len(offenders) > 10 else ""
@@ -350,7 +342,7 @@ class CLIPFineTuner(LightningModule):
         logits = self.classifier(images, task)
         self.eval_metrics[stage][dataloader_idx].update(logits, labels)
         self.log(
-            f"{stage}/{task.name}/loss",
+            metric_names.metric_key(stage, metric_names.LOSS, task.name),
             F.cross_entropy(logits, labels),
             batch_size=labels.shape[0],
             sync_dist=True,
@@ -363,35 +355,44 @@ class CLIPFineTuner(LightningModule):
             values = metrics.compute()  # gathers the counts of all processes under DDP
             for metric_name, value in values.items():
                 self.log(
-                    f"{stage}/{task.name}/{metric_name}", value, add_dataloader_idx=False, sync_dist=True
+                    metric_names.metric_key(stage, metric_name, task.name),
+                    value,
+                    add_dataloader_idx=False,
+                    sync_dist=True,
                 )
-            top1.append(values["top1"])
+            top1.append(values[metric_names.TOP1])
             metrics.reset()
-        self.log(f"{stage}/top1", torch.stack(top1).mean(), add_dataloader_idx=False, sync_dist=True)
+        mean_top1 = torch.stack(top1).mean()
+        self.log(
+            metric_names.metric_key(stage, metric_names.TOP1),
+            mean_top1,
+            add_dataloader_idx=False,
+            sync_dist=True,
+        )
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_epoch_start("val", len(self.trainer.num_val_batches))
+        self._eval_epoch_start(metric_names.VAL, len(self.trainer.num_val_batches))
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("val", batch, dataloader_idx)
+        self._eval_step(metric_names.VAL, batch, dataloader_idx)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
+        self._eval_epoch_end(metric_names.VAL)
 
     def on_test_epoch_start(self) -> None:
-        self._eval_epoch_start("test", len(self.trainer.num_test_batches))
+        self._eval_epoch_start(metric_names.TEST, len(self.trainer.num_test_batches))
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step("test", batch, dataloader_idx)
+        self._eval_step(metric_names.TEST, batch, dataloader_idx)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
+        self._eval_epoch_end(metric_names.TEST)
 
     # ------------------------------------------------------------------------------ checkpoints & export
 
     def adapter_keys(self) -> list[str]:
         """The state-dict keys (of this module) that a checkpoint keeps: the adapter tensors."""
-        return [MODEL_PREFIX + key for key in adapter_state_dict(self.classifier.model)]
+        return [MODEL_PREFIX + key for key in adapter_state_dict(self.clip_model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
@@ -441,7 +442,7 @@ class CLIPFineTuner(LightningModule):
         ``model.load_state_dict(...)``). This module is left unchanged (adapters stay unmerged).
         """
         path = Path(path)
-        state = open_clip_state_dict(self.classifier.model)
+        state = open_clip_state_dict(self.clip_model)
         if path.suffix == ".safetensors":
             from safetensors.torch import save
 

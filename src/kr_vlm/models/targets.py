@@ -1,20 +1,32 @@
-"""Friendly adapter targets for a converted open_clip CLIP: layer kinds x towers x blocks -> module names.
+"""CLIP's module names, in one place: adapter targets with their labels, and which parameters form a tower.
 
-``clip_target_modules(model, layers=("q", "v"), towers="both", blocks="last_4")`` returns full module
-names such as ``visual.transformer.resblocks.8.attn.q_proj`` for
-``kr_vlm.adapters.inject_adapters(model, AdapterConfig(method, target_modules=names))``.
+``clip_targets(model, layers=("q", "v"), towers="both", blocks="last_4")`` returns, for every selected
+linear of a converted open_clip CLIP, its full module name and its labels, e.g.
+``{"visual.transformer.resblocks.8.attn.q_proj": {"tower": "vision", "layer": "q", "block": 8}, ...}``,
+for ``kr_vlm.adapters.inject_adapters(model, AdapterConfig(method, targets))``: the adapters and the
+monitors then know each layer's tower, layer type and block without reading its name.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import nn
 
+from kr_vlm.adapters import find_target_linears, path_labels
 from kr_vlm.errors import ConfigError
 
-__all__ = ["LAYER_MODULES", "TOWERS", "clip_target_modules"]
+__all__ = [
+    "LAYER_MODULES",
+    "TOWERS",
+    "clip_layer_labels",
+    "clip_target_modules",
+    "clip_targets",
+    "select_targets",
+    "text_tower_parameters",
+]
 
 #: Short layer names and the module they name inside each residual block.
 LAYER_MODULES = {
@@ -25,7 +37,13 @@ LAYER_MODULES = {
     "fc1": "mlp.c_fc",
     "fc2": "mlp.c_proj",
 }
-TOWERS = ("vision", "text", "both")
+#: The two towers of a CLIP; a selection may also name ``both``.
+TOWERS = ("vision", "text")
+TOWER_CHOICES = (*TOWERS, "both")
+#: The keys of the friendly selection (``clip_targets``' arguments).
+SELECTION_KEYS = ("layers", "towers", "blocks")
+# Parameters of an open_clip model that belong to neither tower.
+_HEAD_PARAMETERS = ("logit_scale", "logit_bias")
 _FIRST_LAST = re.compile(r"(first|last)_(\d+)")
 
 
@@ -43,7 +61,7 @@ def _tower_blocks(model: nn.Module, tower: str) -> tuple[str, nn.ModuleList]:
             )
         return "visual.transformer.resblocks", visual.transformer.resblocks
     # CLIP keeps the text transformer at the top level; CustomTextCLIP (and CoCa) under `text`.
-    if hasattr(model, "transformer") and hasattr(model, "token_embedding"):
+    if hasattr(getattr(model, "transformer", None), "resblocks"):
         return "transformer.resblocks", model.transformer.resblocks
     text = getattr(model, "text", None)
     if text is not None and hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
@@ -89,13 +107,13 @@ def _block_indices(blocks: str | Sequence[int], depth: int, tower: str) -> list[
     return sorted(indices)
 
 
-def clip_target_modules(
+def clip_targets(
     model: nn.Module,
     layers: str | Sequence[str] = ("q", "k", "v", "o", "fc1", "fc2"),
     towers: str = "both",
     blocks: str | Sequence[int] = "all",
-) -> list[str]:
-    """Full names of the ``nn.Linear`` layers to adapt in a converted open_clip CLIP.
+) -> dict[str, dict[str, Any]]:
+    """The ``nn.Linear`` layers to adapt in a converted open_clip CLIP, with their labels.
 
     Args:
         model: an open_clip CLIP whose attention was converted (``load_clip`` does it, or
@@ -107,8 +125,10 @@ def clip_target_modules(
             of indices (negative ones count from the end). Indices apply to each selected tower.
 
     Returns:
-        Module names, vision tower first, then by block and in ``LAYER_MODULES`` order, e.g.
-        ``"visual.transformer.resblocks.0.attn.q_proj"`` or ``"transformer.resblocks.11.mlp.c_proj"``.
+        ``{module name: {"tower", "layer", "block"}}``, vision tower first, then by block and in
+        ``LAYER_MODULES`` order, e.g. ``"visual.transformer.resblocks.0.attn.q_proj": {"tower": "vision",
+        "layer": "q", "block": 0}`` or ``"transformer.resblocks.11.mlp.c_proj": {"tower": "text", "layer":
+        "fc2", "block": 11}``.
     """
     selected_layers = [layers] if isinstance(layers, str) else list(layers)
     unknown = [layer for layer in selected_layers if layer not in LAYER_MODULES]
@@ -116,20 +136,19 @@ def clip_target_modules(
         raise ConfigError(
             f"layers must be a non-empty subset of {list(LAYER_MODULES)}, got {selected_layers}"
         )
-    if towers not in TOWERS:
-        raise ConfigError(f"towers must be one of {TOWERS}, got {towers!r}")
+    if towers not in TOWER_CHOICES:
+        raise ConfigError(f"towers must be one of {TOWER_CHOICES}, got {towers!r}")
 
-    names = []
-    for tower in ("vision", "text"):
+    targets = {}
+    for tower in TOWERS:
         if towers not in (tower, "both"):
             continue
         prefix, resblocks = _tower_blocks(model, tower)
         for index in _block_indices(blocks, len(resblocks), tower):
             block = resblocks[index]
-            for layer in LAYER_MODULES:
+            for layer, relative in LAYER_MODULES.items():
                 if layer not in selected_layers:
                     continue
-                relative = LAYER_MODULES[layer]
                 try:
                     module = block.get_submodule(relative)
                 except AttributeError:
@@ -142,5 +161,60 @@ def clip_target_modules(
                         else ""
                     )
                     raise ConfigError(f"{prefix}.{index}.{relative} is not an nn.Linear in this model.{hint}")
-                names.append(f"{prefix}.{index}.{relative}")
-    return names
+                targets[f"{prefix}.{index}.{relative}"] = {"tower": tower, "layer": layer, "block": index}
+    return targets
+
+
+def clip_target_modules(
+    model: nn.Module,
+    layers: str | Sequence[str] = ("q", "k", "v", "o", "fc1", "fc2"),
+    towers: str = "both",
+    blocks: str | Sequence[int] = "all",
+) -> list[str]:
+    """The module names of ``clip_targets(model, layers, towers, blocks)`` (same order, no labels)."""
+    return list(clip_targets(model, layers, towers, blocks))
+
+
+def clip_layer_labels(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """The labels of every q/k/v/o/fc1/fc2 linear of the towers of ``model`` that have them."""
+    labels = {}
+    for tower in TOWERS:
+        try:
+            labels.update(clip_targets(model, towers=tower))
+        except ConfigError:  # a tower without such blocks (a ResNet or Hugging Face tower) has no labels
+            continue
+    return labels
+
+
+def select_targets(
+    model: nn.Module, targets: Mapping[str, Any] | Sequence[str] | str | None
+) -> dict[str, dict[str, Any]]:
+    """The modules an adapter config's ``targets`` selects in a converted CLIP, with their labels.
+
+    ``targets`` is the friendly selection (a mapping with any of ``layers``, ``towers``, ``blocks``;
+    None or empty for all six layers of every block of both towers), a list of module names (suffixes
+    as in peft) or a regex. Names and regexes are matched by ``kr_vlm.adapters.find_target_linears``;
+    their labels are CLIP's where the layer is one of the six of a block, else read off the module path.
+    """
+    if targets is None or isinstance(targets, Mapping):
+        given = dict(targets or {})
+        unknown = sorted(set(given) - set(SELECTION_KEYS))
+        if unknown:
+            raise ConfigError(
+                f"Unknown adapter target key(s) {unknown}: the friendly selection takes {list(SELECTION_KEYS)}; "
+                "or give a list of module names or a regex as adapter.targets."
+            )
+        return clip_targets(model, **given)
+    known = clip_layer_labels(model)
+    names = find_target_linears(model, targets if isinstance(targets, str) else list(targets))
+    return {name: known.get(name) or path_labels(name) for name in names}
+
+
+def text_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of an open_clip model's text tower: everything outside ``visual`` and the logit
+    scale and bias (CLIP keeps its text transformer at the top level, CustomTextCLIP under ``text``)."""
+    return [
+        param
+        for name, param in model.named_parameters()
+        if not name.startswith("visual.") and name not in _HEAD_PARAMETERS
+    ]

@@ -1,13 +1,14 @@
 """Baseline adapters from peft (LoRA, DoRA, VeRA, LoKr, LoHa, RandLoRA), injected without a PeftModel.
 
 peft does the work: its config classes, its layers, its ``get_delta_weight`` / ``merge`` / ``unmerge``.
-kr_vlm only chooses the layers (it hands peft a regex that fully matches exactly those names) and shows each
-peft layer through ``PeftLayerView``, which gives it kr_vlm's layer interface (``delta_weight()``,
-``merge()``, ``unmerge()``, ``merged``, ``in_features``, ``out_features``) without changing peft's classes.
+kr_vlm lists the options users set for each method (a dataclass each, peft's defaults), chooses the layers
+(it hands peft a regex that fully matches exactly those names) and shows each peft layer through
+``PeftLayerView``, which answers ``AdaptedLayer`` without changing peft's classes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,23 +17,141 @@ from typing import Any
 import torch
 from torch import nn
 
-from kr_vlm.adapters.config import peft_config_class
+from kr_vlm.adapters.layer import AdaptedLayer, Method
 
 # kr_vlm puts one adapter per model, under peft's default name.
 ADAPTER_NAME = "default"
 
 
-def build_peft_config(method: str, module_names: Sequence[str], options: dict[str, Any]):
+@dataclasses.dataclass
+class LoraOptions:
+    """``peft.LoraConfig``'s options for LoRA (and DoRA), with peft's defaults."""
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    use_rslora: bool = False
+    # True, False, or the name of one of peft's initialisations ("gaussian", "pissa", "olora", ...).
+    init_lora_weights: Any = True
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    lora_bias: bool = False
+
+
+@dataclasses.dataclass
+class VeraOptions:
+    """``peft.VeraConfig``'s options, with peft's defaults."""
+
+    r: int = 256
+    projection_prng_key: int = 0
+    vera_dropout: float = 0.0
+    d_initial: float = 0.1
+    init_weights: bool = True
+
+
+@dataclasses.dataclass
+class LoHaOptions:
+    """``peft.LoHaConfig``'s options, with peft's defaults."""
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    init_weights: bool = True
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LoKrOptions(LoHaOptions):
+    """``peft.LoKrConfig``'s options (LoHa's and three more), with peft's defaults."""
+
+    # True, False or "lycoris".
+    init_weights: Any = True
+    decompose_both: bool = False
+    decompose_factor: int = -1
+    rank_dropout_scale: bool = False
+
+
+@dataclasses.dataclass
+class RandLoraOptions:
+    """``peft.RandLoraConfig``'s options, with peft's defaults."""
+
+    r: int = 32
+    projection_prng_key: int = 0
+    sparse: bool = False
+    very_sparse: bool = False
+    randlora_dropout: float = 0.0
+    randlora_alpha: float = 640
+    init_weights: bool = True
+
+
+# peft config fields that kr_vlm sets itself or that would change what is trained or saved behind its back.
+UNAVAILABLE_OPTIONS: dict[str, str] = {
+    "target_modules": "pass the layers as AdapterConfig(method, target_modules, ...)",
+    "exclude_modules": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
+    "layers_to_transform": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
+    "layers_pattern": "kr_vlm matches layers itself; list only the layers to adapt in target_modules",
+    "target_parameters": "kr_vlm adapts nn.Linear modules only",
+    "modules_to_save": "it trains whole modules outside the adapters, which save_adapters would not save",
+    "trainable_token_indices": "it trains embedding rows outside the adapters, which save_adapters would not save",
+    "bias": "it trains biases of the whole model outside the adapters, which save_adapters would not save",
+    "use_dora": "choose method='dora' instead",
+    "save_projection": "kr_vlm always saves the shared random projections, so that loading is exact",
+    "fan_in_fan_out": "it only applies to transformers' Conv1D; nn.Linear weights are (out, in)",
+    "layer_replication": "it changes the model's layer structure",
+    # LoRA variants other than DoRA change the update in ways delta_weight() does not report.
+    **dict.fromkeys(
+        (
+            "alora_invocation_tokens",
+            "arrow_config",
+            "kasa_config",
+            "velora_config",
+            "monteclora_config",
+            "use_bdlora",
+            "use_qalora",
+            "qalora_group_size",
+            "megatron_config",
+            "megatron_core",
+        ),
+        "it selects a LoRA variant or backend that kr_vlm does not support (plain LoRA and DoRA are supported)",
+    ),
+    "peft_type": "it follows from the method",
+    "task_type": "kr_vlm injects adapters without a PeftModel wrapper",
+    "inference_mode": "freezing is decided by inject_adapters",
+    "base_model_name_or_path": "it is PeftModel bookkeeping",
+    "revision": "it is PeftModel bookkeeping",
+    "auto_mapping": "it is PeftModel bookkeeping",
+    "peft_version": "it is PeftModel bookkeeping",
+}
+
+
+def peft_config_class(method: str) -> type:
+    """peft's config class for a peft method (``dora`` is ``LoraConfig`` with ``use_dora=True``)."""
+    import peft
+
+    classes = {
+        "lora": peft.LoraConfig,
+        "dora": peft.LoraConfig,
+        "vera": peft.VeraConfig,
+        "lokr": peft.LoKrConfig,
+        "loha": peft.LoHaConfig,
+        "randlora": peft.RandLoraConfig,
+    }
+    return classes[method]
+
+
+def build_peft_config(method: str, module_names: Sequence[str], options: Any):
     """peft's config for ``method`` that targets exactly ``module_names`` (full module names)."""
     # peft full-matches a string target as a regex; escaped alternatives select these layers and no others.
     target_regex = "(?:" + "|".join(re.escape(name) for name in module_names) + ")"
     method_options = {"use_dora": True} if method == "dora" else {}
-    return peft_config_class(method)(target_modules=target_regex, **method_options, **options)
+    return peft_config_class(method)(
+        target_modules=target_regex, **method_options, **dataclasses.asdict(options)
+    )
 
 
-def inject_peft_adapters(
-    model: nn.Module, method: str, module_names: Sequence[str], options: dict[str, Any]
-) -> None:
+def inject_peft_adapters(model: nn.Module, method: str, module_names: Sequence[str], options: Any) -> None:
     """Replace the named ``nn.Linear`` layers of ``model`` in place with peft's layers for ``method``."""
     import peft
 
@@ -53,8 +172,13 @@ def is_peft_layer(module: nn.Module) -> bool:
     return tuners_utils is not None and isinstance(module, tuners_utils.BaseTunerLayer)
 
 
+def find_peft_layer(module: nn.Module) -> AdaptedLayer | None:
+    """A peft layer seen as an ``AdaptedLayer`` (a ``PeftLayerView``), or None for any other module."""
+    return PeftLayerView(module) if is_peft_layer(module) else None
+
+
 class PeftLayerView:
-    """A peft adapter layer seen through kr_vlm's adapted-layer interface.
+    """A peft adapter layer seen as an ``AdaptedLayer``.
 
     ``adapted_layers`` yields one for every peft layer; the layer itself is ``view.module``. A view holds no
     state of its own, so making a new one each time is free.
@@ -92,6 +216,15 @@ class PeftLayerView:
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
         """The peft layer's parameters, so code that treats adapted layers as modules (device, counts) works."""
         return self.module.parameters(recurse)
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything of the peft layer but its ``base_layer``: its parameters and buffers (VeRA's and
+        RandLoRA's shared random projections included)."""
+        return {
+            name: tensor
+            for name, tensor in [*self.module.named_parameters(), *self.module.named_buffers()]
+            if not name.startswith("base_layer.")
+        }
 
     def delta_weight(self) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` update this layer adds to its base weight, scaling included.
@@ -161,3 +294,18 @@ class PeftLayerView:
 
     def __repr__(self) -> str:
         return f"PeftLayerView({self.module.__class__.__module__}.{type(self.module).__name__})"
+
+
+def _peft_method(method: str, options: type) -> Method:
+    def inject(model: nn.Module, names: Sequence[str], method_options: Any) -> None:
+        inject_peft_adapters(model, method, names, method_options)
+
+    return Method(options, inject, find=find_peft_layer, unavailable_options=UNAVAILABLE_OPTIONS)
+
+
+LORA = _peft_method("lora", LoraOptions)
+DORA = _peft_method("dora", LoraOptions)
+VERA = _peft_method("vera", VeraOptions)
+LOKR = _peft_method("lokr", LoKrOptions)
+LOHA = _peft_method("loha", LoHaOptions)
+RANDLORA = _peft_method("randlora", RandLoraOptions)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from kr_vlm.adapters.layer import Method, NoOptions, instances_of, replace_layers
 
 
 class FullFineTuneLinear(nn.Linear):
@@ -28,6 +32,15 @@ class FullFineTuneLinear(nn.Linear):
         self.register_buffer("initial_weight", base.weight.detach().clone(), persistent=False)
         self.merged = False
 
+    @property
+    def base_layer(self) -> FullFineTuneLinear:
+        """The layer itself: its own weight is both the original and the trained one."""
+        return self
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The layer's own ``weight`` and ``bias`` (the ``initial_weight`` buffer is not part of it)."""
+        return dict(self.named_parameters())
+
     def delta_weight(self) -> torch.Tensor:
         """``weight - initial_weight``, shaped ``(out_features, in_features)``, differentiable."""
         return self.weight - self.initial_weight
@@ -48,3 +61,11 @@ class FullFineTuneLinear(nn.Linear):
     def unmerge(self) -> None:
         """Nothing to take out: full fine-tuning has no separate base weight to return to."""
         self.merged = False
+
+
+def inject_full(model: nn.Module, names: Sequence[str], options: NoOptions) -> None:
+    """Replace each named ``nn.Linear`` with a ``FullFineTuneLinear`` that takes over its parameters."""
+    replace_layers(model, names, FullFineTuneLinear)
+
+
+FULL = Method(NoOptions, inject_full, find=instances_of(FullFineTuneLinear))

@@ -18,14 +18,17 @@ gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted aga
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from kr_vlm.adapters.layer import Method, instances_of, replace_layers
 from kr_vlm.errors import ConfigError
 
 
@@ -307,6 +310,10 @@ class KRAdapterLinear(nn.Module):
         delta = self.delta_weight().to(torch.float32)
         weight.copy_(torch.add(weight.to(torch.float32), delta, alpha=sign).to(weight.dtype))
 
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The two Khatri-Rao factors, ``kr_u`` and ``kr_v``."""
+        return {"kr_u": self.kr_u, "kr_v": self.kr_v}
+
     def extra_repr(self) -> str:
         k = min(self.in_features, self.out_features)
         trainable = self.kr_u.numel() + self.kr_v.numel()
@@ -314,3 +321,43 @@ class KRAdapterLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, k={k}, r={self.rank}, "
             f"r2={self.rank2}, scaling={self.scaling}, trainable={trainable}, merged={self.merged}"
         )
+
+
+def factor_dtype_from_name(name: str) -> torch.dtype:
+    """``"float32"`` (or ``"torch.float32"``) -> ``torch.float32``; only floating point dtypes."""
+    dtype = getattr(torch, name.removeprefix("torch."), None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ConfigError(
+            f"factor_dtype must name a floating point torch dtype such as 'float32' or 'bfloat16', got {name!r}."
+        )
+    return dtype
+
+
+@dataclasses.dataclass
+class KRAdapterOptions:
+    """KRAdapter's options (``KRAdapterLinear``'s arguments).
+
+    Attributes:
+        rank: ``r``, the width of ``U``; None for ``floor(sqrt(min(d_out, d_in)))``.
+        scaling: ``s``, the factor on the update (the authors use 2).
+        factor_dtype: the name of the factors' dtype, e.g. ``"float32"`` (also for half-precision base weights).
+    """
+
+    rank: int | None = None
+    scaling: float = 2.0
+    factor_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        factor_dtype_from_name(self.factor_dtype)
+        self.factor_dtype = self.factor_dtype.removeprefix("torch.")
+
+
+def inject_kradapter(model: nn.Module, names: Sequence[str], options: KRAdapterOptions) -> None:
+    """Replace each named ``nn.Linear`` with a ``KRAdapterLinear`` around it."""
+    factor_dtype = factor_dtype_from_name(options.factor_dtype)
+    replace_layers(
+        model, names, lambda base: KRAdapterLinear(base, options.rank, options.scaling, factor_dtype)
+    )
+
+
+KRADAPTER = Method(KRAdapterOptions, inject_kradapter, find=instances_of(KRAdapterLinear))

@@ -1,0 +1,100 @@
+"""What every adapter method provides: layers that answer ``AdaptedLayer``, and a ``Method`` record.
+
+A ``Method`` is the whole of one adapter method as the library sees it: the dataclass of its options,
+the function that adapts the named ``nn.Linear`` layers of a model, and the function that recognises its
+layers in a model again (returning them as ``AdaptedLayer``). ``kr_vlm.adapters.methods.REGISTRY`` maps
+method names to them; everything else in the library (injection, merging, saving, counting) loops over
+that registry and the protocol, and knows no method by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+@runtime_checkable
+class AdaptedLayer(Protocol):
+    """An adapted ``nn.Linear``, whichever method adapted it.
+
+    ``base_layer`` is the original layer (frozen; for full fine-tuning the layer itself), ``merged`` says
+    whether the update is folded into its weight. ``delta_weight()`` is the dense
+    ``(out_features, in_features)`` update the layer adds to the base weight, scaling included, and
+    ``base_weight()`` that weight, ``W0``, without the update (merged or not). ``rank_cap`` is the highest
+    rank the method's update can reach on this layer (LoRA's ``r``, KRAdapter's ``min(d_out, d_in)``), which
+    the rank monitor and its reports compare the effective rank with. ``adapter_state_dict()`` is exactly
+    the adapter: the tensors that are trained, saved and counted,
+    named relative to the layer (``kr_u``, ``lora_A.default.weight``, ...).
+    """
+
+    merged: bool
+
+    @property
+    def base_layer(self) -> nn.Module: ...
+
+    @property
+    def in_features(self) -> int: ...
+
+    @property
+    def out_features(self) -> int: ...
+
+    @property
+    def rank_cap(self) -> int: ...
+
+    def delta_weight(self) -> torch.Tensor: ...
+
+    def base_weight(self) -> torch.Tensor: ...
+
+    def merge(self) -> None: ...
+
+    def unmerge(self) -> None: ...
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a method that has none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One adapter method.
+
+    Attributes:
+        options: a dataclass whose fields are the method's options (their types and defaults);
+            ``AdapterConfig`` checks option names against it and the Hydra configs use it as their schema.
+        inject: ``inject(model, names, options)`` adapts the ``nn.Linear`` layers of ``model`` named
+            ``names`` (full module names, already checked to be linears) in place, with an instance of
+            ``options``. Freezing the rest of the model is not its job.
+        find: ``find(module)`` returns ``module`` seen as one of this method's layers (an
+            ``AdaptedLayer``), or None when it is not one.
+        unavailable_options: option names that users of the underlying library might expect, each with
+            the reason this method does not take it (said when they are given).
+        adapts_layers: False for a method that only freezes (``none``): it needs no targets.
+    """
+
+    options: type
+    inject: Callable[[nn.Module, Sequence[str], Any], None]
+    find: Callable[[nn.Module], AdaptedLayer | None]
+    unavailable_options: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    adapts_layers: bool = True
+
+
+def replace_layers(model: nn.Module, names: Sequence[str], build: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace each named submodule of ``model`` with ``build(submodule)``."""
+    for name in names:
+        model.set_submodule(name, build(model.get_submodule(name)))
+
+
+def instances_of(layer_class: type) -> Callable[[nn.Module], AdaptedLayer | None]:
+    """A ``Method.find`` for a method whose layers are modules of ``layer_class`` answering ``AdaptedLayer``."""
+
+    def find(module: nn.Module) -> AdaptedLayer | None:
+        return module if isinstance(module, layer_class) else None
+
+    return find

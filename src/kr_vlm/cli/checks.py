@@ -1,0 +1,119 @@
+"""What a run checks before it builds anything: numbers that must be whole, ``test_ckpt``, ``ckpt_path``,
+``adapters_dir`` and where eval.py takes its adapters from. Each failure is a user error that names the key."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kr_vlm import metric_names
+from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
+
+# Which adapters train.py tests after fitting (config key `test_ckpt`).
+TEST_CHECKPOINTS = ("last", "best")
+
+
+def whole_number(cfg: DictConfig, key: str) -> int | None:
+    """The config value at ``key`` (dotted) as an int, None if unset; anything else is a ``ConfigError``."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return None
+    try:
+        return int(str(value))
+    except ValueError:
+        raise ConfigError(f"{key} must be a whole number, got {value!r}.") from None
+
+
+def set_cpu_threads(cfg: DictConfig) -> None:
+    """Apply ``cpu_threads`` (torch's intra-op threads; null keeps torch's default, one per core)."""
+    threads = whole_number(cfg, "cpu_threads")
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def configured_method(cfg: DictConfig) -> str:
+    """The adapter method the model config asks for (``none`` for zero-shot)."""
+    return (cfg.model.get("adapter") or {}).get("method") or "none"
+
+
+def check_test_ckpt(cfg: DictConfig) -> None:
+    """``test_ckpt`` is ``last`` or ``best``; ``best`` needs a checkpoint callback that monitors a metric."""
+    choice = cfg.get("test_ckpt", "last")
+    if choice not in TEST_CHECKPOINTS:
+        raise ConfigError(f"test_ckpt must be one of {', '.join(TEST_CHECKPOINTS)}, got {choice!r}.")
+    checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint")
+    if choice == "best" and (not checkpoint or not checkpoint.get("monitor")):
+        raise ConfigError(
+            "test_ckpt=best tests the best checkpoint by a validation metric: it needs "
+            f"callbacks.model_checkpoint.monitor={metric_names.VAL_TOP1} callbacks.model_checkpoint.every_n_train_steps=null "
+            "(save after every validation) and validation during training (trainer.val_check_interval=100)."
+        )
+
+
+def check_ckpt_path(path: str) -> None:
+    """Fail before building anything when the checkpoint ``ckpt_path`` cannot be loaded.
+
+    Loaded as Lightning loads it later, with ``weights_only=True`` (plain data and tensors only, never
+    arbitrary pickled objects), and memory-mapped, so its tensors are not read here. A missing, empty,
+    truncated or foreign file is a user error that names it.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise MissingFileError(
+            f"ckpt_path={path}: no such file. A run's checkpoints are <run folder>/checkpoints/*.ckpt "
+            "(last.ckpt is the latest)."
+        )
+    where = "Use another checkpoint of the run (<run folder>/checkpoints/*.ckpt)."
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        # torch's own message suggests weights_only=False, which would run any code the file holds.
+        raise CorruptFileError(
+            f"ckpt_path={path} holds objects other than tensors and plain data, which kr_vlm does not load "
+            f"(a checkpoint that train.py wrote holds none). {where}"
+        ) from None
+    except (EOFError, RuntimeError):
+        state = "is empty" if file.stat().st_size == 0 else "is truncated, corrupt, or not a checkpoint"
+        raise CorruptFileError(f"ckpt_path={path} {state}. {where}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CorruptFileError(
+            f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict). {where}"
+        )
+
+
+def check_adapters_dir(cfg: DictConfig) -> None:
+    """Fail before building anything when ``adapters_dir`` cannot be loaded into the configured model."""
+    from kr_vlm.adapters.io import AdapterMismatchError, read_adapter_config
+
+    saved = read_adapter_config(cfg.adapters_dir)  # a missing folder fails here, naming the files
+    configured = configured_method(cfg)
+    if saved.method != configured:
+        raise AdapterMismatchError(
+            f"{cfg.adapters_dir} holds {saved.method!r} adapters, but the model is configured with adapter "
+            f"{configured!r}. Give eval.py the training run's settings: the same experiment (e.g. "
+            f"experiment=demo), or adapter={saved.method} with the options it was trained with."
+        )
+
+
+def adapters_source(cfg: DictConfig) -> str:
+    """Where eval.py takes its adapters from: ``adapters_dir`` or ``ckpt_path`` (as an absolute path), or
+    ``zero-shot`` for the adapter method ``none``; an adapter method with neither is an error."""
+    adapters_dir, ckpt_path = cfg.get("adapters_dir"), cfg.get("ckpt_path")
+    if adapters_dir and ckpt_path:
+        raise ConfigError("Give adapters_dir or ckpt_path, not both.")
+    if adapters_dir or ckpt_path:
+        return str(Path(adapters_dir or ckpt_path).absolute())
+    method = configured_method(cfg)
+    if method != "none":
+        raise ConfigError(
+            f"The model is configured with {method!r} adapters but eval.py was given none, so it would test "
+            "untrained adapters. Give the training run's adapters or one of its checkpoints, with the run's "
+            "experiment and overrides:\n"
+            "  python eval.py experiment=<experiment> adapters_dir=<run folder>/adapters\n"
+            "  python eval.py ckpt_path=<run folder>/checkpoints/last.ckpt\n"
+            "For zero-shot evaluation use adapter=none (or experiment=clip_zeroshot)."
+        )
+    return "zero-shot"

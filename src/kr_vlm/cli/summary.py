@@ -1,0 +1,133 @@
+"""The run summary: ``metrics.json`` (its schema is ``run_summary``) and the table printed at the end."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from kr_vlm import metric_names
+from kr_vlm.cli.checks import whole_number
+from kr_vlm.errors import ConfigError
+from kr_vlm.files import write_json_atomic
+
+
+def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> dict[str, dict[str, float]]:
+    """{test set: {top1, top5, loss}} from what the module logged as ``test/<set>/<metric>``."""
+    logged = trainer.callback_metrics
+    return {
+        task.name: {
+            metric: float(logged[key])
+            for metric in metric_names.EVAL_METRICS
+            if (key := metric_names.metric_key(metric_names.TEST, metric, task.name)) in logged
+        }
+        for task in datamodule.test_tasks
+    }
+
+
+def optimized_metric(cfg: DictConfig, trainer: Trainer) -> dict[str, Any] | None:
+    """``{"name", "value"}`` of the metric named by ``optimized_metric`` (e.g. ``val/top1``) as the fit
+    ended, for hyperparameter searches; None when the config names none."""
+    name = cfg.get("optimized_metric")
+    if not name:
+        return None
+    if name not in trainer.callback_metrics:
+        logged = ", ".join(sorted(trainer.callback_metrics)) or "none"
+        raise ConfigError(
+            f"optimized_metric={name} was not logged by the fit (logged: {logged}). The module validates at "
+            f"the end of the fit and logs {metric_names.VAL_TOP1}; keep validation on (trainer.limit_val_batches)."
+        )
+    return {"name": name, "value": float(trainer.callback_metrics[name])}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in kilobytes on Linux (bytes on macOS).
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+@rank_zero_only
+def write_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics`` as valid JSON, whole or not at all (on global rank zero only); a NaN loss is
+    written as null and listed under ``non_finite``."""
+    write_json_atomic(path, metrics)
+
+
+def run_summary(
+    cfg: DictConfig,
+    module: LightningModule,
+    trainer: Trainer,
+    datamodule: LightningDataModule,
+    timings: dict[str, float],
+    tested: str | None,
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: accuracy per test set, what each set measures and the protocols'
+    summaries (``kr_vlm.results.protocol_summary``: base/new/hm, source and target averages),
+    parameters, steps, time, memory, config."""
+    from kr_vlm.adapters import count_parameters
+    from kr_vlm.results import protocol_summary
+
+    trainable, total = count_parameters(module)
+    test = metrics_per_test_set(trainer, datamodule)
+    return {
+        "task_name": cfg.task_name,
+        "method": module.adapter_method,
+        "model": module.model_name,
+        "pretrained": module.pretrained,
+        "dataset": cfg.data.dataset,
+        "shots": whole_number(cfg, "data.shots"),
+        "seed": cfg.get("seed"),
+        "tested": tested,
+        "test": test,
+        **protocol_summary(test, datamodule.test_roles),
+        "trainable_params": trainable,
+        "total_params": total,
+        "steps": int(trainer.global_step),
+        **{key: round(value, 2) for key, value in timings.items()},
+        # The trainer's device: Lightning moves the module back to the CPU when fit/test end.
+        "peak_memory_mb": round(peak_memory_mb(trainer.strategy.root_device), 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+@rank_zero_only
+def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
+    """A table of the test accuracies and the paths of what the run wrote (``kr_vlm.console``: drawn by rich
+    in a terminal, Markdown and unbroken lines in a file or a pipe)."""
+    from rich.table import Table
+
+    from kr_vlm.console import print_table, stdout_console
+    from kr_vlm.results import summary_lines
+
+    table = Table(
+        title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
+        f"{metrics['shots']} shots, seed {metrics['seed']}"
+    )
+    table.add_column("test set")
+    table.add_column("top-1 %", justify="right")
+    table.add_column("top-5 %", justify="right")
+    for name, values in metrics["test"].items():
+        table.add_row(
+            name,
+            f"{100 * values.get(metric_names.TOP1, float('nan')):.2f}",
+            f"{100 * values.get(metric_names.TOP5, float('nan')):.2f}",
+        )
+    console = stdout_console()
+    print_table(table, console)
+    for line in summary_lines(metrics):
+        console.print(line)
+    if "adapters_from" in metrics:
+        console.print(f"Adapters from: {metrics['adapters_from']}")
+    console.print(f"Run folder: {output_dir}")
+    for name in ("metrics.json", "rank_report.html", "adapters"):
+        if (output_dir / name).exists():
+            console.print(f"  {name}: {output_dir / name}")

@@ -1,0 +1,194 @@
+"""The two Hydra tasks behind ``train.py`` / ``eval.py`` (and ``kr-vlm-train`` / ``kr-vlm-eval``).
+
+Everything is instantiated from config (``kr_vlm.cli.build``); a task only wires the pieces together:
+checks (``kr_vlm.cli.checks``) -> datamodule (set up) -> model (``CLIPFineTuner``) -> the model's transforms
+to the datamodule -> callbacks, loggers, trainer -> fit / test -> adapters and ``metrics.json``
+(``kr_vlm.cli.summary``) in the run folder. It holds no model or data code.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from kr_vlm.cli.build import build_datamodule, build_model, build_trainer, use_model_transforms
+from kr_vlm.cli.checks import (
+    adapters_source,
+    check_adapters_dir,
+    check_ckpt_path,
+    check_test_ckpt,
+    configured_method,
+    set_cpu_threads,
+    whole_number,
+)
+from kr_vlm.cli.summary import optimized_metric, print_results, run_summary, write_metrics
+from kr_vlm.errors import ConfigError, exit_on_user_error
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).parents[1] / "configs")
+
+
+def _prepare(cfg: DictConfig) -> None:
+    """What every run does before it builds anything: check ``ckpt_path``, set the CPU threads, seed."""
+    if cfg.get("ckpt_path"):
+        check_ckpt_path(cfg.ckpt_path)
+    set_cpu_threads(cfg)
+    if cfg.get("seed") is not None:
+        seed_everything(cfg.seed, workers=True)
+
+
+@rank_zero_only
+def _save_adapters(module: LightningModule, directory: Path) -> None:
+    from kr_vlm.adapters import save_adapters
+
+    save_adapters(module.clip_model, directory)
+    log.info("Saved the adapters to %s", directory)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit the adapters, test them on every test set, save them and ``metrics.json`` in the run folder.
+
+    Nothing is fitted with the adapter method ``none`` or ``data.shots=0``: the model is then only
+    tested (zero-shot). ``ckpt_path`` resumes an interrupted fit. With ``optimized_metric`` set, the
+    metrics hold its value at the end of the fit under ``optimized_metric``.
+    """
+    start = time.perf_counter()
+    method, shots = configured_method(cfg), whole_number(cfg, "data.shots")
+    fits = bool(cfg.get("train")) and method != "none" and shots > 0
+    if cfg.get("train") and not fits:
+        log.warning(
+            "Nothing to train (adapter method %r, %d shots): zero-shot evaluation only.", method, shots
+        )
+    if cfg.get("ckpt_path") and not fits:
+        raise ConfigError(
+            "ckpt_path resumes training, but this run trains nothing; test a checkpoint with "
+            "`python eval.py ckpt_path=...` instead."
+        )
+    check_test_ckpt(cfg)
+    _prepare(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg, "fit" if fits else "test")
+    module = build_model(cfg)
+    use_model_transforms(datamodule, module)
+    trainer = build_trainer(cfg)
+
+    timings, optimized = {}, None
+    if fits:
+        fit_start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        timings["fit_time_s"] = time.perf_counter() - fit_start
+        # Read now: testing replaces the trainer's logged metrics.
+        optimized = optimized_metric(cfg, trainer)
+        _save_adapters(module, output_dir / "adapters")
+    tested = None
+    if cfg.get("test"):
+        # The last iterate, as CLIP-LoRA tests it, or Lightning's best checkpoint by the monitored metric.
+        best = fits and cfg.get("test_ckpt") == "best"
+        test_start = time.perf_counter()
+        trainer.test(
+            module,
+            datamodule=datamodule,
+            ckpt_path="best" if best else None,
+            verbose=False,
+            weights_only=True,
+        )
+        timings["test_time_s"] = time.perf_counter() - test_start
+        tested = "last" if fits else "zero-shot"
+        if best:
+            tested = trainer.checkpoint_callback.best_model_path
+            # trainer.test loaded the best checkpoint into the module: save the adapters that were tested.
+            _save_adapters(module, output_dir / "adapters")
+    timings["wall_time_s"] = time.perf_counter() - start
+    metrics = run_summary(cfg, module, trainer, datamodule, timings, tested)
+    if optimized is not None:
+        metrics["optimized_metric"] = optimized
+    write_metrics(output_dir / "metrics.json", metrics)
+    print_results(metrics, output_dir)
+    return metrics
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test saved adapters (``adapters_dir``), a Lightning checkpoint (``ckpt_path``), or zero-shot CLIP
+    (adapter method ``none``); ``metrics.json`` records which under ``adapters_from``."""
+    from kr_vlm.adapters import load_adapters
+    from kr_vlm.models import CLIPFineTuner
+
+    start = time.perf_counter()
+    adapters_from = adapters_source(cfg)
+    if cfg.get("adapters_dir"):
+        check_adapters_dir(cfg)
+    _prepare(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg, "test")
+    if cfg.get("ckpt_path"):
+        # The checkpoint carries the model and adapter config (its hyperparameters) and the adapter tensors;
+        # the base weights are rebuilt from them, so `model` and `adapter` of this config are not used.
+        log.info("Building the model and its adapters from %s", cfg.ckpt_path)
+        module = CLIPFineTuner.load_from_checkpoint(cfg.ckpt_path, map_location="cpu", weights_only=True)
+    else:
+        module = build_model(cfg)
+        if cfg.get("adapters_dir"):
+            load_adapters(module.clip_model, cfg.adapters_dir)
+    use_model_transforms(datamodule, module)
+    trainer = build_trainer(cfg)
+    test_start = time.perf_counter()
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    timings = {"test_time_s": time.perf_counter() - test_start, "wall_time_s": time.perf_counter() - start}
+    metrics = {
+        **run_summary(cfg, module, trainer, datamodule, timings, adapters_from),
+        "adapters_from": adapters_from,
+    }
+    write_metrics(output_dir / "metrics.json", metrics)
+    print_results(metrics, output_dir)
+    return metrics
+
+
+def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
+    """Run ``job(cfg)`` for a command line: a user error (a ``KrVlmError``: bad config values, missing or
+    broken files, a diverged fit) ends the command with its message, which says what is wrong and what to
+    do, and exit status 1, not with a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
+    # Lightning 2.6 still uses torch's LeafSpec, which this torch flags as deprecated at every fit:
+    # noise for users, nothing they can act on.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        with exit_on_user_error():
+            return job(cfg)
+    except SIGTERMException:
+        # Lightning stops a fit on SIGTERM (cluster preemption, `kill`) with a SystemExit that carries
+        # no code, which would end the command with status 0 as if the run had finished.
+        log.error(
+            "Stopped by SIGTERM before the run finished: no adapters or metrics.json were written. Resume "
+            "with ckpt_path=%s/checkpoints/last.ckpt (add hydra.run.dir=%s to continue in the same folder).",
+            cfg.paths.output_dir,
+            cfg.paths.output_dir,
+        )
+        sys.exit(128 + signal.SIGTERM)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def train_main(cfg: DictConfig) -> float | None:
+    """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``. Returns the value of
+    ``optimized_metric`` (what Hydra's sweepers, Optuna's included, optimise), or None."""
+    optimized = run_job(train, cfg).get("optimized_metric")
+    return None if optimized is None else optimized["value"]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def eval_main(cfg: DictConfig) -> None:
+    """``python eval.py experiment=... adapters_dir=...`` / ``kr-vlm-eval ...``."""
+    run_job(evaluate, cfg)

@@ -490,6 +490,29 @@ def test_command_line_help_config_and_unknown_names(tmp_path):
     assert f"DatasetNotFoundError: Data root {tmp_path / 'data'} does not exist" in output
 
 
+# Runs a script as `python <script> <arguments>` would, then lists the heavy packages it imported.
+HEAVY_IMPORTS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(sorted({name.split(".")[0] for name in sys.modules} & {"lightning", "open_clip", "peft"}))
+"""
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_help_needs_no_lightning(script):
+    """`--help` answers sooner: the tasks import Lightning (seconds) only when a run starts. (torch still
+    comes with the adapter schemas, whose options dataclasses live beside their torch layers.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", HEAVY_IMPORTS, script, "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== Configuration groups ==" in done.stdout and done.stdout.splitlines()[-1] == "[]"
+
+
 @pytest.mark.slow
 def test_the_console_shows_one_progress_bar_and_no_third_party_info_lines(tmp_path):
     """The demo (tiny model, 12 steps: three epochs of five batches) as a user sees it, piped."""

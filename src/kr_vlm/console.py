@@ -31,6 +31,22 @@ class ConsoleLogFilter(logging.Filter):
         return any(record.name == name or record.name.startswith(f"{name}.") for name in CONSOLE_LOGGERS)
 
 
+def lightning_logs_through_the_run_log() -> None:
+    """Send Lightning's log records through the handlers Hydra set up (the console, filtered by
+    ``ConsoleLogFilter``, and the run's log file) and nowhere else.
+
+    Importing ``lightning`` gives its logger a console handler of its own. ``configs/hydra/default.yaml``
+    removes it when Lightning was imported before Hydra set up logging; the command line imports it
+    afterwards (when a run starts, not for ``--help``), so the handler is removed here.
+    """
+    import lightning  # noqa: F401  (what adds the handler)
+
+    logger = logging.getLogger("lightning")
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    logger.propagate = True
+
+
 def stdout_console() -> Console:
     """A rich console on stdout that never breaks a line itself (a terminal wraps long lines softly, and
     a path or a command then copies whole)."""

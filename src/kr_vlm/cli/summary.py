@@ -5,17 +5,20 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+# Lightning's own rank_zero_only (Lightning sets the rank on this object) without importing Lightning.
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kr_vlm import metric_names
 from kr_vlm.cli.checks import whole_number
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 
 def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> dict[str, dict[str, float]]:
@@ -49,6 +52,8 @@ def optimized_metric(cfg: DictConfig, trainer: Trainer) -> dict[str, Any] | None
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is in kilobytes on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024

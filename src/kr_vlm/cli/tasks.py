@@ -14,11 +14,12 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from lightning.pytorch import LightningModule, seed_everything
-from lightning.pytorch.utilities import rank_zero_only
+
+# Lightning's own rank_zero_only (Lightning sets the rank on this object) without importing Lightning.
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from kr_vlm.cli.build import build_datamodule, build_model, build_trainer, use_model_transforms
@@ -34,6 +35,9 @@ from kr_vlm.cli.checks import (
 from kr_vlm.cli.summary import optimized_metric, print_results, run_summary, write_metrics
 from kr_vlm.errors import ConfigError, exit_on_user_error
 
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningModule
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = str(Path(__file__).parents[1] / "configs")
@@ -45,6 +49,8 @@ def _prepare(cfg: DictConfig) -> None:
         check_ckpt_path(cfg.ckpt_path)
     set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
+        from lightning.pytorch import seed_everything
+
         seed_everything(cfg.seed, workers=True)
 
 
@@ -164,6 +170,10 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from kr_vlm.console import lightning_logs_through_the_run_log
+
+    lightning_logs_through_the_run_log()
 
     try:
         with exit_on_user_error():

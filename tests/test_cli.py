@@ -761,3 +761,18 @@ def test_a_run_stopped_by_sigterm_exits_non_zero_and_claims_no_results(tmp_path)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Stopped by SIGTERM" in output and "Traceback" not in output
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
+
+
+def test_the_demo_tests_zero_shot_first_and_leaves_the_fit_as_it_was(tmp_path):
+    # LoRA's dropout draws from torch's global generator: the zero-shot test before the fit must not move it.
+    lora = ("adapter=lora", "trainer.max_steps=6")
+    baseline = run_train(tmp_path, *QUICK, *lora, run="with_baseline")
+    assert baseline["zero_shot"].keys() == baseline["test"].keys()
+    plain = run_train(tmp_path, *QUICK, *lora, "zero_shot_baseline=false", run="without")
+    assert "zero_shot" not in plain and plain["test"] == baseline["test"]
+    with_baseline = load_file(tmp_path / "with_baseline" / ADAPTER_WEIGHTS)
+    without = load_file(tmp_path / "without" / ADAPTER_WEIGHTS)
+    assert all(torch.equal(tensor, without[name]) for name, tensor in with_baseline.items())
+    # The baseline is the untrained model: what eval.py measures zero-shot.
+    zero_shot = run_eval(tmp_path, *QUICK, "adapter=none", run="zero_shot")
+    assert baseline["zero_shot"] == zero_shot["test"]

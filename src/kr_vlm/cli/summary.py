@@ -104,6 +104,10 @@ def run_summary(
     }
 
 
+def _percent_cell(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
 @rank_zero_only
 def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     """A table of the test accuracies and the paths of what the run wrote (``kr_vlm.console``: drawn by rich
@@ -117,15 +121,26 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
         title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
         f"{metrics['shots']} shots, seed {metrics['seed']}"
     )
+    zero_shot = metrics.get("zero_shot")
     table.add_column("test set")
+    if zero_shot is not None:
+        table.add_column("zero-shot top-1 %", justify="right")
     table.add_column("top-1 %", justify="right")
+    if zero_shot is not None:
+        table.add_column("change", justify="right")
     table.add_column("top-5 %", justify="right")
     for name, values in metrics["test"].items():
-        table.add_row(
-            name,
-            f"{100 * values.get(metric_names.TOP1, float('nan')):.2f}",
-            f"{100 * values.get(metric_names.TOP5, float('nan')):.2f}",
-        )
+        top1 = values.get(metric_names.TOP1)
+        cells = [name]
+        if zero_shot is not None:
+            before = zero_shot.get(name, {}).get(metric_names.TOP1)
+            cells.append(_percent_cell(before))
+        cells.append(_percent_cell(top1))
+        if zero_shot is not None:
+            change = None if before is None or top1 is None else top1 - before
+            cells.append("–" if change is None else f"{100 * change:+.2f}")
+        cells.append(_percent_cell(values.get(metric_names.TOP5)))
+        table.add_row(*cells)
     console = stdout_console()
     print_table(table, console)
     for line in summary_lines(metrics):

@@ -31,7 +31,6 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 
-import open_clip
 import torch
 
 from kr_vlm import spectral
@@ -126,14 +125,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     targets = TARGET_SETS["all"]
     run = build_run("kradapter", build_base_model(targets, device), targets)
     layers = list(adapted_layers(run.model))
-    images, tokens = make_batch(run.model, args.batch_size, device)
-    loss_fn = open_clip.ClipLoss()
+    batch = make_batch(run.model, args.batch_size, device)
     cpu_threads = args.cpu_threads or None
 
     step_seconds: list[float] = []
 
     def step_once() -> float:
-        seconds = timed_step(run, images, tokens, loss_fn) / 1000
+        seconds = timed_step(run, batch) / 1000
         step_seconds.append(seconds)
         return seconds
 

@@ -7,7 +7,7 @@ running the same command again resumes from the last checkpoint, exactly; the en
 merged model, a stock transformers model, to ``<output dir>/merged``:
 
     pip install -e '.[hf]'
-    python examples/hf_trainer_kradapter.py --output-dir runs/hf_trainer --max-steps 200 --save-steps 50
+    python examples/hf_trainer_kradapter.py --output-dir logs/hf_trainer --max-steps 200 --save-steps 50
 
 The learning rate is constant, so a finished run continues exactly with a larger ``--max-steps``.
 """

@@ -304,6 +304,7 @@ def test_merge_and_unmerge(method):
         # what merging added to the base weight is exactly delta_weight (DoRA included)
         torch.testing.assert_close(merged_weight - originals[name], deltas[name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.delta_weight(), deltas[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base_weight(), originals[name], rtol=1e-4, atol=1e-5)  # W0 still
     merge_adapters(model)  # merging twice changes nothing
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -312,7 +313,35 @@ def test_merge_and_unmerge(method):
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
     for name, layer in adapted_layers(model):
         torch.testing.assert_close(base_weight(layer), originals[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.base_weight(), originals[name], rtol=1e-5, atol=1e-6)
     unmerge_adapters(model)  # unmerging an unmerged model changes nothing
+
+
+# The rank caps of the TARGETS' updates (16x16, 24x16 and 16x24: min(d_out, d_in) = 16) with METHOD_OPTIONS.
+RANK_CAPS = {
+    "kradapter": 16,  # generically full rank
+    "lora": 2,  # r
+    "dora": 16,  # the row scaling changes W0 itself
+    "vera": 4,  # r
+    # rank(w1) * rank(w2) of kron(w1, w2): whole 4x4 factors for 16x16, w2 = w2_a @ w2_b of rank 2 for 24x16
+    "lokr": {"q_proj": 16, "v_proj": 16, "fc1": 8, "fc2": 8},
+    "loha": 4,  # r ** 2
+    "randlora": 16,  # bases chosen to span every direction
+    "full": 16,
+}
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_rank_cap_is_the_rank_a_generic_update_reaches(method):
+    for name, layer in adapted_layers(adapted(method)):
+        # Singular values below 1e-4 of the largest are float32 round-off of a lower-rank product.
+        rank = int(torch.linalg.matrix_rank(layer.delta_weight().detach(), rtol=1e-4))
+        cap = RANK_CAPS[method]
+        cap = cap[name.rsplit(".", 1)[-1]] if isinstance(cap, dict) else cap
+        assert layer.rank_cap == cap and rank <= cap, name
+        # RandLoRA's random bases are so badly conditioned at this size that float32 cannot tell its
+        # smallest directions from round-off.
+        assert rank == layer.rank_cap or method == "randlora", name
 
 
 def test_full_finetuning_reports_weight_change():

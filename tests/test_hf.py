@@ -195,6 +195,16 @@ def test_peft_reading_a_kr_vlm_folder_says_what_it_is(method, tmp_path):
 # ---------------------------------------------------------------- GPT-2: transformers' Conv1D
 
 
+def base_weights_shaped_out_in(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each adapted layer's ``base_weight()``, checked to be ``W0`` as ``(out, in)`` although Conv1D stores it
+    ``(in, out)``."""
+    weights = {}
+    for name, layer in adapted_layers(model):
+        weights[name] = layer.base_weight().detach().clone()
+        torch.testing.assert_close(weights[name], layer.base_layer.weight.T, rtol=0, atol=0)
+    return weights
+
+
 def test_gpt2_trains_merges_and_round_trips_with_kradapter(tmp_path):
     model = inject_adapters(gpt2(), AdapterConfig("kradapter", "all-linear"))
     from transformers.pytorch_utils import Conv1D as conv1d
@@ -218,6 +228,10 @@ def test_gpt2_trains_merges_and_round_trips_with_kradapter(tmp_path):
 
     save_adapters(model, tmp_path / "adapters")
     assert max_difference(logits(load_adapters(gpt2(), tmp_path / "adapters")), trained) == 0.0
+    base_weights = base_weights_shaped_out_in(model)
+    merge_adapters(model)
+    for name, layer in adapted_layers(model):  # W0 still, while merged
+        torch.testing.assert_close(layer.base_weight(), base_weights[name], rtol=1e-5, atol=1e-5)
     merge_and_unload(model)
     assert {
         type(module) for name, module in model.named_modules() if name.endswith(("c_attn", "c_fc", "c_proj"))
@@ -246,8 +260,11 @@ def test_gpt2_with_peft_methods(method, tmp_path):
     assert json.loads((tmp_path / "adapter_config.json").read_text())["fan_in_fan_out"] is True
     assert max_difference(logits(peft.PeftModel.from_pretrained(gpt2(), tmp_path)), expected) == 0.0
     assert max_difference(logits(load_adapters(gpt2(), tmp_path)), expected) == 0.0
+    base_weights = base_weights_shaped_out_in(model)
     merge_adapters(model)  # peft's merge (RandLoRA's scaling of 160 makes its rounding the largest)
     assert max_difference(logits(model), expected) <= 1e-4
+    for name, layer in adapted_layers(model):  # W0 still, while merged
+        torch.testing.assert_close(layer.base_weight(), base_weights[name], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["lokr", "loha", "full"])

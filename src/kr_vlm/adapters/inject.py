@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from torch import nn
 
 from kr_vlm.adapters.config import ALL_LINEAR, AdapterConfig
-from kr_vlm.adapters.layer import AdaptedLayer, is_conv1d, is_linear, shared_parameters
+from kr_vlm.adapters.layer import AdaptedLayer, describe_shared, is_conv1d, is_linear, shared_parameters
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 
@@ -199,9 +199,10 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
     Every layer answers ``kr_vlm.adapters.layer.AdaptedLayer``: ``delta_weight()`` (the dense
     ``(out_features, in_features)`` update it adds to its base weight, scaling included), ``merge()``,
-    ``unmerge()``, ``merged``, ``base_layer``, ``in_features``, ``out_features`` and
-    ``adapter_state_dict()``. KRAdapter and full fine-tuning layers are yielded as they are; a peft layer
-    is yielded as a ``PeftLayerView`` whose ``.module`` is the peft layer.
+    ``unmerge()``, ``merged``, ``base_layer``, ``base_weight()`` (``W0``), ``rank_cap`` (the highest rank
+    its update can reach), ``in_features``, ``out_features`` and ``adapter_state_dict()``. KRAdapter and
+    full fine-tuning layers are yielded as they are; a peft layer is yielded as a ``PeftLayerView`` whose
+    ``.module`` is the peft layer.
     """
     # Methods that share their kind of layer (peft's six) share one finder.
     finders = list(dict.fromkeys(method.find for method in REGISTRY.values()))
@@ -220,9 +221,7 @@ def check_mergeable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> Non
     separate = [name for name, layer in layers.items() if layer.base_layer is not model.get_submodule(name)]
     shared = shared_parameters(model, separate)
     if shared:
-        tied = "; ".join(
-            f"{name} shares its weight with {', '.join(others)}" for name, others in shared.items()
-        )
+        tied = describe_shared(shared)
         raise RuntimeError(
             f"Cannot merge adapters into weights that other modules share: {tied}. Merging would change those "
             "modules too, so these updates stay unmerged (keep the adapters for inference, or untie the weights "

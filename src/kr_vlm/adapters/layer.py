@@ -28,8 +28,11 @@ class AdaptedLayer(Protocol):
 
     ``base_layer`` is the original layer (frozen; for full fine-tuning the layer itself), ``merged`` says
     whether the update is folded into its weight. ``delta_weight()`` is the dense
-    ``(out_features, in_features)`` update the layer adds to the base weight, scaling included.
-    ``adapter_state_dict()`` is exactly the adapter: the tensors that are trained, saved and counted,
+    ``(out_features, in_features)`` update the layer adds to the base weight, scaling included, and
+    ``base_weight()`` that weight, ``W0``, without the update (merged or not). ``rank_cap`` is the highest
+    rank the method's update can reach on this layer (LoRA's ``r``, KRAdapter's ``min(d_out, d_in)``), which
+    the rank monitor and its reports compare the effective rank with. ``adapter_state_dict()`` is exactly
+    the adapter: the tensors that are trained, saved and counted,
     named relative to the layer (``kr_u``, ``lora_A.default.weight``, ...).
     """
 
@@ -44,7 +47,12 @@ class AdaptedLayer(Protocol):
     @property
     def out_features(self) -> int: ...
 
+    @property
+    def rank_cap(self) -> int: ...
+
     def delta_weight(self) -> torch.Tensor: ...
+
+    def base_weight(self) -> torch.Tensor: ...
 
     def merge(self) -> None: ...
 
@@ -142,3 +150,8 @@ def shared_parameters(model: nn.Module, names: Sequence[str]) -> dict[str, list[
         if others:
             shared[name] = sorted(others)
     return shared
+
+
+def describe_shared(shared: Mapping[str, Sequence[str]]) -> str:
+    """``shared_parameters``' answer in words: ``"lm_head shares its weight with model.embed_tokens.weight"``."""
+    return "; ".join(f"{name} shares its weight with {', '.join(others)}" for name, others in shared.items())

@@ -34,6 +34,7 @@ from torch.autograd.function import once_differentiable
 from kr_vlm.adapters.layer import (
     Method,
     dense_weight,
+    describe_shared,
     instances_of,
     is_linear,
     replace_layers,
@@ -262,6 +263,18 @@ class KRAdapterLinear(nn.Module):
         # The k axis is the smaller side; ΔW = Mᵀ when the outputs are the larger side.
         return self.out_features > self.in_features
 
+    @property
+    def rank_cap(self) -> int:
+        """The highest rank the update can reach, ``min(d_out, d_in)``: every row of ΔW is a Khatri-Rao
+        product of its own, so the update is generically full rank."""
+        return min(self.out_features, self.in_features)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0``, the weight the update is added to (the base layer's, less the update while merged), shaped
+        ``(out_features, in_features)`` (a ``Conv1D``'s transposed view)."""
+        weight = dense_weight(self.base_layer)
+        return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
+
     def delta_weight(self) -> torch.Tensor:
         """``s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
         big_k = max(self.out_features, self.in_features)
@@ -389,9 +402,7 @@ def inject_kradapter(model: nn.Module, names: Sequence[str], options: KRAdapterO
     module shares is refused unless ``options.allow_shared_weights``."""
     shared = {} if options.allow_shared_weights else shared_parameters(model, names)
     if shared:
-        tied = "; ".join(
-            f"{name} shares its weight with {', '.join(others)}" for name, others in shared.items()
-        )
+        tied = describe_shared(shared)
         raise ConfigError(
             f"KRAdapter cannot adapt layers whose weights are tied to other modules: {tied}. Merging the update "
             "would change those modules too. Leave these layers out of target_modules (e.g. target_modules="

@@ -260,6 +260,44 @@ class PeftLayerView:
         return delta.t() if getattr(self.module, "fan_in_fan_out", False) else delta
 
     @property
+    def rank_cap(self) -> int:
+        """The highest rank the update can reach, from the method's structure (never above ``min(d_out, d_in)``).
+
+        LoRA's ``B A`` and VeRA's ``Λ_b B Λ_d A`` have rank at most ``r``; LoHa's entrywise product of two
+        rank-``r`` products at most ``r²``; LoKr's ``kron(w1, w2)`` the product of its factors' ranks. DoRA
+        rescales the rows of ``W0 + B A``, which changes ``W0`` itself, and RandLoRA's bases are chosen to
+        span every direction: their updates can have any rank.
+        """
+        from peft.tuners.loha.layer import LoHaLayer
+        from peft.tuners.lokr.layer import LoKrLayer
+        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.vera.layer import VeraLayer
+
+        module, full = self.module, min(self.out_features, self.in_features)
+        if isinstance(module, (LoraLayer, VeraLayer)) and not self._is_dora:
+            return min(full, module.r[ADAPTER_NAME])
+        if isinstance(module, LoHaLayer):
+            return min(full, module.r[ADAPTER_NAME] ** 2)
+        if isinstance(module, LoKrLayer):
+            return min(full, self._lokr_factor_rank("w1") * self._lokr_factor_rank("w2"))
+        return full
+
+    def _lokr_factor_rank(self, which: str) -> int:
+        """The highest rank of LoKr's ``w1`` or ``w2``: a matrix of its own, or a product of two."""
+        whole = getattr(self.module, f"lokr_{which}")
+        if ADAPTER_NAME in whole:
+            return min(whole[ADAPTER_NAME].shape)
+        left = getattr(self.module, f"lokr_{which}_a")[ADAPTER_NAME]
+        right = getattr(self.module, f"lokr_{which}_b")[ADAPTER_NAME]
+        return min(*left.shape, *right.shape)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0``, the weight the update is added to (the base layer's, less the update while merged), shaped
+        ``(out_features, in_features)`` (a ``Conv1D``'s transposed view)."""
+        weight = dense_weight(self.base_layer)
+        return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
+
+    @property
     def _is_dora(self) -> bool:
         return ADAPTER_NAME in getattr(self.module, "lora_magnitude_vector", {})
 

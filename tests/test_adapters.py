@@ -506,6 +506,20 @@ def test_save_handles_shared_storage(tmp_path):
     torch.testing.assert_close(fresh(inputs()), model(inputs()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_folders_of_format_version_1_still_load(method, tmp_path):
+    # Version 1 saved peft's methods in kr_vlm's format too: the model's own tensor names, one config file.
+    model = adapted(method)
+    config = {"format_version": 1, "kr_vlm_version": "0.1.0", **model.kr_vlm_adapter_config.to_dict()}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in adapter_state_dict(model).items()},
+        tmp_path / "adapter_model.safetensors",
+    )
+    loaded = load_adapters(build_model(), tmp_path)
+    torch.testing.assert_close(loaded(inputs()), model(inputs()), rtol=0, atol=0)
+
+
 def test_save_from_a_wrapping_module(tmp_path):
     inner = adapted("lora")
     wrapper = nn.Sequential(inner)

@@ -31,13 +31,13 @@ if [[ $DEVICE == cuda ]]; then
     BENCH_ADAPTERS=(--device cuda --precision bf16 --batch-size 32 --targets all --steps 5 --warmup 2)
     BENCH_MONITOR=(--device cuda --batch-size 32 --repeats 3)
     DEMO=(experiment=demo trainer=gpu)
-    PRECISION=(--seeds 1 trainer=gpu)
+    PRECISION=(--seeds 1 -- trainer=gpu)
 else  # a dry run of the script on the CPU: the smallest settings that go through every step
     BENCH_ADAPTERS=(--device cpu --precision bf16 --batch-size 1 --targets mlp --steps 3 --warmup 0
         --methods kradapter lora floor)
     BENCH_MONITOR=(--device cpu --batch-size 1 --repeats 1 --warmup 0 --window-steps 1)
     DEMO=(experiment=demo trainer.max_steps=2 data=digits)
-    PRECISION=(--seeds 1 --precisions 32-true bf16-mixed trainer.max_steps=2 data=digits)
+    PRECISION=(--seeds 1 --precisions 32-true bf16-mixed -- trainer.max_steps=2 data=digits)
 fi
 
 {

@@ -105,11 +105,10 @@ def model_rate(args: argparse.Namespace) -> tuple[float, str]:
     base_model = bench.build_base_model(targets, device)
     run = bench.build_run("kradapter", base_model, targets)
     del base_model
-    images, tokens = bench.make_batch(run.model, args.model_batch_size, device)
-    loss_fn = open_clip.ClipLoss()
-    bench.timed_step(run, images, tokens, loss_fn)  # warm-up
+    batch = bench.make_batch(run.model, args.model_batch_size, device)
+    bench.timed_step(run, batch)  # warm-up
     step_ms = statistics.median(
-        bench.timed_step(run, images, tokens, loss_fn) for _ in range(args.model_steps)
+        bench.timed_step(run, batch) for _ in range(args.model_steps)
     )
     return args.model_batch_size / (step_ms / 1000), (
         f"KRAdapter training step, {bench.MODEL_NAME} random init, targets {args.model_targets}, "

@@ -4,16 +4,22 @@ The model: open_clip ``ViT-B-16`` (random init, nothing downloaded), attention c
 q/k/v/out linears, KRAdapter on ``attn.q_proj/k_proj/v_proj/out_proj`` and ``mlp.c_fc/c_proj`` of all 12
 blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048).
 
-Measured in one run, on one device:
-- the median time of one training step (forward of both towers, CLIP loss, backward, AdamW), reusing
-  ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py`` times);
-- the median time of one monitor evaluation: ``EffectiveRankMonitor.evaluate`` (every ``delta_weight()``,
-  batched singular values, the metrics) plus rewriting ``rank_history.json``: what runs every
-  ``every_n_steps`` steps;
+Measured in one run, on one device, reusing ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py``
+times) for the training step (forward of both towers, CLIP loss, backward, AdamW):
+
+- in the training thread (``background=False``): the median time of one evaluation,
+  ``EffectiveRankMonitor.evaluate`` (snapshot, every layer's exact spectrum, the metrics) plus rewriting
+  ``rank_history.json``, alternating with training steps so the updates are not zero;
+- with the background thread (the default): rounds of two windows of training steps, one while an evaluation
+  runs in the background (started at the window's first step, collected and written as the callback does;
+  the window goes on until it has finished and at least ``--window-steps`` steps ran), one with no
+  evaluation and as many steps, in alternating order. The background evaluation's cost is the difference of
+  the two windows' times: the work left in the training thread (snapshot, logging) plus whatever CPU the
+  background thread took from training. Median over the rounds, each round's figure shown too;
+- optionally (``--dense-svd``) the previous way, a float32 SVD of every dense ``delta_weight()`` on one thread;
 - the time of the report written once at train end (plots and HTML), shown apart.
 
-Overhead at interval N = evaluation time / (N x step time): the fraction of training time the monitor adds.
-Steps and evaluations alternate (the first of each untimed), so the updates are not zero when measured.
+Overhead at interval N = cost of one evaluation / (N x step time): the fraction of training time it adds.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import open_clip
 import torch
 
+from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers
 from kr_vlm.benchmarks.adapters import (
     TARGET_SETS,
+    MethodRun,
     build_base_model,
     build_run,
     device_description,
@@ -38,20 +45,51 @@ from kr_vlm.benchmarks.adapters import (
     synchronize,
     timed_step,
 )
-from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor
+from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, _intra_op_threads
 
 INTERVALS = (50, 100, 200, 500)
 
 
-def time_evaluation(
-    monitor: EffectiveRankMonitor, model: torch.nn.Module, step: int, device: torch.device
-) -> float:
-    """Seconds for one periodic evaluation: decompose, measure, rewrite rank_history.json."""
+def timed(function: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``function()`` takes, with the device's queued work waited for."""
     synchronize(device)
     started = time.perf_counter()
+    function()
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def foreground_evaluation(monitor: EffectiveRankMonitor, model: torch.nn.Module, step: int) -> None:
+    """What one evaluation does in the training thread with ``background=False``."""
     monitor.evaluate(model, step)
     monitor.write_history()
-    synchronize(device)
+
+
+def background_window(
+    run: MethodRun, step_once: Callable[[], float], monitor: EffectiveRankMonitor, step: int, min_steps: int
+) -> tuple[float, int]:
+    """Seconds and steps of a window of training steps while one background evaluation runs to completion."""
+    started = time.perf_counter()
+    monitor.evaluate_in_background(run.model, step)
+    steps, finished = 0, []
+    while steps < min_steps or not finished:
+        step_once()
+        steps += 1
+        finished = finished or monitor.collect()
+    monitor.write_history()
+    return time.perf_counter() - started, steps
+
+
+def plain_window(step_once: Callable[[], float], steps: int) -> float:
+    return sum(step_once() for _ in range(steps))
+
+
+def dense_svd_seconds(model: torch.nn.Module) -> float:
+    """One evaluation the previous way: a float32 SVD of every dense update, one thread."""
+    started = time.perf_counter()
+    with torch.no_grad(), _intra_op_threads(1):
+        for _, layer in adapted_layers(model):
+            spectral.singular_values(layer.delta_weight())
     return time.perf_counter() - started
 
 
@@ -60,15 +98,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
-        "--repeats", type=int, default=3, help="timed training steps and evaluations (medians)"
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed evaluations in the training thread, and rounds of windows",
     )
+    parser.add_argument("--window-steps", type=int, default=2, help="fewest training steps in a window")
     parser.add_argument(
         "--cpu-threads", type=int, default=1, help="the monitor's cpu_threads (0: torch's current setting)"
     )
     parser.add_argument("--warmup", type=int, default=1, help="untimed training steps and evaluations first")
+    parser.add_argument(
+        "--dense-svd", action="store_true", help="also time the previous dense-SVD evaluation"
+    )
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error("--repeats must be at least 1 and --warmup at least 0")
+    if args.repeats < 1 or args.warmup < 0 or args.window_steps < 1:
+        parser.error("--repeats and --window-steps must be at least 1, --warmup at least 0")
     return args
 
 
@@ -80,47 +125,97 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     targets = TARGET_SETS["all"]
     run = build_run("kradapter", build_base_model(targets, device), targets)
     layers = list(adapted_layers(run.model))
-    images, tokens = make_batch(run.model, args.batch_size, device)
-    loss_fn = open_clip.ClipLoss()
+    batch = make_batch(run.model, args.batch_size, device)
+    cpu_threads = args.cpu_threads or None
 
-    # Training steps and evaluations alternate, so the drifts of a shared machine hit both alike.
-    step_seconds, evaluation_seconds = [], []
+    step_seconds: list[float] = []
+
+    def step_once() -> float:
+        seconds = timed_step(run, batch) / 1000
+        step_seconds.append(seconds)
+        return seconds
+
     with tempfile.TemporaryDirectory() as output_dir:
-        monitor = EffectiveRankMonitor(output_dir=output_dir, cpu_threads=args.cpu_threads or None)
+        monitor = EffectiveRankMonitor(output_dir=output_dir, cpu_threads=cpu_threads)
+        # In the training thread: steps and evaluations alternate, so a shared machine's drifts hit both alike.
+        foreground = []
         for index in range(args.warmup + args.repeats):
-            step_time = timed_step(run, images, tokens, loss_fn) / 1000
-            evaluation_time = time_evaluation(monitor, run.model, index, device)
+            step_once()
+            seconds = timed(lambda index=index: foreground_evaluation(monitor, run.model, index), device)
             if index >= args.warmup:
-                step_seconds.append(step_time)
-                evaluation_seconds.append(evaluation_time)
+                foreground.append(seconds)
+        del step_seconds[: args.warmup]
+
+        # With the background thread: paired windows, the order alternating by round.
+        background, background_steps = [], []
+        planned = args.window_steps
+        for index in range(args.repeats):
+            step = args.warmup + args.repeats + index
+            if index % 2 == 0:
+                with_seconds, steps = background_window(run, step_once, monitor, step, args.window_steps)
+                without_seconds = plain_window(step_once, steps)
+            else:  # as many steps as the last window with an evaluation took, scaled if this one took more or fewer
+                without_seconds = plain_window(step_once, planned)
+                with_seconds, steps = background_window(run, step_once, monitor, step, args.window_steps)
+                without_seconds *= steps / planned
+            planned = steps
+            background.append(with_seconds - without_seconds)
+            background_steps.append(steps)
+        dense_seconds = dense_svd_seconds(run.model) if args.dense_svd else None
+
+        monitor.close()
         started = time.perf_counter()
         monitor.write_report()
-        report_time = time.perf_counter() - started
-    step_time = statistics.median(step_seconds)
-    evaluation_time = statistics.median(evaluation_seconds)
+        report_seconds = time.perf_counter() - started
+        evaluation_work = statistics.median(record["seconds"] for record in monitor.records[args.warmup :])
 
+    step_time = statistics.median(step_seconds)
+    foreground_time = statistics.median(foreground)
+    background_time = statistics.median(background)
     where = device_description(device)
     shapes = sorted({(layer.out_features, layer.in_features) for _, layer in layers})
     print(
         f"ViT-B-16 (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "
         f"of shapes {', '.join(f'{o}x{i}' for o, i in shapes)}; {where}, torch {torch.__version__}.\n"
         f"Training step (forward, CLIP loss, backward, AdamW; batch {args.batch_size}, 224 px): "
-        f"median {step_time:.2f} s of {args.repeats}.\n"
-        f"Monitor evaluation (spectra + metrics + rank_history.json; cpu_threads={args.cpu_threads or None}): median {evaluation_time:.2f} s of "
-        f"{args.repeats}, alternating with the steps.\n"
-        f"Report at train end (2 plots + HTML), once per run: {report_time:.2f} s.\n"
+        f"median {step_time:.2f} s of {len(step_seconds)}.\n"
+        f"Evaluation in the training thread (snapshot + exact spectra + metrics + rank_history.json; "
+        f"cpu_threads={cpu_threads}): median {foreground_time:.2f} s of {args.repeats}; the decomposition "
+        f"work of an evaluation, wherever it ran: median {evaluation_work:.2f} s.\n"
+        f"Background evaluation: training time with it minus without, per round: "
+        f"{', '.join(f'{seconds:+.2f} s' for seconds in background)} (windows of "
+        f"{', '.join(map(str, background_steps))} steps); median {background_time:+.2f} s.\n"
+        + (
+            f"The previous evaluation (float32 SVD of every dense update, 1 thread): {dense_seconds:.2f} s.\n"
+            if dense_seconds is not None
+            else ""
+        )
+        + f"Report at train end (2 plots + HTML), once per run: {report_seconds:.2f} s.\n"
     )
-    print("| every_n_steps | overhead |")
-    print("|---:|---:|")
+    dense_header = " previous: dense SVD |" if dense_seconds is not None else ""
+    print(f"| every_n_steps |{dense_header} in the training thread | background thread (default) |")
+    print("|---:|" + "---:|" * (3 if dense_seconds is not None else 2))
     figures = {
         "step_seconds": step_time,
-        "evaluation_seconds": evaluation_time,
-        "report_seconds": report_time,
+        "foreground_evaluation_seconds": foreground_time,
+        "evaluation_work_seconds": evaluation_work,
+        "background_evaluation_seconds": background_time,
+        "report_seconds": report_seconds,
     }
+    if dense_seconds is not None:
+        figures["dense_svd_seconds"] = dense_seconds
     for interval in INTERVALS:
-        overhead = 100 * evaluation_time / (interval * step_time)
-        figures[f"overhead_percent_every_{interval}"] = overhead
-        print(f"| {interval} | {overhead:.2f} % |")
+        foreground_overhead = 100 * foreground_time / (interval * step_time)
+        background_overhead = 100 * background_time / (interval * step_time)
+        figures[f"overhead_percent_every_{interval}"] = background_overhead
+        figures[f"foreground_overhead_percent_every_{interval}"] = foreground_overhead
+        dense_cell = ""
+        if dense_seconds is not None:
+            figures[f"dense_svd_overhead_percent_every_{interval}"] = dense_overhead = (
+                100 * dense_seconds / (interval * step_time)
+            )
+            dense_cell = f" {dense_overhead:.2f} % |"
+        print(f"| {interval} |{dense_cell} {foreground_overhead:.2f} % | {background_overhead:.2f} % |")
     return figures
 
 

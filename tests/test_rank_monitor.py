@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import json
 import re
+import threading
 
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from rich.console import Console
 from torch import nn
@@ -18,13 +20,14 @@ from torch.utils.data import DataLoader, TensorDataset
 from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, kradapter_shapes
 from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.adapters.labels import layer_labels
+from kr_vlm.callbacks import rank_monitor
 from kr_vlm.callbacks.parameter_summary import (
     ParameterSummary,
     count_parameters_by_group,
     parameter_summary,
     parameter_table,
 )
-from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, delta_weight_spectra
+from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, update_spectra
 from kr_vlm.models.targets import clip_targets
 from kr_vlm.rank_report import layer_history_figure, layers_by_group, spectra_figure
 from kr_vlm.spectral import effective_rank, singular_values, stable_rank
@@ -125,6 +128,7 @@ class TinyModule(pl.LightningModule):
 def fit(
     module: pl.LightningModule, tmp_path, callbacks, logger=False, max_steps=7, **trainer_args
 ) -> pl.Trainer:
+    trainer_args.setdefault("enable_checkpointing", False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=1,
@@ -132,7 +136,6 @@ def fit(
         logger=logger,
         callbacks=callbacks,
         default_root_dir=tmp_path,
-        enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=False,
         **trainer_args,
@@ -183,17 +186,16 @@ def test_groups_come_in_model_order(tmp_path):
     assert list(monitor.spectra_by_group()) == expected
 
 
-def test_batched_spectra_equal_per_layer_spectra():
+def test_update_spectra_equal_the_svd_of_every_delta_weight():
     module = TinyModule("kradapter")
     for _, layer in adapted_layers(module):
         nn.init.normal_(layer.kr_u)  # a non-zero update
     layers = list(adapted_layers(module))
     per_layer = {name: singular_values(layer.delta_weight().detach()) for name, layer in layers}
-    for max_stack_elements in (2**27, 200, 1):  # all in one stack per shape, a few per call, one per call
-        batched = delta_weight_spectra(layers, max_stack_elements=max_stack_elements)
-        assert batched.keys() == per_layer.keys()
-        for name, sigma in per_layer.items():
-            torch.testing.assert_close(batched[name], sigma, rtol=1e-5, atol=1e-6)
+    spectra = update_spectra(layers)
+    assert spectra.keys() == per_layer.keys()
+    for name, sigma in per_layer.items():
+        torch.testing.assert_close(spectra[name], sigma, rtol=1e-5, atol=1e-6)
 
 
 def test_monitor_evaluates_outside_lightning(tmp_path):
@@ -380,7 +382,7 @@ def test_monitor_rejects_a_bad_thread_count(cpu_threads):
 def test_cpu_decomposition_restores_the_thread_count():
     layers = list(adapted_layers(TinyModule("kradapter")))
     before = torch.get_num_threads()
-    spectra = {threads: delta_weight_spectra(layers, cpu_threads=threads) for threads in (1, None)}
+    spectra = {threads: update_spectra(layers, cpu_threads=threads) for threads in (1, None)}
     assert torch.get_num_threads() == before
     for name, sigma in spectra[1].items():
         torch.testing.assert_close(sigma, spectra[None][name])
@@ -421,3 +423,195 @@ def test_parameter_summary_callback_prints_once_and_logs_hyperparameters(tmp_pat
     assert f"{count_parameters(module)[0]:,}" in printed
     hparams = (tmp_path / "csv" / "version_0" / "hparams.yaml").read_text()
     assert f"trainable: {count_parameters(module)[0]}" in hparams
+
+
+# ------------------------------------------------------------------------ background thread, non-finite updates
+class CallAt(pl.Callback):
+    """Calls ``action(module, step)`` at the end of every training batch (after the callbacks before it)."""
+
+    def __init__(self, action) -> None:
+        self.action = action
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.action(pl_module, trainer.global_step)
+
+
+def strictly_parsed(path) -> dict:
+    """The JSON file parsed with NaN / Infinity literals refused, as strict parsers do."""
+
+    def refuse(literal):
+        raise ValueError(f"non-standard JSON literal {literal}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_monitor_skips_non_finite_updates_with_one_warning(tmp_path):
+    module = TinyModule("kradapter")
+    layers = dict(adapted_layers(module))
+    names = list(layers)
+    with torch.no_grad():
+        for layer in layers.values():
+            nn.init.normal_(layer.kr_u)
+        layers[names[1]].kr_u[0, 0] = float("nan")
+        layers[names[4]].kr_v[2, 1] = float("inf")
+    monitor = EffectiveRankMonitor(output_dir=tmp_path)
+    with pytest.warns(
+        UserWarning, match=rf"{re.escape(names[1])} \(and 1 more layers\).*at step 5"
+    ) as caught:
+        record = monitor.evaluate(module, 5)
+        monitor.evaluate(module, 6)  # skipped again, silently
+    assert sum("not finite" in str(warning.message) for warning in caught) == 1
+    assert record["non_finite"] == [names[1], names[4]]
+    assert record["layers"][names[1]] == dict.fromkeys(("effective_rank", "stable_rank", "frobenius_norm"))
+    assert names[1] not in monitor.final_spectra and names[0] in monitor.final_spectra
+
+    monitor.write_history()
+    monitor.write_report()
+    history = strictly_parsed(tmp_path / "rank_history.json")
+    assert history["layers"][names[1]]["effective_rank"] == [None, None]
+    assert history["layers"][names[1]]["non_finite_steps"] == [5, 6]
+    assert history["layers"][names[0]]["non_finite_steps"] == []
+    finite = [history["layers"][name]["effective_rank"][-1] for name in names if name not in names[1:5:3]]
+    assert history["groups"]["all"]["effective_rank"][-1] == pytest.approx(sum(finite) / len(finite))
+    assert (tmp_path / "rank_report.html").exists()
+
+
+def test_a_fit_with_non_finite_updates_logs_the_finite_ones(tmp_path):
+    """The monitor snapshots a NaN update (put in just before it, taken out just after): no crash, no NaN logged."""
+    saved = {}
+
+    def poison(module, step):
+        if step == 2:
+            layer = next(layer for _, layer in adapted_layers(module))
+            saved["value"] = layer.kr_v[0, 0].item()
+            with torch.no_grad():
+                layer.kr_v[0, 0] = float("nan")
+
+    def restore(module, step):
+        if step == 2:
+            with torch.no_grad():
+                next(layer for _, layer in adapted_layers(module)).kr_v[0, 0] = saved["value"]
+
+    logger = CSVLogger(tmp_path, name="csv")
+    monitor = EffectiveRankMonitor(every_n_steps=2)
+    with pytest.warns(UserWarning, match="not finite .* at step 2"):
+        fit(
+            TinyModule("kradapter"),
+            tmp_path,
+            [CallAt(poison), monitor, CallAt(restore)],
+            logger=logger,
+            max_steps=4,
+        )
+    run_dir = tmp_path / "csv" / "version_0"
+    history = strictly_parsed(run_dir / "rank_history.json")
+    first = next(iter(history["layers"]))
+    assert history["steps"] == [0, 2, 4] and history["layers"][first]["non_finite_steps"] == [2]
+    rows = [row for row in read_csv_metrics(run_dir / "metrics.csv") if row.get("effective_rank/all")]
+    assert [int(row["step"]) for row in rows] == [0, 2, 4]
+    assert rows[1][f"effective_rank_per_layer/{first}"] == ""  # not logged at step 2, and no NaN
+    assert all(value.lower() not in ("nan", "inf") for row in rows for value in row.values())
+
+
+def test_background_evaluation_measures_the_snapshot_while_training_goes_on(tmp_path, monkeypatch):
+    """The background thread is held back until step 5: the record of step 3 must still be step 3's factors."""
+    gate = threading.Event()
+    monkeypatch.setattr(rank_monitor, "_lower_this_threads_priority", lambda: gate.wait(60))
+    monitor = EffectiveRankMonitor(every_n_steps=3, on_train_start=False)
+    seen = {}
+
+    def probe(module, step):
+        if step == 3:
+            seen["factors"] = {
+                name: layer.spectral_factors().snapshot() for name, layer in adapted_layers(module)
+            }
+        if step in (4, 5):
+            seen[step] = [record["step"] for record in monitor.records]
+        if step == 5:
+            gate.set()
+
+    logger = CSVLogger(tmp_path, name="csv")
+    module = TinyModule("kradapter")
+    fit(module, tmp_path, [monitor, CallAt(probe)], logger=logger, max_steps=6)
+    assert seen[4] == seen[5] == []  # training went on while step 3 was pending
+    assert [record["step"] for record in monitor.records] == [3, 6]
+    for name, factors in seen["factors"].items():
+        expected = rank_monitor.spectrum_metrics(factors.singular_values().float())
+        assert monitor.records[0]["layers"][name] == pytest.approx(expected, rel=1e-6)
+    rows = [
+        row
+        for row in read_csv_metrics(tmp_path / "csv" / "version_0" / "metrics.csv")
+        if row.get("effective_rank/all")
+    ]
+    assert [int(row["step"]) for row in rows] == [3, 6]  # logged later, under the step they belong to
+
+
+def test_background_and_training_thread_evaluations_agree(tmp_path):
+    histories = []
+    for background in (True, False):
+        monitor = EffectiveRankMonitor(every_n_steps=2, background=background)
+        fit(TinyModule("kradapter"), tmp_path / str(background), [monitor], max_steps=5)
+        histories.append(strictly_parsed(tmp_path / str(background) / "rank_history.json"))
+    assert histories[0]["steps"] == histories[1]["steps"] == [0, 2, 4, 5]
+    assert histories[0]["layers"] == histories[1]["layers"]
+    assert histories[0]["final_spectra"] == histories[1]["final_spectra"]
+
+
+def test_checkpoints_taken_while_an_evaluation_runs_lose_no_step(tmp_path, monkeypatch):
+    """Step 2's evaluation is still running at the step-2 and step-3 checkpoints (the thread is held back)."""
+    gate = threading.Event()
+    monkeypatch.setattr(rank_monitor, "_lower_this_threads_priority", lambda: gate.wait(60))
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
+    )
+    monitor = EffectiveRankMonitor(every_n_steps=2, on_train_start=False)
+    release = CallAt(lambda module, step: step == 4 and gate.set())
+    fit(
+        TinyModule("kradapter"),
+        tmp_path,
+        [monitor, release, checkpoints],
+        max_steps=4,
+        enable_checkpointing=True,
+    )
+
+    def monitor_state(step):
+        checkpoint = torch.load(tmp_path / "ckpt" / f"step={step}.ckpt", weights_only=False)
+        return next(state for key, state in checkpoint["callbacks"].items() if "EffectiveRankMonitor" in key)
+
+    # At step 2 the evaluation of that very step runs: a resumed run evaluates it again. At step 3 it is
+    # finished into the checkpoint.
+    assert monitor_state(2) == {"unfinished_step": 2, "records": []}
+    assert [record["step"] for record in monitor_state(3)["records"]] == [2]
+    for step in (2, 3):
+        resumed = EffectiveRankMonitor(every_n_steps=2, on_train_start=False)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_steps=4,
+            logger=False,
+            callbacks=[resumed],
+            default_root_dir=tmp_path / f"resumed{step}",
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=False,
+        )
+        trainer.fit(TinyModule("kradapter"), ckpt_path=tmp_path / "ckpt" / f"step={step}.ckpt")
+        assert [record["step"] for record in resumed.records] == [2, 4]
+
+
+def test_thread_counts_set_in_a_background_thread_stay_in_that_thread():
+    before = torch.get_num_threads()
+    inside, release = threading.Event(), threading.Event()
+    counts = {}
+
+    def work():
+        with rank_monitor._intra_op_threads(before + 1):
+            counts["worker"] = torch.get_num_threads()
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    inside.wait(30)
+    counts["main"] = torch.get_num_threads()
+    release.set()
+    thread.join()
+    assert counts == {"worker": before + 1, "main": before}

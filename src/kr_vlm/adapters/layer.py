@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from kr_vlm.spectral import UpdateFactors
+
 
 @runtime_checkable
 class AdaptedLayer(Protocol):
@@ -31,7 +33,9 @@ class AdaptedLayer(Protocol):
     ``(out_features, in_features)`` update the layer adds to the base weight, scaling included, and
     ``base_weight()`` that weight, ``W0``, without the update (merged or not). ``rank_cap`` is the highest
     rank the method's update can reach on this layer (LoRA's ``r``, KRAdapter's ``min(d_out, d_in)``), which
-    the rank monitor and its reports compare the effective rank with. ``adapter_state_dict()`` is exactly
+    the rank monitor and its reports compare the effective rank with. ``spectral_factors()`` describes the
+    update by its factors (``kr_vlm.spectral.UpdateFactors``), so its singular values come through the
+    method's exact shortcut without the dense matrix. ``adapter_state_dict()`` is exactly
     the adapter: the tensors that are trained, saved and counted,
     named relative to the layer (``kr_u``, ``lora_A.default.weight``, ...).
     """
@@ -53,6 +57,8 @@ class AdaptedLayer(Protocol):
     def delta_weight(self) -> torch.Tensor: ...
 
     def base_weight(self) -> torch.Tensor: ...
+
+    def spectral_factors(self) -> UpdateFactors: ...
 
     def merge(self) -> None: ...
 

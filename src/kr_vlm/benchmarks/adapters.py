@@ -1,29 +1,42 @@
-"""Step time and peak memory of one CLIP training step: KRAdapter against LoRA and the other baselines.
+"""Step time and peak memory of one training step: KRAdapter against its floor and every other method.
 
-One training step = forward of both towers of open_clip ``ViT-B-16`` (random init, nothing downloaded) on a
-batch of 224 px images and tokenized captions, CLIP's contrastive loss, backward, AdamW step. Methods:
+One training step = forward, loss, backward, AdamW step of a model with random weights (nothing downloaded):
+
+- ``clip`` (default): open_clip ``ViT-B-16``, both towers, a batch of 224 px images and tokenized captions,
+  CLIP's contrastive loss;
+- ``llama-tiny``: a small ``transformers`` Llama (``LLAMA_TINY``: 2 decoder layers of width 1024) on random
+  token ids, its causal language-model loss; needs the ``hf`` extra.
+
+Methods (``METHODS``; the options are chosen for comparable budgets, about KRAdapter's trainable parameters per
+layer, except VeRA whose update has only ``r + d_out`` trainable numbers by construction):
 
 - ``kradapter``: ``KRAdapterLinear`` (one matmul with the fused weight, backward recomputes it).
-- ``lora``: peft LoRA, r=32, alpha=32, through ``kr_vlm.adapters.inject_adapters``.
+- ``lora`` (r=32), ``dora`` (r=32), ``vera`` (r=256), ``lokr`` (r=128, decompose_factor=4), ``loha``
+  (r=16), ``randlora`` (r=8): peft's layers through ``kr_vlm.adapters.inject_adapters``.
 - ``full``: the targeted linears' own weights train (``AdapterConfig("full")``; its layers also keep a
   frozen copy of the initial weight to report ``delta_weight()``, which shows in the memory column).
-- ``frozen``: nothing trains, but gradients still flow to the inputs of both towers (the patch embedding
-  output and the token embedding output): the floor every adapter pays.
+- ``frozen``: nothing trains, but gradients still flow to the output of the input embeddings (patch and
+  token embeddings), so backward runs through the whole model: the floor every adapter pays.
+- ``floor``: ``frozen`` plus the dense weight gradient ``grad_yᵀ x`` of every targeted linear, with no
+  optimizer state: KRAdapter's factor gradients are contracted from exactly that matrix, so this is the
+  least a KRAdapter step can cost.
 - ``authors``: the layer of the authors' README, as a reference: on every call it rebuilds ``ΔW`` and adds
   a second matmul ``x @ ΔWᵀ`` under plain autograd.
 
-Targets (``--targets``): ``mlp`` = ``fc1`` and ``fc2`` (``mlp.c_fc``, ``mlp.c_proj``) of every block of both
-towers; ``all`` adds ``q k v o``, which needs the attention converted to separate linears
-(``kr_vlm.models.convert_attention``); ``kr_vlm.models.clip_target_modules`` turns them into module names.
-Adding a method or a target set is one line in ``METHODS`` or ``TARGET_SETS``.
+Targets (``--targets``): ``mlp`` = the MLP linears of every block (CLIP's ``fc1 fc2``, Llama's ``gate up
+down``); ``all`` adds the attention projections (``q k v o``; CLIP's attention is converted to separate
+linears first, ``kr_vlm.models.convert_attention``). Adding a method or a target set is one line in
+``METHODS`` or a workload's ``target_sets``.
 
 ``scripts/bench_adapters.py`` runs it from the command line; ``scripts/bench_rank_monitor.py`` and
-``scripts/bench_data.py`` time the same training step.
+``scripts/bench_data.py`` time the same CLIP training step. With ``compiled_methods`` (the script's
+``--compile``), those methods run once more with their model compiled by ``torch.compile``
+(``nn.Module.compile``; the warm-up steps include the compilation).
 
 All models are built first, then the methods take steps in turn (round robin), so slow drifts of a shared
 machine hit every method alike. Step time = median wall time of the timed steps (after ``--warmup``).
 "time / LoRA" = median over rounds of (this method's step time / LoRA's step time in the same round): pairing
-steps that ran back to back cancels most of the load changes of a shared machine.
+steps that ran back to back cancels most of the load changes of a shared machine; "time / floor" likewise.
 
 Peak memory (MB, 2**20 bytes) = the most bytes of tensors alive at once for this model during one training
 step: its parameters and buffers, its optimizer state, and the peak of everything the step allocates
@@ -50,6 +63,25 @@ from torch import nn
 from kr_vlm.adapters import AdapterConfig, inject_adapters, kradapter_shapes
 from kr_vlm.models import clip_target_modules, convert_attention
 
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What a benchmark trains: a model family's target layers, input embeddings and loss.
+
+    ``target_sets`` maps ``--targets`` choices to layer kinds; ``target_names(model, kinds)`` gives the module
+    names of those linears; ``input_modules(model)`` the input embeddings whose outputs require grad in the
+    ``frozen`` and ``floor`` rows; ``loss(model, batch)`` the training loss.
+    """
+
+    name: str
+    target_sets: dict[str, tuple[str, ...]]
+    target_names: Callable[[nn.Module, Sequence[str]], list[str]]
+    input_modules: Callable[[nn.Module], list[nn.Module]]
+    loss: Callable[[nn.Module, Batch], torch.Tensor]
+
+
 MODEL_NAME = "ViT-B-16"
 # Layer kinds of kr_vlm.models.targets.LAYER_MODULES; the attention ones need converted attention.
 ATTENTION_TARGETS = ("q", "k", "v", "o")
@@ -67,6 +99,54 @@ CAPTIONS = (
     "a blurry photo of a car.",
     "a texture of woven fabric.",
 )
+_CLIP_LOSS = open_clip.ClipLoss()
+
+
+def _clip_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    images, tokens = batch
+    image_features, text_features, logit_scale = model(images, tokens)[:3]
+    return _CLIP_LOSS(image_features, text_features, logit_scale)
+
+
+CLIP = Workload(
+    name=MODEL_NAME,
+    target_sets=TARGET_SETS,
+    target_names=lambda model, kinds: clip_target_modules(model, layers=kinds),
+    input_modules=lambda model: [model.visual.conv1, model.token_embedding],
+    loss=_clip_loss,
+)
+
+# A Llama small enough for a CPU step of a second or two, at the width of a small LLM's layers.
+LLAMA_TINY = {
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 4096,
+    "max_position_embeddings": 256,
+}
+LLAMA_SEQUENCE_LENGTH = 64
+LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def _linears_named(model: nn.Module, kinds: Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules whose last name part is one of ``kinds``."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in kinds
+    ]
+
+
+LLAMA = Workload(
+    name="llama-tiny",
+    target_sets={"mlp": LLAMA_MLP, "all": (*LLAMA_MLP, "q_proj", "k_proj", "v_proj", "o_proj")},
+    target_names=_linears_named,
+    input_modules=lambda model: [model.get_input_embeddings()],
+    loss=lambda model, batch: model(input_ids=batch[0], labels=batch[0]).loss,
+)
+WORKLOADS = {"clip": CLIP, "llama-tiny": LLAMA}
 
 
 class AuthorsKRAdapter(nn.Module):
@@ -102,43 +182,50 @@ class AuthorsKRAdapter(nn.Module):
         return x @ self.transposed_update() * self.scaling + self.base_layer(x)
 
 
-def _authors_adapters(model: nn.Module, targets: Sequence[str]) -> nn.Module:
+def _authors_adapters(model: nn.Module, names: Sequence[str]) -> nn.Module:
     model.requires_grad_(False)
-    for name in clip_target_modules(model, layers=targets):
+    for name in names:
         model.set_submodule(name, AuthorsKRAdapter(model.get_submodule(name)))
     return model
 
 
 def _adapted(method: str, **options) -> Callable[[nn.Module, Sequence[str]], nn.Module]:
-    """A METHODS entry: ``method`` with ``options`` on the layer kinds ``targets`` of both towers."""
-
-    def prepare(model: nn.Module, targets: Sequence[str]) -> nn.Module:
-        names = clip_target_modules(model, layers=targets)
-        return inject_adapters(model, AdapterConfig(method, names, **options))
-
-    return prepare
+    """A METHODS entry: ``method`` with ``options`` on the named linears."""
+    return lambda model, names: inject_adapters(model, AdapterConfig(method, list(names), **options))
 
 
-def _require_input_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-    return output.requires_grad_(True)
+def _frozen(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Nothing trains (``build_run`` makes the input embeddings' outputs require grad, so backward runs)."""
+    return inject_adapters(model, AdapterConfig("none"))
 
 
-def _frozen_with_input_grads(model: nn.Module) -> nn.Module:
-    """Nothing trains; the outputs of both towers' input embeddings require grad, so backward still runs."""
-    inject_adapters(model, AdapterConfig("none"))
-    model.visual.conv1.register_forward_hook(_require_input_grad)
-    model.token_embedding.register_forward_hook(_require_input_grad)
+def _frozen_with_weight_gradients(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """Frozen, but every named linear's weight gets its dense gradient (and no optimizer state)."""
+    _frozen(model, names)
+    for name in names:
+        model.get_submodule(name).weight.requires_grad_(True)
     return model
 
 
-# name -> function(model, layer kinds) that prepares the model in place and returns it.
+# name -> function(model, target module names) that prepares the model in place and returns it.
 METHODS: dict[str, Callable[[nn.Module, Sequence[str]], nn.Module]] = {
     "kradapter": _adapted("kradapter"),
     "lora": _adapted("lora", r=32, lora_alpha=32),
+    "dora": _adapted("dora", r=32, lora_alpha=32),
+    "vera": _adapted("vera", r=256),
+    "lokr": _adapted("lokr", r=128, alpha=128, decompose_factor=4),
+    "loha": _adapted("loha", r=16, alpha=16),
+    "randlora": _adapted("randlora", r=8),
     "full": _adapted("full"),
-    "frozen": lambda model, targets: _frozen_with_input_grads(model),
+    "frozen": _frozen,
+    "floor": _frozen_with_weight_gradients,
     "authors": _authors_adapters,
 }
+# Methods whose gradients are computed but never applied: no optimizer, no trainable parameters counted.
+GRADIENTS_ONLY = ("floor",)
+# Methods that ``--compile`` adds a compiled run of.
+COMPILED_METHODS = ("kradapter", "lora")
+COMPILED_SUFFIX = " (compiled)"
 
 
 @dataclass
@@ -149,22 +236,42 @@ class MethodRun:
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     trainable_params: int
+    workload: Workload = CLIP
     step_times_ms: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
 
 
-def build_run(name: str, base_model: nn.Module, targets: Sequence[str]) -> MethodRun:
-    """A deep copy of ``base_model`` prepared for method ``name``, with AdamW on its trainable tensors."""
+def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.requires_grad_(True)
+
+
+def build_run(
+    name: str,
+    base_model: nn.Module,
+    targets: Sequence[str],
+    workload: Workload = CLIP,
+    compile_backend: str | None = None,
+) -> MethodRun:
+    """A deep copy of ``base_model`` prepared for method ``name`` on the layer kinds ``targets``, with AdamW
+    on its trainable tensors; with ``compile_backend``, compiled in place by ``torch.compile`` with that
+    backend (run name ``"<name> (compiled)"``)."""
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHODS)}.")
-    model = METHODS[name](copy.deepcopy(base_model), targets).train()
-    trainable = [param for param in model.parameters() if param.requires_grad]
+    model = copy.deepcopy(base_model)
+    model = METHODS[name](model, workload.target_names(model, targets)).train()
+    if not any(parameter.requires_grad for parameter in model.parameters()) or name in GRADIENTS_ONLY:
+        for module in workload.input_modules(model):
+            module.register_forward_hook(_require_grad)
+    if compile_backend is not None:
+        model.compile(backend=compile_backend)
+        name += COMPILED_SUFFIX
+    trainable = [] if name in GRADIENTS_ONLY else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    return MethodRun(name, model, optimizer, sum(param.numel() for param in trainable))
+    return MethodRun(name, model, optimizer, sum(param.numel() for param in trainable), workload)
 
 
-def make_batch(model: nn.Module, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random images at the model's resolution and tokenized captions (open_clip's shipped tokenizer)."""
+def make_batch(model: nn.Module, batch_size: int, device: torch.device) -> Batch:
+    """Random images at the CLIP model's resolution and tokenized captions (open_clip's shipped tokenizer)."""
     height, width = model.visual.image_size
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, height, width, generator=generator).to(device)
@@ -173,12 +280,17 @@ def make_batch(model: nn.Module, batch_size: int, device: torch.device) -> tuple
     return images, tokenizer(captions).to(device)
 
 
-def train_step(run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module) -> float:
-    """Forward, contrastive loss, backward, optimizer step. Returns the loss."""
-    if run.optimizer is not None:
-        run.optimizer.zero_grad(set_to_none=True)
-    image_features, text_features, logit_scale = run.model(images, tokens)[:3]
-    loss = loss_fn(image_features, text_features, logit_scale)
+def make_llama_batch(model: nn.Module, batch_size: int, device: torch.device) -> Batch:
+    """Random token ids, ``LLAMA_SEQUENCE_LENGTH`` a row."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch_size, LLAMA_SEQUENCE_LENGTH)
+    return (torch.randint(model.config.vocab_size, shape, generator=generator).to(device),)
+
+
+def train_step(run: MethodRun, batch: Batch) -> float:
+    """Forward, loss, backward, optimizer step. Returns the loss."""
+    run.model.zero_grad(set_to_none=True)
+    loss = run.workload.loss(run.model, batch)
     loss.backward()
     if run.optimizer is not None:
         run.optimizer.step()
@@ -198,12 +310,12 @@ def device_description(device: torch.device) -> str:
     return f"CPU, {torch.get_num_threads()} threads"
 
 
-def timed_step(run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module) -> float:
+def timed_step(run: MethodRun, batch: Batch) -> float:
     """Wall time of one training step in milliseconds."""
-    synchronize(images.device)
+    synchronize(batch[0].device)
     start = time.perf_counter()
-    train_step(run, images, tokens, loss_fn)
-    synchronize(images.device)
+    train_step(run, batch)
+    synchronize(batch[0].device)
     return (time.perf_counter() - start) * 1000
 
 
@@ -221,13 +333,11 @@ def _resident_bytes(run: MethodRun) -> int:
     return sum(storages.values())
 
 
-def _cpu_step_peak_bytes(
-    run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module
-) -> int:
+def _cpu_step_peak_bytes(run: MethodRun, batch: Batch) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(run, images, tokens, loss_fn)
+        train_step(run, batch)
     # Every CPU allocation (+bytes) and free (-bytes) in the step, in time order.
     events = [
         event
@@ -241,26 +351,23 @@ def _cpu_step_peak_bytes(
     return peak
 
 
-def _cuda_step_peak_bytes(
-    run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module
-) -> int:
-    device = images.device
+def _cuda_step_peak_bytes(run: MethodRun, batch: Batch) -> int:
+    device = batch[0].device
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    train_step(run, images, tokens, loss_fn)
+    train_step(run, batch)
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def peak_memory_bytes(run: MethodRun, images: torch.Tensor, tokens: torch.Tensor, loss_fn: nn.Module) -> int:
+def peak_memory_bytes(run: MethodRun, batch: Batch) -> int:
     """Peak bytes of this run's tensors during one training step (see the module docstring)."""
-    if run.optimizer is not None:  # gradients of the previous step are not part of this one
-        run.optimizer.zero_grad(set_to_none=True)
-    if images.device.type == "cuda":
-        step_peak = _cuda_step_peak_bytes(run, images, tokens, loss_fn)
+    run.model.zero_grad(set_to_none=True)  # gradients of the previous step are not part of this one
+    if batch[0].device.type == "cuda":
+        step_peak = _cuda_step_peak_bytes(run, batch)
     else:
-        step_peak = _cpu_step_peak_bytes(run, images, tokens, loss_fn)
+        step_peak = _cpu_step_peak_bytes(run, batch)
     return _resident_bytes(run) + step_peak
 
 
@@ -268,27 +375,36 @@ def run_benchmark(
     base_model: nn.Module,
     methods: Sequence[str],
     targets: Sequence[str],
-    images: torch.Tensor,
-    tokens: torch.Tensor,
+    batch: Batch,
     steps: int,
     warmup: int,
+    workload: Workload = CLIP,
+    compiled_methods: Sequence[str] = (),
+    compile_backend: str = "inductor",
 ) -> list[MethodRun]:
-    """Build every method from ``base_model``, time ``steps`` round-robin steps after ``warmup``, then measure
-    each method's peak memory in one more step."""
-    runs = [build_run(name, base_model, targets) for name in methods]
-    loss_fn = open_clip.ClipLoss()
+    """Build every method (and a compiled run of each of ``compiled_methods``) from ``base_model``, time
+    ``steps`` round-robin steps after ``warmup``, then measure each run's peak memory in one more step."""
+    runs = [build_run(name, base_model, targets, workload) for name in methods]
+    runs += [build_run(name, base_model, targets, workload, compile_backend) for name in compiled_methods]
     for step in range(warmup + steps):
         for run in runs:
-            elapsed_ms = timed_step(run, images, tokens, loss_fn)
+            elapsed_ms = timed_step(run, batch)
             if step >= warmup:
                 run.step_times_ms.append(elapsed_ms)
     for run in runs:
-        run.peak_bytes = peak_memory_bytes(run, images, tokens, loss_fn)
+        run.peak_bytes = peak_memory_bytes(run, batch)
     return runs
 
 
+def paired_ratio(row: dict, reference: dict) -> float:
+    """Median over rounds of this row's step time / the reference row's step time in the same round."""
+    paired = zip(row["step_times_ms"], reference["step_times_ms"], strict=True)
+    return statistics.median(time_ms / reference_ms for time_ms, reference_ms in paired)
+
+
 def summarize(runs: Sequence[MethodRun]) -> list[dict]:
-    """One dict per method: trainable params, median step time, peak memory, and both relative to LoRA."""
+    """One dict per method: trainable params, median step time, peak memory, both relative to LoRA, and the
+    step time relative to the floor."""
     rows = [
         {
             "method": run.name,
@@ -299,26 +415,26 @@ def summarize(runs: Sequence[MethodRun]) -> list[dict]:
         }
         for run in runs
     ]
-    lora = next((row for row in rows if row["method"] == "lora"), None)
+    by_method = {row["method"]: row for row in rows}
+    lora, floor = by_method.get("lora"), by_method.get("floor")
     for row in rows:
-        if lora is None:
-            row["time_vs_lora"] = row["memory_vs_lora"] = math.nan
-            continue
-        paired = zip(row["step_times_ms"], lora["step_times_ms"], strict=True)
-        row["time_vs_lora"] = statistics.median(time_ms / lora_ms for time_ms, lora_ms in paired)
-        row["memory_vs_lora"] = row["peak_memory_mb"] / lora["peak_memory_mb"]
+        row["time_vs_lora"] = math.nan if lora is None else paired_ratio(row, lora)
+        row["memory_vs_lora"] = math.nan if lora is None else row["peak_memory_mb"] / lora["peak_memory_mb"]
+        row["time_vs_floor"] = math.nan if floor is None else paired_ratio(row, floor)
     return rows
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
     lines = [
-        "| method | trainable params | step time median (ms) | peak memory (MB) | time / LoRA | memory / LoRA |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | trainable params | step time median (ms) | peak memory (MB) | time / LoRA | memory / LoRA "
+        "| time / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row['method']} | {row['trainable_params']:,} | {row['step_time_ms']:.1f} | "
-            f"{row['peak_memory_mb']:.1f} | {row['time_vs_lora']:.2f} | {row['memory_vs_lora']:.2f} |"
+            f"{row['peak_memory_mb']:.1f} | {row['time_vs_lora']:.2f} | {row['memory_vs_lora']:.2f} | "
+            f"{row['time_vs_floor']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -338,6 +454,18 @@ def kr_vs_lora(rows: Sequence[dict], time_bar: float = 1.3, memory_bar: float = 
     )
 
 
+def compiled_vs_eager(rows: Sequence[dict]) -> str | None:
+    """One line: each compiled run's step time relative to the same method run eagerly."""
+    by_method = {row["method"]: row for row in rows}
+    ratios = [
+        f"{row['method'].removesuffix(COMPILED_SUFFIX)} {paired_ratio(row, by_method[eager]):.2f}x"
+        for row in rows
+        if row["method"].endswith(COMPILED_SUFFIX)
+        and (eager := row["method"].removesuffix(COMPILED_SUFFIX)) in by_method
+    ]
+    return f"torch.compile, step time compiled / eager: {', '.join(ratios)}" if ratios else None
+
+
 def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     """Give ``model`` separate q/k/v/out linears when ``targets`` name attention projections."""
     if not any(target in ATTENTION_TARGETS for target in targets):
@@ -348,3 +476,14 @@ def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
 def build_base_model(targets: Sequence[str], device: torch.device) -> nn.Module:
     """Random-init open_clip ViT-B-16 (nothing downloaded), converted as ``targets`` need."""
     return convert_for_targets(open_clip.create_model(MODEL_NAME, pretrained=None), targets).to(device)
+
+
+def build_llama(device: torch.device, **config: int) -> nn.Module:
+    """A random-init ``transformers`` Llama of ``LLAMA_TINY``'s shape (``config`` overrides it)."""
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            "--model llama-tiny needs transformers: pip install 'kr_vlm[hf]' (or pip install transformers)."
+        ) from error
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**LLAMA_TINY, **config})).to(device)

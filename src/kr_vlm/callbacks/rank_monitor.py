@@ -1,21 +1,32 @@
 """Watch the effective rank of every adapter's weight update while a model trains.
 
 The Khatri-Rao updates of KRAdapter are meant to use (nearly) all directions of a layer, LoRA's at most
-``r``. ``EffectiveRankMonitor`` makes that visible: it decomposes every ``delta_weight()`` at train start,
-every ``every_n_steps`` optimizer steps and at train end, logs effective rank, stable rank and Frobenius
-norm per layer and per group (tower × layer type, from the labels stored with the adapter config) to the
-trainer's loggers, keeps ``rank_history.json`` current in the run folder, and at train end draws two plots
-and a self-contained ``rank_report.html``.
+``r``. ``EffectiveRankMonitor`` makes that visible: it measures every adapter update at train start, every
+``every_n_steps`` optimizer steps and at train end, logs effective rank, stable rank and Frobenius norm per
+layer and per group (tower × layer type, from the labels stored with the adapter config) to the trainer's
+loggers, keeps ``rank_history.json`` current in the run folder, and at train end draws two plots and a
+self-contained ``rank_report.html``.
+
+An evaluation stays off the training path. In the training thread it only copies each layer's update
+description (``spectral_factors()``: the factors, small for every factorised method) to the CPU; a background
+thread then computes the singular values through each method's exact shortcut (``kr_vlm.spectral``), and the
+results go to the loggers from the training thread at a later hook, under the step they belong to.
 """
 
 from __future__ import annotations
 
+import atexit
+import functools
 import io
 import json
+import os
+import queue
+import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -40,63 +51,62 @@ SPECTRA_PLOT_FILE = "rank_spectra.png"
 HISTORY_PLOT_FILE = "rank_history.png"
 REPORT_FILE = "rank_report.html"
 
-# 2**27 float32 entries = 512 MiB per stack: a whole ViT-B stack of 768x3072 updates (12 x 2.4M entries)
-# fits, while an LLM's 4096x11008 updates are decomposed a dozen at a time.
-DEFAULT_MAX_STACK_ELEMENTS = 2**27
+# Linux niceness of the background thread (19: the lowest priority). It then runs on the cycles training leaves
+# idle and yields wherever training wants a core, rather than preempting a training thread while that
+# thread's OpenMP peers wait for it at the next barrier.
+WORKER_NICENESS = 19
 
 
-def _layer_device(layer: nn.Module) -> torch.device:
-    parameter = next(layer.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
+@functools.cache
+def _thread_counts_are_per_thread() -> bool:
+    """True when torch's intra-op thread count is a per-thread setting (the OpenMP backend of torch's wheels)."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 @contextmanager
 def _intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch threads (None: leave the setting alone), then restore it."""
+    """Run the block with ``count`` torch threads in the calling thread (None: leave it alone), then restore.
+
+    Safe in a background thread: with the OpenMP backend torch keeps the count per thread
+    (``omp_set_num_threads``, ``mkl_set_num_threads_local``), so the training thread keeps its own. What is
+    process-wide is torch's default for threads that run their first torch op while the block runs (and the
+    size of the pool its mobile/quantized kernels share); the restore puts them back. With another backend
+    the count itself is process-wide, so it is left alone.
+    """
+    if count is None or not _thread_counts_are_per_thread():
+        yield
+        return
     previous = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
+    torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(previous)
 
 
-@torch.no_grad()
-def delta_weight_spectra(
-    layers: Iterable[tuple[str, nn.Module]],
-    max_stack_elements: int = DEFAULT_MAX_STACK_ELEMENTS,
-    cpu_threads: int | None = 1,
-) -> dict[str, torch.Tensor]:
-    """Singular values (descending, float32, on the CPU) of every layer's ``delta_weight()``, by name.
+def _lower_this_threads_priority() -> None:
+    """Give the calling thread the lowest scheduling priority (Linux; elsewhere nothing happens)."""
+    if sys.platform.startswith("linux"):
+        with suppress(OSError):  # e.g. a sandbox that forbids it: the thread then runs at normal priority
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
 
-    Updates of the same shape on the same device are stacked and decomposed by one batched call on that
-    device; a tall update is transposed first (same singular values) so that, e.g., ``c_fc`` (3072x768)
-    shares a stack with ``c_proj`` (768x3072). A stack holds at most ``max_stack_elements`` matrix entries,
-    which bounds the memory the monitor takes next to training. Stacks on the CPU are decomposed with
-    ``cpu_threads`` torch threads (None: the current setting).
-    """
-    stacks: dict[tuple[torch.device, int, int], list[tuple[str, nn.Module]]] = {}
-    for name, layer in layers:
-        short, long = sorted((layer.out_features, layer.in_features))
-        stacks.setdefault((_layer_device(layer), short, long), []).append((name, layer))
 
-    spectra: dict[str, torch.Tensor] = {}
-    for (device, short, long), members in stacks.items():
-        per_call = max(1, max_stack_elements // (short * long))
-        for start in range(0, len(members), per_call):
-            chunk = members[start : start + per_call]
-            # Filled in place (not torch.stack of a list): one float32 copy of the updates, not two.
-            stack = torch.empty((len(chunk), short, long), dtype=torch.float32, device=device)
-            for index, (_, layer) in enumerate(chunk):
-                delta = layer.delta_weight()
-                stack[index] = delta.mT if delta.shape[0] > delta.shape[1] else delta
-            # Multi-threaded CPU SVD (MKL / OpenMP) slows down 8x to 100x as soon as the cores are shared with
-            # other work (measured with 2 threads on a busy 2-core machine); one thread stays steady.
-            with _intra_op_threads(cpu_threads if device.type == "cpu" else None):
-                sigma = spectral.singular_values(stack, dtype=torch.float32).cpu()
-            spectra.update(zip((name for name, _ in chunk), sigma, strict=True))
-    return spectra
+def update_spectrum(update: spectral.UpdateFactors) -> torch.Tensor | None:
+    """Singular values (descending, float32) of an update, or None when it is not finite (NaN or inf)."""
+    if not update.is_finite():
+        return None
+    sigma = update.singular_values()
+    return sigma.float() if bool(torch.isfinite(sigma).all()) else None
+
+
+def update_spectra(
+    layers: Iterable[tuple[str, nn.Module]], cpu_threads: int | None = 1
+) -> dict[str, torch.Tensor | None]:
+    """Singular values (descending, float32, on the CPU) of every layer's update, by name, computed in the
+    calling thread with ``cpu_threads`` torch threads (None: the current setting); None for a non-finite one."""
+    evaluation = _Evaluation.of(layers, step=0)
+    evaluation.compute_all(cpu_threads)
+    return evaluation.spectra()
 
 
 def spectrum_metrics(sigma: torch.Tensor) -> dict[str, float]:
@@ -108,42 +118,163 @@ def spectrum_metrics(sigma: torch.Tensor) -> dict[str, float]:
     }
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def _mean(values: Iterable[float | None]) -> float | None:
+    finite = [value for value in values if value is not None]
+    return sum(finite) / len(finite) if finite else None
+
+
+class _Evaluation:
+    """One evaluation: the snapshot of every layer's update taken at ``step``, and the spectra computed from it.
+
+    Layers are computed one at a time by whichever thread takes them (``compute``), so the background thread
+    and a waiting training thread can share the work.
+    """
+
+    def __init__(self, step: int, updates: dict[str, spectral.UpdateFactors]) -> None:
+        self.step = step
+        self.updates = updates
+        self.layer_info: dict[str, Any] = {}  # filled by the monitor, which knows the layers' labels
+        self.parameters: dict[str, Any] = {}
+        self.seconds = 0.0  # the work: snapshot plus decompositions, whichever thread did them
+        self._spectra: dict[str, torch.Tensor | None] = {}
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        if not updates:
+            self._done.set()
+
+    @classmethod
+    def of(cls, layers: Iterable[tuple[str, nn.Module]], step: int) -> _Evaluation:
+        """Snapshot (copy to the CPU) the update factors of ``layers`` now."""
+        started = time.perf_counter()
+        with torch.no_grad():
+            updates = {name: layer.spectral_factors().snapshot() for name, layer in layers}
+        evaluation = cls(step, updates)
+        evaluation.seconds = time.perf_counter() - started
+        return evaluation
+
+    def compute(self, name: str, cpu_threads: int | None) -> None:
+        started = time.perf_counter()
+        sigma, error = None, None
+        try:
+            with _intra_op_threads(cpu_threads), torch.no_grad():
+                sigma = update_spectrum(self.updates[name])
+        except Exception as exception:  # handed to the training thread, which raises it (see spectra)
+            error = exception
+        with self._lock:
+            self._spectra[name] = sigma
+            self._error = self._error or error
+            self.seconds += time.perf_counter() - started
+            if len(self._spectra) == len(self.updates):
+                self._done.set()
+
+    def compute_all(self, cpu_threads: int | None) -> None:
+        for name in self.updates:
+            self.compute(name, cpu_threads)
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def spectra(self) -> dict[str, torch.Tensor | None]:
+        """The finished spectra in layer order; re-raises an error a decomposition hit."""
+        if self._error is not None:
+            raise RuntimeError(
+                f"EffectiveRankMonitor failed to decompose the updates of step {self.step}."
+            ) from self._error
+        return {name: self._spectra[name] for name in self.updates}
+
+
+class _BackgroundWorker:
+    """One daemon thread at the lowest priority that computes the layers of submitted evaluations in order."""
+
+    def __init__(self, cpu_threads: int | None) -> None:
+        self.cpu_threads = cpu_threads
+        self._tasks: queue.SimpleQueue[tuple[_Evaluation, str] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="kr_vlm-rank-monitor", daemon=True)
+        self._thread.start()
+        # A thread still alive when the interpreter shuts down can abort the process inside torch's C++ code.
+        atexit.register(self.close)
+
+    def submit(self, evaluation: _Evaluation) -> None:
+        for name in evaluation.updates:
+            self._tasks.put((evaluation, name))
+
+    def finish(self, evaluation: _Evaluation) -> None:
+        """Return once ``evaluation`` is done, computing its remaining layers in the calling thread as well."""
+        while not evaluation.done():
+            try:
+                task = self._tasks.get_nowait()
+            except queue.Empty:  # the last layers are being computed by the background thread
+                evaluation.wait()
+            else:
+                if task is None:  # close() was called: leave its stop signal to the thread
+                    self._tasks.put(None)
+                    evaluation.wait()
+                else:
+                    task[0].compute(task[1], self.cpu_threads)
+
+    def close(self) -> None:
+        """Drop the queued work and stop the thread (it finishes the layer it is computing)."""
+        atexit.unregister(self.close)
+        with suppress(queue.Empty):
+            while True:
+                self._tasks.get_nowait()
+        self._tasks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        _lower_this_threads_priority()
+        while (task := self._tasks.get()) is not None:
+            evaluation, name = task
+            evaluation.compute(name, self.cpu_threads)
 
 
 class EffectiveRankMonitor(pl.Callback):
     """Log and plot the spectra of all adapter weight updates during ``trainer.fit``.
 
-    Evaluations run on global rank zero only, on each layer's device, under ``torch.no_grad()`` in float32;
-    they read the adapters and change nothing in training. The other ranks hold the same weights under DDP
-    and skip the work, and nothing here is a collective operation, so no rank waits on another.
-    Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported: the monitor warns and stays off.
+    Evaluations run on global rank zero only, under ``torch.no_grad()``; they read the adapters and change
+    nothing in training. The other ranks hold the same weights under DDP and skip the work, and nothing here
+    is a collective operation, so no rank waits on another. Sharded strategies (FSDP, DeepSpeed, model
+    parallel) are not supported: the monitor warns and stays off.
 
-    At every evaluation (``step`` = ``trainer.global_step``) the loggers get, for every group
-    ``<tower>/<layer type>`` such as ``vision/q`` or ``text/fc2``, plus ``all``: ``effective_rank/<group>``,
-    ``stable_rank/<group>``, ``frobenius_norm/<group>`` (means over the group's layers); per layer
-    (``log_per_layer``) ``effective_rank_per_layer/<name>`` and likewise; a TensorBoard logger also gets the
-    histograms ``singular_values/<group>``. ``rank_history.json`` in the run folder is rewritten.
+    At an evaluation step the training thread copies every layer's update factors to the CPU (a dense update,
+    as of full fine-tuning or DoRA, is copied whole); a background thread at the lowest priority decomposes
+    them (``background=True``), at most one evaluation at a time: when the next one is due before the previous
+    has finished, or at train end, the training thread helps finish it. Finished results are logged at the next
+    training batch, under the step they were taken at. An update that is not finite (NaN or inf, e.g. after
+    training diverged) is skipped with one warning naming the layer and the step; ``rank_history.json`` holds
+    null for its metrics and lists the step under the layer's ``non_finite_steps``.
+
+    At every evaluation the loggers get, for every group ``<tower>/<layer type>`` such as ``vision/q`` or
+    ``text/fc2``, plus ``all``: ``effective_rank/<group>``, ``stable_rank/<group>``, ``frobenius_norm/<group>``
+    (means over the group's finite layers); per layer (``log_per_layer``) ``effective_rank_per_layer/<name>``
+    and likewise; a TensorBoard logger also gets the histograms ``singular_values/<group>``.
+    ``rank_history.json`` in the run folder is rewritten.
 
     At train end (or on ``write_report()``) it renders ``rank_spectra.png`` (normalised singular values
     per group), ``rank_history.png`` (effective rank over steps per group), the self-contained
     ``rank_report.html``, and the TensorBoard image ``rank_spectra``. Plots are kept out of the periodic
     evaluations: rendering takes about a second a figure on a CPU core, and only the last ones are kept.
 
+    Outside Lightning (a plain PyTorch loop): ``evaluate(model, step)`` measures now, in the calling thread;
+    ``evaluate_in_background(model, step)`` takes the snapshot and returns, ``collect()`` hands back the
+    finished records, and ``close()`` stops the background thread.
+
     Args:
-        every_n_steps: evaluate every this many optimizer steps (0: only at train start and end). The
-            default keeps the cost well under 2% of training time for ViT-B/16 (scripts/bench_rank_monitor.py).
+        every_n_steps: evaluate every this many optimizer steps (0: only at train start and end).
         on_train_start: evaluate before the first step (adapter updates usually start at zero: rank 0).
         on_train_end: evaluate after the last step (unless that step was just evaluated) and write the plots
             and the report.
         output_dir: folder for the files; default ``trainer.log_dir`` (the first logger's folder), else
             ``trainer.default_root_dir``.
         log_per_layer: also send per-layer metrics to the loggers (the JSON file always holds them).
-        max_stack_elements: most matrix entries decomposed in one batched call (bounds the extra memory).
-        cpu_threads: torch threads for decompositions on the CPU (restored afterwards); None keeps the
-            current setting. One thread is the default because multi-threaded CPU SVD collapses when the
-            cores are busy with anything else (see ``delta_weight_spectra``).
+        cpu_threads: torch threads for the decompositions (in whichever thread runs them, restored
+            afterwards; see ``_intra_op_threads``); None keeps that thread's current setting. One thread by
+            default: multi-threaded CPU decompositions collapse when the cores are busy with training.
+        background: decompose in the background thread (False: in the training thread, at the step itself).
     """
 
     def __init__(
@@ -153,8 +284,8 @@ class EffectiveRankMonitor(pl.Callback):
         on_train_end: bool = True,
         output_dir: str | Path | None = None,
         log_per_layer: bool = True,
-        max_stack_elements: int = DEFAULT_MAX_STACK_ELEMENTS,
         cpu_threads: int | None = 1,
+        background: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -162,12 +293,6 @@ class EffectiveRankMonitor(pl.Callback):
                 f"every_n_steps must be a non-negative integer (0 evaluates only at train start/end), "
                 f"got {every_n_steps!r}."
             )
-        if (
-            isinstance(max_stack_elements, bool)
-            or not isinstance(max_stack_elements, int)
-            or max_stack_elements < 1
-        ):
-            raise ConfigError(f"max_stack_elements must be a positive integer, got {max_stack_elements!r}.")
         if cpu_threads is not None and (
             isinstance(cpu_threads, bool) or not isinstance(cpu_threads, int) or cpu_threads < 1
         ):
@@ -178,11 +303,11 @@ class EffectiveRankMonitor(pl.Callback):
         self.evaluate_at_train_end = on_train_end
         self.output_dir = None if output_dir is None else Path(output_dir)
         self.log_per_layer = log_per_layer
-        self.max_stack_elements = max_stack_elements
         self.cpu_threads = cpu_threads
+        self.background = background
 
         self.run_dir: Path | None = None
-        # One record per evaluation: {"step", "seconds", "layers": {name: {metric: value}}}.
+        # One record per evaluation: {"step", "seconds", "layers": {name: {metric: value}}, "non_finite": [name]}.
         self.records: list[dict[str, Any]] = []
         self.layer_info: dict[str, dict[str, Any]] = {}
         self.final_spectra: dict[str, torch.Tensor] = {}
@@ -190,6 +315,12 @@ class EffectiveRankMonitor(pl.Callback):
         self._base_norms: dict[str, float] = {}
         self._enabled = True
         self._warned_no_layers = False
+        self._warned_non_finite = False
+        self._worker: _BackgroundWorker | None = None
+        self._pending: _Evaluation | None = None
+        self._finished: list[dict[str, Any]] = []  # records not yet handed out by collect()
+        self._latest_step: int | None = None
+        self._unfinished_step: int | None = None  # restored from a checkpoint taken while that step ran
 
     # ----------------------------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -211,54 +342,74 @@ class EffectiveRankMonitor(pl.Callback):
             self.run_dir = Path(trainer.log_dir or trainer.default_root_dir)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # A run resumed from a checkpoint may have evaluated this step already (its history is restored).
-        if self.evaluate_at_train_start and not self._evaluated(trainer.global_step):
+        step = trainer.global_step
+        # A run resumed from a checkpoint may have evaluated this step already (its history is restored), or
+        # have been evaluating it when the checkpoint was taken.
+        wanted = self.evaluate_at_train_start or step == self._unfinished_step
+        if wanted and not self._evaluated(step):
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = trainer.global_step
+        step = self._latest_step = trainer.global_step
+        self._log(trainer, self.collect(wait=False))
         # With gradient accumulation several batches end on the same global step (the first ones on step 0,
         # before any update): evaluate each step once, and step 0 only through on_train_start.
         if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not self._evaluated(step):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(trainer, self.collect(wait=True))
         if not self.evaluate_at_train_end:
             return
         if not self._evaluated(trainer.global_step):
             self._evaluate(trainer, pl_module)
+            self._log(trainer, self.collect(wait=True))
         if self._enabled and trainer.is_global_zero and self.final_spectra:
             self.write_report(trainer)
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self.close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.close()
+
     def state_dict(self) -> dict[str, Any]:
         # The history travels in checkpoints, so a resumed run keeps its whole curve.
-        return {"records": self.records}
+        state: dict[str, Any] = {}
+        pending = self._pending
+        if pending is not None and pending.step == self._latest_step:
+            # Taken at the step being checkpointed: a run resumed from here starts at this step and evaluates it.
+            state["unfinished_step"] = pending.step
+        elif pending is not None:
+            self._finish_pending()
+        state["records"] = list(self.records)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.records = list(state_dict["records"])
+        self._unfinished_step = state_dict.get("unfinished_step")
 
     # ----------------------------------------------------------------------------------------- evaluation
     def _evaluated(self, step: int) -> bool:
+        if self._pending is not None and self._pending.step == step:
+            return True
         return bool(self.records) and self.records[-1]["step"] == step
 
     def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
-        if self.evaluate(pl_module, trainer.global_step) is None:
-            return
-        self._log_to_loggers(trainer, trainer.global_step)
-        self.write_history()
+        if self.background:
+            self.evaluate_in_background(pl_module, trainer.global_step)
+        else:
+            self.evaluate(pl_module, trainer.global_step)
+        self._log(trainer, self.collect(wait=False))
 
-    def evaluate(self, model: nn.Module, step: int) -> dict[str, Any] | None:
-        """Decompose every adapter update of ``model`` now and record the result as ``step``.
-
-        Returns the record ``{"step", "seconds", "layers": {name: {metric: value}}}`` (also appended to
-        ``records``), or None (with a warning, once) when the model has no adapted layers. Usable without
-        a trainer, e.g. in a plain PyTorch loop; ``write_history`` / ``write_report`` then need ``output_dir``.
-        """
-        started = time.perf_counter()
+    def _snapshot(self, model: nn.Module, step: int) -> _Evaluation | None:
         layers = list(adapted_layers(model))
         if not layers:
             if not self._warned_no_layers:
@@ -266,13 +417,12 @@ class EffectiveRankMonitor(pl.Callback):
                 warnings.warn(
                     "EffectiveRankMonitor found no adapted layers in the model (kr_vlm.adapters.adapted_layers); "
                     "inject adapters with kr_vlm.adapters.inject_adapters to monitor their ranks.",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             return None
-        spectra = delta_weight_spectra(layers, self.max_stack_elements, self.cpu_threads)
-        layer_metrics = {name: spectrum_metrics(sigma) for name, sigma in spectra.items()}
+        evaluation = _Evaluation.of(layers, step)
         labels = layer_labels(model)
-        self.layer_info = {
+        evaluation.layer_info = {
             name: {
                 "group": label_group(labels[name]),
                 "labels": labels[name],
@@ -283,11 +433,86 @@ class EffectiveRankMonitor(pl.Callback):
             }
             for name, layer in layers
         }
-        self.final_spectra = spectra
-        self.parameters = parameter_summary(model)
-        # The cost of the decomposition, the monitor's main cost, so users can see what it takes.
-        record = {"step": step, "seconds": time.perf_counter() - started, "layers": layer_metrics}
+        evaluation.parameters = parameter_summary(model)
+        return evaluation
+
+    def evaluate(self, model: nn.Module, step: int) -> dict[str, Any] | None:
+        """Measure every adapter update of ``model`` now, in the calling thread, and record it as ``step``.
+
+        Returns the record ``{"step", "seconds", "layers": {name: {metric: value}}, "non_finite": [name]}``
+        (also appended to ``records``), or None (with a warning, once) when the model has no adapted layers.
+        A background evaluation still running is finished first. Usable without a trainer, e.g. in a plain
+        PyTorch loop; ``write_history`` / ``write_report`` then need ``output_dir``.
+        """
+        self._finish_pending()
+        evaluation = self._snapshot(model, step)
+        if evaluation is None:
+            return None
+        evaluation.compute_all(self.cpu_threads)
+        return self._record(evaluation)
+
+    def evaluate_in_background(self, model: nn.Module, step: int) -> None:
+        """Snapshot every adapter update of ``model`` now and decompose it in the background thread; the record
+        comes out of ``collect()``. A previous background evaluation still running is finished first."""
+        self._finish_pending()
+        evaluation = self._snapshot(model, step)
+        if evaluation is None:
+            return
+        if self._worker is None:
+            self._worker = _BackgroundWorker(self.cpu_threads)
+        self._worker.submit(evaluation)
+        self._pending = evaluation
+
+    def collect(self, wait: bool = False) -> list[dict[str, Any]]:
+        """The records finished since the last call (oldest first); ``wait``: finish a running evaluation first,
+        helping in the calling thread."""
+        if self._pending is not None and (wait or self._pending.done()):
+            self._finish_pending()
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _finish_pending(self) -> None:
+        evaluation, self._pending = self._pending, None
+        if evaluation is None:
+            return
+        self._worker.finish(evaluation)
+        self._record(evaluation)
+
+    def close(self) -> None:
+        """Stop the background thread, dropping an evaluation still running (``collect(wait=True)`` first to
+        keep it). The Lightning hooks call it when a fit ends; a plain loop calls it when done."""
+        worker, self._worker, self._pending = self._worker, None, None
+        if worker is not None:
+            worker.close()
+
+    def _record(self, evaluation: _Evaluation) -> dict[str, Any]:
+        spectra = evaluation.spectra()
+        non_finite = [name for name, sigma in spectra.items() if sigma is None]
+        layer_metrics = {
+            name: dict.fromkeys(METRICS) if sigma is None else spectrum_metrics(sigma)
+            for name, sigma in spectra.items()
+        }
+        self.layer_info = evaluation.layer_info
+        self.final_spectra = {name: sigma for name, sigma in spectra.items() if sigma is not None}
+        self.parameters = evaluation.parameters
+        # The cost of the decompositions, the monitor's main cost, so users can see what it takes.
+        record = {
+            "step": evaluation.step,
+            "seconds": evaluation.seconds,
+            "layers": layer_metrics,
+            "non_finite": non_finite,
+        }
+        if non_finite and not self._warned_non_finite:
+            self._warned_non_finite = True
+            others = f" (and {len(non_finite) - 1} more layers)" if len(non_finite) > 1 else ""
+            warnings.warn(
+                f"EffectiveRankMonitor: the weight update of {non_finite[0]}{others} is not finite (NaN or inf) "
+                f"at step {evaluation.step}, so it has no spectrum; skipped, with null metrics in "
+                f"{HISTORY_FILE}. Later non-finite updates are skipped without another warning.",
+                stacklevel=2,
+            )
         self.records.append(record)
+        self._finished.append(record)
         return record
 
     def _base_norm(self, name: str, layer: nn.Module) -> float:
@@ -296,16 +521,17 @@ class EffectiveRankMonitor(pl.Callback):
             self._base_norms[name] = float(torch.linalg.matrix_norm(layer.base_weight().detach().float()))
         return self._base_norms[name]
 
-    def group_metrics(self, record: dict[str, Any]) -> dict[str, dict[str, float]]:
-        """Means of each metric over the layers of every group (and over all layers, as group ``all``);
-        groups in the order their first layers come in the model."""
+    def group_metrics(self, record: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+        """Means of each metric over the finite layers of every group (and over all layers, as group ``all``),
+        None for a group whose updates are all non-finite; groups in the order their first layers come in the
+        model."""
         groups: dict[str, list[str]] = {}
         for name, info in self.layer_info.items():  # in module order
             if name in record["layers"]:
                 groups.setdefault(info["group"], []).append(name)
         groups["all"] = list(record["layers"])
         return {
-            group: {metric: _mean([record["layers"][name][metric] for name in names]) for metric in METRICS}
+            group: {metric: _mean(record["layers"][name][metric] for name in names) for metric in METRICS}
             for group, names in groups.items()
         }
 
@@ -317,20 +543,36 @@ class EffectiveRankMonitor(pl.Callback):
                 by_group.setdefault(info["group"], []).append(self.final_spectra[name])
         return by_group
 
-    def _log_to_loggers(self, trainer: pl.Trainer, step: int) -> None:
-        record = self.records[-1]
+    def _log(self, trainer: pl.Trainer, records: list[dict[str, Any]]) -> None:
+        """Send finished records to the loggers (from the training thread), each under its own step."""
+        if not records:
+            return
+        for record in records:
+            self._log_record(trainer, record)
+        self.write_history()
+
+    def _log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
         scalars = {
             f"{metric}/{group}": value
             for group, values in self.group_metrics(record).items()
             for metric, value in values.items()
+            if value is not None
         }
         if self.log_per_layer:
             for name, values in record["layers"].items():
-                scalars.update({f"{metric}_per_layer/{name}": value for metric, value in values.items()})
+                scalars.update(
+                    {
+                        f"{metric}_per_layer/{name}": value
+                        for metric, value in values.items()
+                        if value is not None
+                    }
+                )
+        step = record["step"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
             logger.save()
-            if isinstance(logger, TensorBoardLogger):
+            # The spectra kept are the latest evaluation's.
+            if isinstance(logger, TensorBoardLogger) and record is self.records[-1]:
                 for group, sigmas in self.spectra_by_group().items():
                     logger.experiment.add_histogram(f"singular_values/{group}", torch.cat(sigmas), step)
 
@@ -338,15 +580,17 @@ class EffectiveRankMonitor(pl.Callback):
     def history(self) -> dict[str, Any]:
         """Everything recorded so far, as written to ``rank_history.json``.
 
-        ``steps``/``seconds`` list the evaluations (``seconds``: time to decompose and measure); the series
-        ``groups[group][metric]`` and ``layers[name][metric]`` are aligned with ``steps`` (None where a layer
-        did not exist); each layer also has its ``group``, ``shape``, ``max_rank`` (``min(d_out, d_in)``),
-        ``rank_cap`` (the highest rank its method can build) and ``base_norm`` (``‖W0‖_F``, for the relative
-        update size); ``final_spectra`` holds the singular values of the latest evaluation (6 significant
-        digits); ``parameters`` the trainable/total counts (``parameter_summary``).
+        ``steps``/``seconds`` list the evaluations (``seconds``: the work of the evaluation, snapshot and
+        decompositions, not the wall time it spent in the background); the series ``groups[group][metric]``
+        and ``layers[name][metric]`` are aligned with ``steps`` (None where a layer did not exist or its update
+        was not finite; those steps are also listed in ``layers[name]["non_finite_steps"]``); each layer
+        also has its ``group``, ``shape``, ``max_rank`` (``min(d_out, d_in)``), ``rank_cap`` (the highest rank
+        its method can build) and ``base_norm`` (``‖W0‖_F``, for the relative update size); ``final_spectra``
+        holds the singular values of the latest evaluation (6 significant digits); ``parameters`` the
+        trainable/total counts (``parameter_summary``).
         """
         steps = [record["step"] for record in self.records]
-        group_series: dict[str, dict[str, list[float]]] = {}
+        group_series: dict[str, dict[str, list[float | None]]] = {}
         for record in self.records:
             for group, values in self.group_metrics(record).items():
                 series = group_series.setdefault(group, {metric: [] for metric in METRICS})
@@ -359,6 +603,9 @@ class EffectiveRankMonitor(pl.Callback):
                     metric: [record["layers"].get(name, {}).get(metric) for record in self.records]
                     for metric in METRICS
                 },
+                "non_finite_steps": [
+                    record["step"] for record in self.records if name in record.get("non_finite", ())
+                ],
             }
             for name, info in self.layer_info.items()
         }
@@ -388,9 +635,9 @@ class EffectiveRankMonitor(pl.Callback):
         return self.run_dir
 
     def write_history(self) -> None:
-        """Write ``rank_history.json`` to the run folder."""
+        """Write ``rank_history.json`` to the run folder (strict JSON: no NaN or Infinity)."""
         # Rewritten at every evaluation: an interrupted run keeps the previous complete file.
-        write_text_atomic(self._checked_run_dir() / HISTORY_FILE, json.dumps(self.history()))
+        write_text_atomic(self._checked_run_dir() / HISTORY_FILE, json.dumps(self.history(), allow_nan=False))
 
     def write_report(self, trainer: pl.Trainer | None = None) -> None:
         """Render the two plots and ``rank_report.html`` into the run folder, and the spectrum image into the

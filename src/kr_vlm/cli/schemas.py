@@ -50,6 +50,8 @@ class CLIPFineTunerSchema:
     logit_scale: float | None = None
     text_batch_size: int = 1024
     init_seed: int = 0
+    # true, false or a mapping of torch.compile's options: a union OmegaConf cannot type.
+    compile: Any = False
 
 
 def register_schemas() -> None:

@@ -123,6 +123,8 @@ class CLIPFineTuner(LightningModule):
         init_seed: seed of the random base weights when ``clip.pretrained`` is None, so a module rebuilt
             from a checkpoint gets the same frozen weights (they are not saved). Adapters are initialised
             from the global seed as usual.
+        compile: compile both towers with ``torch.compile`` (in place, so checkpoints do not change): True
+            for its defaults, or a mapping of its options (e.g. ``{mode: max-autotune}``).
 
     Hydra configs arrive as plain dicts (``model/clip.yaml`` instantiates with ``_convert_: all``), so the
     hyperparameters hold plain data. Only adapter tensors may train: ``configure_optimizers`` raises if
@@ -138,12 +140,18 @@ class CLIPFineTuner(LightningModule):
         logit_scale: float | None = None,
         text_batch_size: int = 1024,
         init_seed: int = 0,
+        compile: bool | Mapping[str, Any] = False,
     ) -> None:
         super().__init__()
         self._resumed_rng_states: dict[str, Any] | None = None
         adapter = {"method": "none"} if adapter is None else adapter
         if "name" not in clip:
             raise ConfigError(f"clip needs a model 'name' (e.g. 'ViT-B-16'); got {clip}.")
+        if not isinstance(compile, (bool, Mapping)):
+            raise ConfigError(
+                f"model.compile must be true, false or a mapping of torch.compile's options (e.g. "
+                f"{{mode: max-autotune}}); got {compile!r}."
+            )
         # Check every config before loading the model, which can take a while.
         method, targets, options = adapter_parts(adapter)
         self.optimizer_config = _options(OptimizerOptions, optimizer, "optimizer")
@@ -165,6 +173,7 @@ class CLIPFineTuner(LightningModule):
                 "logit_scale": logit_scale,
                 "text_batch_size": text_batch_size,
                 "init_seed": init_seed,
+                "compile": compile,
             },
             logger=False,
         )
@@ -183,6 +192,12 @@ class CLIPFineTuner(LightningModule):
         # load_clip returns eval mode and Lightning keeps submodules' modes: start in training mode like
         # any fresh nn.Module, or adapter dropout would stay off while training.
         model.train()
+        if compile:
+            compile_options = {} if compile is True else dict(compile)
+            # The text tower is `text` in open_clip's CustomTextCLIP, its blocks `transformer` in CLIP.
+            text_tower = model.text if hasattr(model, "text") else model.transformer
+            for tower in (model.visual, text_tower):
+                tower.compile(**compile_options)
         self.classifier = CLIPClassifier(model, self.tokenizer, logit_scale, text_batch_size)
         # One MetricCollection per evaluation set, rebuilt in `setup` from the DataModule's tasks.
         self.eval_metrics = nn.ModuleDict()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters.layer import Method, NoOptions, instances_of, replace_layers
+from kr_vlm.spectral import DenseUpdate
 
 
 class FullFineTuneLinear(nn.Linear):
@@ -53,6 +54,10 @@ class FullFineTuneLinear(nn.Linear):
     def base_weight(self) -> torch.Tensor:
         """``W0``, the weight before training (``initial_weight``)."""
         return self.initial_weight
+
+    def spectral_factors(self) -> DenseUpdate:
+        """The update for its singular values: a dense matrix, it has no factors."""
+        return DenseUpdate(self.delta_weight().detach())
 
     def merge(self) -> None:
         """Nothing to add: the update already lives in the weight."""

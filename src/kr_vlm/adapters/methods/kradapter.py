@@ -14,6 +14,8 @@ the dense ``ΔW`` alive for backward. Here a custom autograd Function runs ONE m
 ``W0 + s ΔW`` and, in backward, rebuilds that weight from the factors instead of storing it. The factor
 gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted against the factors:
 ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``.
+Under ``torch.compile`` the same code runs inside two custom operators, so a compiled model has no graph
+break at these layers and keeps their memory behaviour.
 
 A ``Conv1D`` stores ``W0ᵀ``; the Function is handed its transposed view ``W0`` (no copy), so autograd
 routes the weight gradient back into the ``(in, out)`` parameter and merging writes through the same view.
@@ -41,6 +43,7 @@ from kr_vlm.adapters.layer import (
     shared_parameters,
 )
 from kr_vlm.errors import ConfigError
+from kr_vlm.spectral import KhatriRaoFactors
 
 
 def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[int, int, int, int]:
@@ -142,8 +145,59 @@ def _factor_grads(
     return grad_u * scaling, grad_v * scaling
 
 
+def _linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``F.linear(x, W0 + s ΔW, b)``: one matmul with the fused weight, which is freed right after it."""
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x, _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype), bias)
+
+
+def _linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    compute_dtype: torch.dtype,
+    needs: Sequence[bool],
+) -> list[torch.Tensor | None]:
+    """Gradients of ``_linear`` for ``(x, W0, b, U, V)``, each only if ``needs`` says so (else None).
+
+    The fused weight is rebuilt from the factors for the gradient of ``x``.
+    """
+    needs_x, needs_w, needs_b, needs_u, needs_v = needs
+    grad_x = grad_w = grad_b = grad_u = grad_v = None
+    with torch.autocast(grad_out.device.type, enabled=False):
+        grad_out = grad_out.to(compute_dtype)
+        if needs_x:
+            grad_x = grad_out @ _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
+        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        if needs_w or needs_u or needs_v:
+            x_2d = x.reshape(-1, x.shape[-1])
+            # The dense gradient of M (k, K): one matmul, in whichever orientation puts k first.
+            grad_m = x_2d.t() @ grad_out_2d if transposed else grad_out_2d.t() @ x_2d
+            if needs_w:
+                grad_w = (grad_m.t() if transposed else grad_m).to(base_weight.dtype)
+            if needs_u or needs_v:
+                grad_u, grad_v = _factor_grads(grad_m, u.to(compute_dtype), v.to(compute_dtype), scaling)
+                grad_u, grad_v = grad_u.to(u.dtype), grad_v.to(v.dtype)
+        if needs_b:
+            grad_b = grad_out_2d.sum(0)
+    return [grad_x, grad_w, grad_b, grad_u, grad_v]
+
+
 class _KRAdapterLinearFunction(torch.autograd.Function):
-    """``F.linear(x, W0 + s ΔW, b)`` with one matmul; backward rebuilds the fused weight from the factors.
+    """``_linear`` with one matmul; backward rebuilds the fused weight from the factors.
 
     Saved for backward: ``x`` (as the matmul saw it), the base weight parameter itself (no copy) and the
     two factors; never the dense ``ΔW`` or the fused weight. Autocast is decided by the caller: every tensor
@@ -152,50 +206,94 @@ class _KRAdapterLinearFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx,
-        x: torch.Tensor,
-        base_weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        u: torch.Tensor,
-        v: torch.Tensor,
-        scaling: float,
-        transposed: bool,
-        compute_dtype: torch.dtype,
-    ) -> torch.Tensor:
-        with torch.autocast(x.device.type, enabled=False):
-            weight = _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
-            out = F.linear(x, weight, bias)
+    def forward(ctx, x, base_weight, bias, u, v, scaling, transposed, compute_dtype):
         ctx.save_for_backward(x, base_weight, u, v)
         ctx.scaling, ctx.transposed, ctx.compute_dtype = scaling, transposed, compute_dtype
-        ctx.has_bias = bias is not None
-        return out
+        return _linear(x, base_weight, bias, u, v, scaling, transposed, compute_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        x, base_weight, u, v = ctx.saved_tensors
-        needs_x, needs_w, needs_b, needs_u, needs_v = ctx.needs_input_grad[:5]
-        scaling, transposed, compute_dtype = ctx.scaling, ctx.transposed, ctx.compute_dtype
-        grad_x = grad_w = grad_b = grad_u = grad_v = None
-        with torch.autocast(grad_out.device.type, enabled=False):
-            grad_out = grad_out.to(compute_dtype)
-            if needs_x:
-                weight = _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
-                grad_x = grad_out @ weight
-            grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-            if needs_w or needs_u or needs_v:
-                x_2d = x.reshape(-1, x.shape[-1])
-                # The dense gradient of M (k, K): one matmul, in whichever orientation puts k first.
-                grad_m = x_2d.t() @ grad_out_2d if transposed else grad_out_2d.t() @ x_2d
-                if needs_w:
-                    grad_w = (grad_m.t() if transposed else grad_m).to(base_weight.dtype)
-                if needs_u or needs_v:
-                    grad_u, grad_v = _factor_grads(grad_m, u.to(compute_dtype), v.to(compute_dtype), scaling)
-                    grad_u, grad_v = grad_u.to(u.dtype), grad_v.to(v.dtype)
-            if needs_b and ctx.has_bias:
-                grad_b = grad_out_2d.sum(0)
-        return grad_x, grad_w, grad_b, grad_u, grad_v, None, None, None
+        grads = _linear_backward(
+            grad_out,
+            *ctx.saved_tensors,
+            ctx.scaling,
+            ctx.transposed,
+            ctx.compute_dtype,
+            ctx.needs_input_grad[:5],
+        )
+        return *grads, None, None, None
+
+
+# Under torch.compile the layer calls these two custom operators instead of the Function: the compiler sees
+# each as one opaque step and runs the eager code inside, so the fused weight is still built with `out=`
+# into views of it (which dynamo cannot trace), freed after its matmul, and rebuilt in backward (a traced
+# version would let the compiler keep every layer's fused weight alive between forward and backward).
+@torch.library.custom_op("kr_vlm::kradapter_linear", mutates_args=())
+def _compiled_linear(
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    compute_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _linear(x, base_weight, bias, u, v, scaling, transposed, compute_dtype)
+
+
+@_compiled_linear.register_fake
+def _(x, base_weight, bias, u, v, scaling, transposed, compute_dtype):
+    return x.new_empty((*x.shape[:-1], base_weight.shape[0]))
+
+
+@torch.library.custom_op("kr_vlm::kradapter_linear_backward", mutates_args=())
+def _compiled_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    base_weight: torch.Tensor,
+    u: torch.Tensor,
+    v: torch.Tensor,
+    scaling: float,
+    transposed: bool,
+    compute_dtype: torch.dtype,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = _linear_backward(grad_out, x, base_weight, u, v, scaling, transposed, compute_dtype, needs)
+    # An operator returns tensors only: an empty one stands for a gradient nobody needs.
+    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
+
+
+@_compiled_linear_backward.register_fake
+def _(grad_out, x, base_weight, u, v, scaling, transposed, compute_dtype, needs):
+    shapes = [
+        (x.shape, compute_dtype),
+        (base_weight.shape, base_weight.dtype),
+        (grad_out.shape[-1:], compute_dtype),
+        (u.shape, u.dtype),
+        (v.shape, v.dtype),
+    ]
+    return tuple(
+        x.new_empty(shape if need else (0,), dtype=dtype if need else x.dtype)
+        for need, (shape, dtype) in zip(needs, shapes, strict=True)
+    )
+
+
+def _save_for_compiled_backward(ctx, inputs, output) -> None:
+    x, base_weight, _, u, v, ctx.scaling, ctx.transposed, ctx.compute_dtype = inputs
+    ctx.save_for_backward(x, base_weight, u, v)
+
+
+def _compiled_backward(ctx, grad_out: torch.Tensor):
+    needs = list(ctx.needs_input_grad[:5])
+    grads = _compiled_linear_backward(
+        grad_out, *ctx.saved_tensors, ctx.scaling, ctx.transposed, ctx.compute_dtype, needs
+    )
+    return *(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None, None
+
+
+_compiled_linear.register_autograd(_compiled_backward, setup_context=_save_for_compiled_backward)
 
 
 class KRAdapterLinear(nn.Module):
@@ -280,6 +378,11 @@ class KRAdapterLinear(nn.Module):
         big_k = max(self.out_features, self.in_features)
         return self.scaling * _khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
 
+    def spectral_factors(self) -> KhatriRaoFactors:
+        """The update as its Khatri-Rao factors, for its singular values without the dense ``ΔW``."""
+        big_k = max(self.out_features, self.in_features)
+        return KhatriRaoFactors(self.kr_u, self.kr_v, big_k, self.scaling, self._transposed)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
@@ -310,7 +413,8 @@ class KRAdapterLinear(nn.Module):
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        return _KRAdapterLinearFunction.apply(
+        linear = _compiled_linear if torch.compiler.is_compiling() else _KRAdapterLinearFunction.apply
+        return linear(
             x, base_weight, bias, self.kr_u, self.kr_v, self.scaling, self._transposed, compute_dtype
         )
 

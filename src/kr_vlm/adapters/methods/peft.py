@@ -22,6 +22,7 @@ from torch import nn
 
 from kr_vlm.adapters.layer import AdaptedLayer, Method, dense_weight, is_conv1d
 from kr_vlm.errors import ConfigError
+from kr_vlm.spectral import DenseUpdate, KroneckerFactors, LowRankFactors, UpdateFactors
 
 # kr_vlm puts one adapter per model, under peft's default name.
 ADAPTER_NAME = "default"
@@ -258,6 +259,43 @@ class PeftLayerView:
         delta = self.module.get_delta_weight(ADAPTER_NAME)
         # peft gives a Conv1D layer's update in the layer's own (in, out) layout.
         return delta.t() if getattr(self.module, "fan_in_fan_out", False) else delta
+
+    def spectral_factors(self) -> UpdateFactors:
+        """The update in the form its singular values come cheapest from (``kr_vlm.spectral``).
+
+        LoRA (without a variant such as DoRA) is ``s B A``, VeRA ``(λ_b ⊙ B)(λ_d ⊙ A)`` with its shared random
+        projections sliced to the layer: both low-rank products. LoKr is ``s kron(w1, w2)``. DoRA (a
+        row-normalised weight), LoHa (an entrywise product of two low-rank products) and RandLoRA (a sum of
+        random bases) have no such simple structure and give their dense update.
+        """
+        from peft.tuners.lokr.layer import Linear as LoKrLinear
+        from peft.tuners.lora.layer import Linear as LoraLinear
+        from peft.tuners.vera.layer import Linear as VeraLinear
+
+        module, name = self.module, ADAPTER_NAME
+        if isinstance(module, LoraLinear) and name not in module.lora_variant:
+            return LowRankFactors(
+                module.lora_B[name].weight, module.lora_A[name].weight, module.scaling[name]
+            )
+        if isinstance(module, VeraLinear):
+            b = module.vera_lambda_b[name][:, None] * module.vera_B[name][: module.out_features]
+            a = module.vera_lambda_d[name][:, None] * module.vera_A[name][:, : module.in_features]
+            return LowRankFactors(b, a)
+        if isinstance(module, LoKrLinear) and name not in module.lokr_t2:
+            factors = KroneckerFactors(self._lokr_factor("w1"), self._lokr_factor("w2"), module.scaling[name])
+            if factors.shape == (self.out_features, self.in_features):
+                return factors
+        return DenseUpdate(self.delta_weight().detach())
+
+    def _lokr_factor(self, which: str) -> torch.Tensor:
+        """LoKr's ``w1`` or ``w2``: a parameter of its own, or the product of two (peft's ``get_delta_weight``)."""
+        full = getattr(self.module, f"lokr_{which}")
+        if ADAPTER_NAME in full:
+            return full[ADAPTER_NAME]
+        return (
+            getattr(self.module, f"lokr_{which}_a")[ADAPTER_NAME]
+            @ getattr(self.module, f"lokr_{which}_b")[ADAPTER_NAME]
+        )
 
     @property
     def rank_cap(self) -> int:

@@ -16,9 +16,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
+from kr_vlm.console import print_table, stdout_console
 from kr_vlm.data.base import DatasetNotFoundError, MalformedDatasetError
 from kr_vlm.data.registry import DATASETS, SPLITS, build_dataset
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=on_disk, default=on_disk, help="datasets to check")
     args = parser.parse_args(argv)
 
-    console = Console()
+    console = stdout_console()
     root = args.root.expanduser()
     if not root.is_dir():
         console.print(f"[red]Data root {root} does not exist.[/red] See data/README.md.")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             *(str(counts[split]) if split in counts else "-" for split in SPLITS),
             note,
         )
-    console.print(table)
+    print_table(table, console)
     if "imagenet" in args.datasets and (root / DATASETS["imagenet"].folder).is_dir():
         console.print("imagenet: val is the official val folder, i.e. the same images as test (CoOp).")
     return 1 if malformed else 0

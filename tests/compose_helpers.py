@@ -47,6 +47,13 @@ QUICK: tuple[str, ...] = (
     "~callbacks.progress_bar",
 )
 
+# QUICK with the rank monitor on, every 2 steps (the CSV logger is the default): for runs whose
+# rank_history.json, reports and dashboards are looked at.
+QUICK_MONITORED: tuple[str, ...] = (
+    *(override for override in QUICK if override not in ("~callbacks.rank_monitor", "logger=csv")),
+    "callbacks.rank_monitor.every_n_steps=2",
+)
+
 
 def path_overrides(tmp_path: Path) -> list[str]:
     """Every path of `paths/default.yaml` under `tmp_path`: data, logs, the few-shot cache and the run folder."""

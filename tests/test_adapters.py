@@ -21,20 +21,26 @@ from kr_vlm.adapters import (
     KRAdapterLinear,
     adapted_layers,
     adapter_state_dict,
+    disabled_adapters,
+    find_target_linears,
     inject_adapters,
     layer_labels,
     load_adapter_state_dict,
     load_adapters,
     merge_adapters,
+    merge_and_unload,
+    merged_state_dict,
     path_labels,
+    print_trainable_parameters,
     save_adapters,
+    unload,
     unmerge_adapters,
 )
 from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.adapters.layer import Method, instances_of, replace_layers
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.adapters.methods.full import FullFineTuneLinear
-from kr_vlm.adapters.methods.peft import PeftLayerView
+from kr_vlm.adapters.methods.peft import PEFT_TYPES, PeftLayerView
 
 WIDTH, HIDDEN = 16, 24
 
@@ -298,6 +304,7 @@ def test_merge_and_unmerge(method):
         # what merging added to the base weight is exactly delta_weight (DoRA included)
         torch.testing.assert_close(merged_weight - originals[name], deltas[name], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(layer.delta_weight(), deltas[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(layer.base_weight(), originals[name], rtol=1e-4, atol=1e-5)  # W0 still
     merge_adapters(model)  # merging twice changes nothing
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
 
@@ -306,7 +313,35 @@ def test_merge_and_unmerge(method):
     torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
     for name, layer in adapted_layers(model):
         torch.testing.assert_close(base_weight(layer), originals[name], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(layer.base_weight(), originals[name], rtol=1e-5, atol=1e-6)
     unmerge_adapters(model)  # unmerging an unmerged model changes nothing
+
+
+# The rank caps of the TARGETS' updates (16x16, 24x16 and 16x24: min(d_out, d_in) = 16) with METHOD_OPTIONS.
+RANK_CAPS = {
+    "kradapter": 16,  # generically full rank
+    "lora": 2,  # r
+    "dora": 16,  # the row scaling changes W0 itself
+    "vera": 4,  # r
+    # rank(w1) * rank(w2) of kron(w1, w2): whole 4x4 factors for 16x16, w2 = w2_a @ w2_b of rank 2 for 24x16
+    "lokr": {"q_proj": 16, "v_proj": 16, "fc1": 8, "fc2": 8},
+    "loha": 4,  # r ** 2
+    "randlora": 16,  # bases chosen to span every direction
+    "full": 16,
+}
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_rank_cap_is_the_rank_a_generic_update_reaches(method):
+    for name, layer in adapted_layers(adapted(method)):
+        # Singular values below 1e-4 of the largest are float32 round-off of a lower-rank product.
+        rank = int(torch.linalg.matrix_rank(layer.delta_weight().detach(), rtol=1e-4))
+        cap = RANK_CAPS[method]
+        cap = cap[name.rsplit(".", 1)[-1]] if isinstance(cap, dict) else cap
+        assert layer.rank_cap == cap and rank <= cap, name
+        # RandLoRA's random bases are so badly conditioned at this size that float32 cannot tell its
+        # smallest directions from round-off.
+        assert rank == layer.rank_cap or method == "randlora", name
 
 
 def test_full_finetuning_reports_weight_change():
@@ -419,10 +454,17 @@ def test_save_load_round_trip(method, tmp_path):
     x = inputs()
     expected = model(x)
     save_adapters(model, tmp_path / method)
-    written = json.loads((tmp_path / method / "adapter_config.json").read_text())
-    assert written["method"] == method and written["format_version"] == 1 and "kr_vlm_version" in written
+    file_format = REGISTRY[method].file_format
+    kr_vlm_file = "adapter_config.json" if file_format is None else "kr_vlm_adapter_config.json"
+    written = json.loads((tmp_path / method / kr_vlm_file).read_text())
+    assert written["method"] == method and written["format_version"] == 2 and "kr_vlm_version" in written
     saved = load_file(tmp_path / method / "adapter_model.safetensors")
-    assert saved.keys() == adapter_state_dict(model).keys()
+    if file_format is None:  # kr_vlm's format: the model's own names
+        assert saved.keys() == adapter_state_dict(model).keys()
+    else:  # peft's format: peft's names (tests/test_hf.py checks them against peft's own files)
+        assert saved.keys() == file_format.checkpoint(dict(adapted_layers(model))).keys()
+        peft_config = json.loads((tmp_path / method / "adapter_config.json").read_text())
+        assert peft_config["peft_type"] == PEFT_TYPES[method]
 
     # A fresh base model whose adapters would be initialised differently; loading must overwrite them all.
     fresh = build_model()
@@ -464,11 +506,28 @@ def test_save_handles_shared_storage(tmp_path):
     torch.testing.assert_close(fresh(inputs()), model(inputs()), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_folders_of_format_version_1_still_load(method, tmp_path):
+    # Version 1 saved peft's methods in kr_vlm's format too: the model's own tensor names, one config file.
+    model = adapted(method)
+    config = {"format_version": 1, "kr_vlm_version": "0.1.0", **model.kr_vlm_adapter_config.to_dict()}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    save_file(
+        {name: tensor.contiguous() for name, tensor in adapter_state_dict(model).items()},
+        tmp_path / "adapter_model.safetensors",
+    )
+    loaded = load_adapters(build_model(), tmp_path)
+    torch.testing.assert_close(loaded(inputs()), model(inputs()), rtol=0, atol=0)
+
+
 def test_save_from_a_wrapping_module(tmp_path):
     inner = adapted("lora")
     wrapper = nn.Sequential(inner)
     save_adapters(wrapper, tmp_path)  # names are relative to the injected module
-    assert "model.layers.0.fc1.lora_A.default.weight" in load_file(tmp_path / "adapter_model.safetensors")
+    # (peft's key for the tensor the model names model.layers.0.fc1.lora_A.default.weight)
+    assert "base_model.model.model.layers.0.fc1.lora_A.weight" in load_file(
+        tmp_path / "adapter_model.safetensors"
+    )
     fresh = load_adapters(build_model(), tmp_path)
     torch.testing.assert_close(fresh(inputs()), inner(inputs()), rtol=0, atol=0)
 
@@ -552,13 +611,14 @@ def test_load_errors_name_the_problem(tmp_path):
 
     # a checkpoint for a model with another shape names the mis-shaped tensors
     tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
-    tensors["model.layers.0.fc1.lora_B.default.weight"] = torch.zeros(HIDDEN + 1, 2)
+    tensors["base_model.model.model.layers.0.fc1.lora_B.weight"] = torch.zeros(HIDDEN + 1, 2)
     save_file(tensors, tmp_path / "lora" / "adapter_model.safetensors")
     with pytest.raises(ValueError, match="model.layers.0.fc1.lora_B.default.weight"):
         load_adapters(build_model(), tmp_path / "lora")
 
-    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
-    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(dict(config, format_version=99)))
+    # (lora is saved in peft's format: kr_vlm's config and its format version are in their own file)
+    config = json.loads((tmp_path / "lora" / "kr_vlm_adapter_config.json").read_text())
+    (tmp_path / "lora" / "kr_vlm_adapter_config.json").write_text(json.dumps(dict(config, format_version=99)))
     with pytest.raises(ValueError, match="format version 99"):
         load_adapters(build_model(), tmp_path / "lora")
 
@@ -679,7 +739,7 @@ def test_labelled_targets_are_exact_names_and_their_labels_are_saved(tmp_path):
     assert layer_labels(model) == LABELLED
     assert layer_labels(nn.Sequential(model))["0.model.layers.0.fc1"] == LABELLED["model.layers.0.fc1"]
     save_adapters(model, tmp_path)
-    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    written = json.loads((tmp_path / "kr_vlm_adapter_config.json").read_text())  # lora: peft's format
     assert written["target_modules"] == LABELLED
     loaded = load_adapters(build_model(), tmp_path)
     assert loaded.kr_vlm_adapter_config.labels == LABELLED and layer_labels(loaded) == LABELLED
@@ -704,3 +764,153 @@ def test_options_left_out_equal_their_defaults():
         "kradapter", ["fc1"]
     )
     assert AdapterConfig("kradapter", ["fc1"]) != AdapterConfig("kradapter", ["fc1"], scaling=1.0)
+
+
+# ---------------------------------------------------------------- back to a plain model
+
+
+def plain_linears_only(model: nn.Module) -> bool:
+    return all(type(module) is nn.Linear for module in model.modules() if isinstance(module, nn.Linear))
+
+
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
+def test_merge_and_unload_leaves_a_plain_model(method, tmp_path):
+    model = adapted(method)
+    x = inputs()
+    expected = model(x)
+    assert merge_and_unload(model) is model
+    assert plain_linears_only(model) and not list(adapted_layers(model))
+    assert not hasattr(model, "kr_vlm_adapter_config")
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # a stock model: its state dict loads strictly into the model as built, without kr_vlm
+    torch.save(model.state_dict(), tmp_path / "merged.pt")
+    stock = build_model()
+    stock.load_state_dict(torch.load(tmp_path / "merged.pt", weights_only=True), strict=True)
+    torch.testing.assert_close(stock(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", [method for method in ADAPTING_METHODS if method != "full"])
+def test_unload_and_disabled_adapters_give_the_base_model(method):
+    x = inputs()
+    base_output = build_model()(x)
+    model = adapted(method)
+    adapted_output = model(x)
+    with disabled_adapters(model):
+        torch.testing.assert_close(model(x), base_output, rtol=0, atol=0)
+        assert plain_linears_only(model)
+    torch.testing.assert_close(model(x), adapted_output, rtol=0, atol=0)
+    with pytest.raises(KeyError), disabled_adapters(model):  # put back after an error too
+        raise KeyError
+    torch.testing.assert_close(model(x), adapted_output, rtol=0, atol=0)
+
+    merge_adapters(model)
+    with pytest.raises(RuntimeError, match="unmerge_adapters"), disabled_adapters(model):
+        pass
+    unload(model)  # takes the merged updates out first
+    assert plain_linears_only(model) and not hasattr(model, "kr_vlm_adapter_config")
+    torch.testing.assert_close(model(x), base_output, rtol=1e-5, atol=1e-6)
+
+
+def test_full_finetuning_has_no_adapter_to_drop():
+    model = adapted("full")
+    for drop in (unload, lambda model: disabled_adapters(model).__enter__()):
+        with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj.*method 'full'"):
+            drop(model)
+    assert len(list(adapted_layers(model))) == 8
+
+
+class TiedHead(nn.Module):
+    """A head whose weight is another module's (as tied input and output embeddings are)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, WIDTH)
+        self.body = nn.Linear(WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def test_kradapter_refuses_tied_weights_unless_allowed():
+    model = TiedHead()
+    with pytest.raises(
+        ValueError, match="head shares its weight with embed.weight.*allow_shared_weights=True"
+    ):
+        inject_adapters(model, AdapterConfig("kradapter", ["body", "head"]))
+    assert all(parameter.requires_grad for parameter in model.parameters())  # left as it was
+    inject_adapters(model, AdapterConfig("kradapter", ["body", "head"], allow_shared_weights=True))
+    with torch.no_grad():
+        model.head.kr_u.normal_()
+    x = inputs()
+    expected, embedding = model(x), model.embed.weight.detach().clone()
+    for merge in (merge_adapters, merged_state_dict, merge_and_unload):
+        with pytest.raises(RuntimeError, match="head shares its weight with embed.weight"):
+            merge(model)
+        # nothing was merged, not even the untied layer
+        assert not any(layer.merged for _, layer in adapted_layers(model))
+        assert torch.equal(model.embed.weight, embedding) and torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("method", ["lora", "vera"])
+def test_merging_peft_adapters_into_tied_weights_is_refused(method):
+    model = inject_adapters(TiedHead(), AdapterConfig(method, ["head"], **METHOD_OPTIONS[method]))
+    with pytest.raises(RuntimeError, match="head shares its weight with embed.weight"):
+        merge_adapters(model)
+
+
+class SmallLast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(WIDTH)
+        self.first = nn.Linear(WIDTH, WIDTH)
+        self.last = nn.Linear(WIDTH, 3)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "error"),
+    [
+        ("kradapter", {"rank": 4}, "rank must be an integer in \\[1, min\\(d_out, d_in\\)\\] = \\[1, 3\\]"),
+        ("lora", {"r": 0}, "r"),
+    ],
+)
+def test_a_failed_injection_leaves_the_model_as_it_was(method, options, error):
+    model = SmallLast()
+    model.norm.requires_grad_(False)  # flags of the model's own, which must survive
+    modules = dict(model.named_modules())
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    attributes = set(vars(model))
+    with pytest.raises((ValueError, TypeError), match=error):  # the first layer is adapted, the last fails
+        inject_adapters(model, AdapterConfig(method, ["first", "last"], **options))
+    assert dict(model.named_modules()) == modules
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == flags
+    assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+    assert set(vars(model)) == attributes and not list(adapted_layers(model))
+    inject_adapters(model, AdapterConfig("kradapter", ["first", "last"]))  # and can be adapted again
+
+
+def test_all_linear_selects_every_linear_but_the_output_head():
+    linears = [name for name, module in build_model().named_modules() if isinstance(module, nn.Linear)]
+    assert find_target_linears(build_model(), "all-linear") == linears  # no output head to tell: all
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1), nn.Linear(4, 4))
+    assert find_target_linears(model, "ALL-LINEAR") == ["0", "2"]  # MultiheadAttention never calls out_proj
+
+    class WithHead(TinyTransformer):  # a Hugging Face model says which module is its output head
+        def get_output_embeddings(self) -> nn.Module:
+            return self.head
+
+    names = [
+        name for name, _ in adapted_layers(inject_adapters(WithHead(), AdapterConfig("lora", "all-linear")))
+    ]
+    assert names == [name for name in linears if name != "head"]
+
+
+def test_print_trainable_parameters(capsys):
+    model = adapted("kradapter")
+    trainable, total = count_parameters(model)
+    print_trainable_parameters(model)
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}\n"
+    )

@@ -26,7 +26,15 @@ import yaml
 from hydra.errors import MissingConfigException
 from safetensors.torch import load_file
 
-from compose_helpers import FAST, QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
+from compose_helpers import (
+    FAST,
+    QUICK,
+    QUICK_MONITORED,
+    TINY_MODEL,
+    compose_config,
+    path_overrides,
+    run_state_restored,
+)
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.callbacks import TrainingDivergedError
@@ -109,6 +117,26 @@ def test_demo_end_to_end(tmp_path):
     }
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "csv" / "metrics.csv").is_file()
+
+
+def test_tensorboard_on_a_sweep_folder_shows_the_rank_curves_of_its_runs_side_by_side(tmp_path):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    for job, adapter in enumerate(["kradapter", "lora"]):
+        run_train(
+            tmp_path,
+            *QUICK_MONITORED,
+            f"adapter={adapter}",
+            "logger=csv_tensorboard",
+            "trainer.max_steps=4",
+            run=f"sweep/{job}",
+        )
+    board = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "sweep")).Reload()
+    # `tensorboard --logdir <sweep folder>`: one run a job, the same tags, so one chart holds both curves.
+    assert sorted(board.Runs()) == ["0/tensorboard", "1/tensorboard"]
+    for run in board.Runs():
+        steps = [event.step for event in board.Scalars(run, "effective_rank/vision/q")]
+        assert steps == [0, 2, 4]
 
 
 def test_the_run_config_is_logged_once(eight_step_run):
@@ -462,6 +490,50 @@ def test_command_line_help_config_and_unknown_names(tmp_path):
     assert f"DatasetNotFoundError: Data root {tmp_path / 'data'} does not exist" in output
 
 
+# Runs a script as `python <script> <arguments>` would, then lists the heavy packages it imported.
+HEAVY_IMPORTS = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit:
+    pass
+print(sorted({name.split(".")[0] for name in sys.modules} & {"lightning", "open_clip", "peft"}))
+"""
+
+
+@pytest.mark.parametrize("script", ["train.py", "eval.py"])
+def test_help_needs_no_lightning(script):
+    """`--help` answers sooner: the tasks import Lightning (seconds) only when a run starts. (torch still
+    comes with the adapter schemas, whose options dataclasses live beside their torch layers.)"""
+    done = subprocess.run(
+        [sys.executable, "-c", HEAVY_IMPORTS, script, "--help"], cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "== Configuration groups ==" in done.stdout and done.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_the_console_shows_one_progress_bar_and_no_third_party_info_lines(tmp_path):
+    """The demo (tiny model, 12 steps: three epochs of five batches) as a user sees it, piped."""
+    done = run_script(
+        tmp_path, "train.py", "experiment=demo", "data=digits", *TINY_MODEL, "trainer.max_steps=12"
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    for noise in ("[root]", "GPU available", "TPU available", "Tip:", "initialized randomly", "reached."):
+        assert noise not in console
+    assert "[kr_vlm.models.clip][INFO] - kr-vlm-test-tiny: random weights, as configured" in done.stdout
+    (bar,) = (line for line in done.stdout.splitlines() if line.startswith("Training"))
+    assert " 12/12 " in bar  # one bar over all steps (Lightning's restarts every epoch: 5/5, 2/5)
+    trained = done.stdout.splitlines().index(bar) + 1
+    assert done.stdout.splitlines()[trained].startswith("Trained 12 steps in ")
+    # The run's log file keeps them.
+    (log_file,) = (tmp_path / "logs" / "demo" / "runs").glob("*/demo.log")
+    kept = log_file.read_text()
+    assert "[root][INFO] - Instantiating model architecture" in kept and "GPU available" in kept
+
+
 def bad_adapters(folder: Path, method: str, weights: bytes) -> Path:
     """An adapters folder with a valid config for `method` (on one made-up layer) and `weights` as its tensors."""
     from kr_vlm.adapters import AdapterConfig
@@ -689,3 +761,18 @@ def test_a_run_stopped_by_sigterm_exits_non_zero_and_claims_no_results(tmp_path)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Stopped by SIGTERM" in output and "Traceback" not in output
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
+
+
+def test_the_demo_tests_zero_shot_first_and_leaves_the_fit_as_it_was(tmp_path):
+    # LoRA's dropout draws from torch's global generator: the zero-shot test before the fit must not move it.
+    lora = ("adapter=lora", "trainer.max_steps=6")
+    baseline = run_train(tmp_path, *QUICK, *lora, run="with_baseline")
+    assert baseline["zero_shot"].keys() == baseline["test"].keys()
+    plain = run_train(tmp_path, *QUICK, *lora, "zero_shot_baseline=false", run="without")
+    assert "zero_shot" not in plain and plain["test"] == baseline["test"]
+    with_baseline = load_file(tmp_path / "with_baseline" / ADAPTER_WEIGHTS)
+    without = load_file(tmp_path / "without" / ADAPTER_WEIGHTS)
+    assert all(torch.equal(tensor, without[name]) for name, tensor in with_baseline.items())
+    # The baseline is the untrained model: what eval.py measures zero-shot.
+    zero_shot = run_eval(tmp_path, *QUICK, "adapter=none", run="zero_shot")
+    assert baseline["zero_shot"] == zero_shot["test"]

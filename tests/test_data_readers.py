@@ -298,5 +298,9 @@ def test_check_data_reports_found_missing_and_malformed(tmp_path, capsys):
     broken = make_coop_dataset(tmp_path, "ucf101", classes=2, per_class=1)
     next((broken.path / "UCF-101-midframes").rglob("*.jpg")).unlink()
     assert check_data.main([str(tmp_path), "--datasets", "dtd", "ucf101"]) == 1
-    assert "malformed" in capsys.readouterr().out
+    lines = capsys.readouterr().out.splitlines()
+    # Piped (not a terminal): a Markdown table, each dataset on one line with its note and paths whole.
+    assert lines[2] == "| dataset | folder | status | classes | train | val | test | note |"
+    (ucf101,) = (line for line in lines if line.startswith("| ucf101 |"))
+    assert "| malformed |" in ucf101 and f"e.g. {broken.path}/UCF-101-midframes/" in ucf101
     assert check_data.main([str(tmp_path / "nowhere")]) == 1

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from kr_vlm.adapters import adapted_layers, adapter_state_dict
+from kr_vlm.adapters import adapted_layers, adapter_state_dict, disabled_adapters
 from kr_vlm.adapters.io import AdapterMismatchError
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
@@ -336,6 +336,26 @@ def test_export_merged_loads_into_stock_open_clip(tiny_clip_cfg, tmp_path, adapt
         )
     torch.testing.assert_close(plain_logits, adapted_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain_logits, zero_shot_logits, atol=1e-3)  # the adapters did change the model
+
+
+def test_export_merged_with_an_attentional_pooler(tiny_clip_cfg, tmp_path):
+    # The pooler's keys and values are narrower than its queries (kdim / vdim): open_clip keeps three
+    # separate projection weights there instead of a fused in_proj_weight.
+    tiny_clip_cfg["vision_cfg"].update(attentional_pool=True, attn_pooler_queries=4, attn_pooler_heads=2)
+    targets = [f"visual.attn_pool.attn.{proj}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    module = make_module(tiny_clip_cfg, adapter={"method": "kradapter", "targets": targets}).eval()
+    with torch.no_grad():
+        for _, layer in adapted_layers(module):
+            layer.kr_u.normal_(std=0.1)
+    plain = open_clip.CLIP(**tiny_clip_cfg).eval()
+    plain.load_state_dict(load_file(module.export_merged(tmp_path / "merged.safetensors")), strict=True)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        adapted_features, plain_features = module.clip_model.encode_image(images), plain.encode_image(images)
+        with disabled_adapters(module.clip_model):
+            base_features = module.clip_model.encode_image(images)
+    torch.testing.assert_close(plain_features, adapted_features, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain_features, base_features, atol=1e-3)  # the adapters did change the pooler
 
 
 def test_hydra_configs_become_plain_hyperparameters(tiny_clip_cfg):

@@ -1,4 +1,5 @@
-"""KRAdapterLinear: exact against a plain-autograd reference, shapes, rank, merge, dtypes, memory contract."""
+"""KRAdapterLinear: exact against a plain-autograd reference, shapes, rank, merge, dtypes, memory contract,
+dropout; on nn.Linear and on transformers' Conv1D (weight stored transposed)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,25 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters import KRAdapterLinear, kradapter_shapes
+from kr_vlm.adapters.layer import dense_weight
 from kr_vlm.spectral import effective_rank
 
 # (d_out, d_in): square, wide (d_out < d_in), tall (d_out > d_in), ragged (r * r2 > K) both ways,
 # and one where r * r2 == K exactly.
 SHAPES = [(12, 12), (7, 20), (20, 7), (10, 26), (26, 10), (16, 16)]
+# The base layer kinds: nn.Linear, and transformers' Conv1D (GPT-2's linears, weight (in, out)).
+KINDS = ["linear", "conv1d"]
+
+
+def base_layer(kind: str, d_out: int, d_in: int, dtype=torch.float32) -> nn.Module:
+    linear = nn.Linear(d_in, d_out, dtype=dtype)
+    if kind == "linear":
+        return linear
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D(d_out, d_in).to(dtype)
+    with torch.no_grad():  # the same layer, stored as Conv1D stores it
+        conv1d.weight.copy_(linear.weight.T)
+        conv1d.bias.copy_(linear.bias)
+    return conv1d
 
 
 def reference_delta(u: torch.Tensor, v: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
@@ -21,27 +36,31 @@ def reference_delta(u: torch.Tensor, v: torch.Tensor, d_out: int, d_in: int) -> 
     return rows if d_out <= d_in else rows.T
 
 
-def random_layer(d_out: int, d_in: int, dtype=torch.float64, **kwargs) -> KRAdapterLinear:
-    layer = KRAdapterLinear(nn.Linear(d_in, d_out, dtype=dtype), factor_dtype=dtype, **kwargs)
+def random_layer(
+    d_out: int, d_in: int, dtype=torch.float64, kind: str = "linear", **kwargs
+) -> KRAdapterLinear:
+    layer = KRAdapterLinear(base_layer(kind, d_out, d_in, dtype), factor_dtype=dtype, **kwargs)
     with torch.no_grad():  # nonzero U, so every term of the update and its gradient is exercised
         layer.kr_u.normal_()
         layer.kr_v.normal_()
     return layer
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen-base", "trainable-base"])
 @pytest.mark.parametrize("input_shape", [(5,), (3, 4)], ids=["2d", "3d"])
 @pytest.mark.parametrize(("d_out", "d_in"), SHAPES)
-def test_forward_and_gradients_match_plain_autograd(d_out, d_in, input_shape, train_base):
+def test_forward_and_gradients_match_plain_autograd(d_out, d_in, input_shape, train_base, kind):
     torch.manual_seed(0)
-    layer = random_layer(d_out, d_in, scaling=1.5)
+    layer = random_layer(d_out, d_in, scaling=1.5, kind=kind)
     base = layer.base_layer
     base.weight.requires_grad_(train_base)
     base.bias.requires_grad_(train_base)
     x = torch.randn(*input_shape, d_in, dtype=torch.float64, requires_grad=True)
 
     out = layer(x)
-    expected = x @ (base.weight + 1.5 * reference_delta(layer.kr_u, layer.kr_v, d_out, d_in)).T + base.bias
+    delta = reference_delta(layer.kr_u, layer.kr_v, d_out, d_in)
+    expected = x @ (dense_weight(base) + 1.5 * delta).T + base.bias
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
     inputs = [x, layer.kr_u, layer.kr_v] + ([base.weight, base.bias] if train_base else [])
@@ -52,10 +71,11 @@ def test_forward_and_gradients_match_plain_autograd(d_out, d_in, input_shape, tr
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"grad {n}: {m}")
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("d_out", "d_in"), SHAPES)
-def test_delta_weight_matches_reference_and_is_differentiable(d_out, d_in):
+def test_delta_weight_matches_reference_and_is_differentiable(d_out, d_in, kind):
     torch.manual_seed(0)
-    layer = random_layer(d_out, d_in)
+    layer = random_layer(d_out, d_in, kind=kind)
     delta = layer.delta_weight()
     assert delta.shape == (d_out, d_in)
     torch.testing.assert_close(delta, 2.0 * reference_delta(layer.kr_u, layer.kr_v, d_out, d_in))
@@ -150,22 +170,24 @@ def test_base_is_frozen_and_proxied():
         assert field in text
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("d_out", "d_in"), SHAPES)
-def test_merge_then_unmerge_restores_the_base(d_out, d_in):
+def test_merge_then_unmerge_restores_the_base(d_out, d_in, kind):
     torch.manual_seed(0)
-    layer = random_layer(d_out, d_in, dtype=torch.float32)
-    original = layer.base_layer.weight.detach().clone()
+    layer = random_layer(d_out, d_in, dtype=torch.float32, kind=kind)
+    original = dense_weight(layer.base_layer).detach().clone()
     x = torch.randn(3, d_in)
     unmerged_out = layer(x)
 
     layer.merge()
     assert layer.merged
-    torch.testing.assert_close(layer.base_layer.weight, original + layer.delta_weight())
+    # written into the layer's own weight, as the layer stores it ((in, out) for a Conv1D)
+    torch.testing.assert_close(dense_weight(layer.base_layer), original + layer.delta_weight())
     torch.testing.assert_close(layer(x), unmerged_out)  # merged forward does not add the update twice
 
     layer.unmerge()
     assert not layer.merged
-    assert (layer.base_layer.weight - original).norm() <= 1e-6 * original.norm()
+    assert (dense_weight(layer.base_layer) - original).norm() <= 1e-6 * original.norm()
     torch.testing.assert_close(layer(x), unmerged_out)
 
 
@@ -231,11 +253,12 @@ def test_half_base_weights_keep_fp32_factors_and_grads(base_dtype):
     torch.testing.assert_close(out.float(), expected, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize(("d_out", "d_in"), [(24, 40), (40, 24)])
-def test_backward_saves_no_dense_update(d_out, d_in, autocast):
+def test_backward_saves_no_dense_update(d_out, d_in, autocast, kind):
     """Only x, the factors and the base weight parameter itself (no copy) are kept for backward."""
-    layer = random_layer(d_out, d_in, dtype=torch.float32)
+    layer = random_layer(d_out, d_in, dtype=torch.float32, kind=kind)
     x = torch.randn(3, 5, d_in, requires_grad=True)
     saved = []
 
@@ -256,6 +279,40 @@ def test_backward_saves_no_dense_update(d_out, d_in, autocast):
     assert weight_sized[0].untyped_storage().data_ptr() == weight.untyped_storage().data_ptr()
     saved_elements = sum(t.numel() for t in saved)
     assert saved_elements == x.numel() + weight.numel() + layer.kr_u.numel() + layer.kr_v.numel()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("d_out", "d_in"), [(12, 12), (7, 20), (26, 10)])
+def test_dropout_acts_on_the_update_input_only(d_out, d_in, kind):
+    torch.manual_seed(0)
+    layer = random_layer(d_out, d_in, kind=kind, dropout=0.5, scaling=1.5)
+    x = torch.randn(3, 4, d_in, dtype=torch.float64, requires_grad=True)
+    w0, delta = dense_weight(layer.base_layer), 1.5 * reference_delta(layer.kr_u, layer.kr_v, d_out, d_in)
+
+    torch.manual_seed(1)
+    out = layer.train()(x)
+    torch.manual_seed(1)  # the same dropout mask
+    expected = x @ w0.T + layer.base_layer.bias + torch.nn.functional.dropout(x, 0.5) @ delta.T
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    inputs = [x, layer.kr_u, layer.kr_v]
+    grad_out = torch.randn_like(out)
+    for got, want in zip(
+        torch.autograd.grad(out, inputs, grad_out),
+        torch.autograd.grad(expected, inputs, grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+    # evaluation: no dropout, the fused layer
+    torch.testing.assert_close(
+        layer.eval()(x), x @ (w0 + delta).T + layer.base_layer.bias, rtol=1e-12, atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("dropout", [-0.1, 1.0, "0.1", True])
+def test_rejects_bad_dropout(dropout):
+    with pytest.raises(ValueError, match="dropout must be a probability"):
+        KRAdapterLinear(nn.Linear(12, 20), dropout=dropout)
 
 
 def test_rejects_non_linear_base():

@@ -91,6 +91,16 @@ def test_random_init_from_model_cfg(tiny_clip_cfg):
         assert model.encode_image(preprocess_val(image).unsqueeze(0)).shape == (1, 32)
 
 
+def test_random_weights_asked_for_are_said_in_one_info_line_not_a_warning(tiny_clip_cfg, caplog):
+    with caplog.at_level(logging.INFO):
+        load_clip(TINY, model_cfg=tiny_clip_cfg)
+    assert [record.levelname for record in caplog.records if record.levelno >= logging.WARNING] == []
+    assert [record.getMessage() for record in caplog.records if record.name.startswith("kr_vlm")] == [
+        f"{TINY}: random weights, as configured (pretrained is None)."
+    ]
+    assert logging.getLogger().filters == []  # open_clip's warnings about other models still show
+
+
 def test_one_name_for_two_custom_configs_in_one_process(tiny_clip_cfg):
     wide = copy.deepcopy(tiny_clip_cfg)
     wide["vision_cfg"]["width"] = 96

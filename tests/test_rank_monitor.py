@@ -26,6 +26,7 @@ from kr_vlm.callbacks.parameter_summary import (
 )
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, delta_weight_spectra
 from kr_vlm.models.targets import clip_targets
+from kr_vlm.rank_report import layer_history_figure, layers_by_group, spectra_figure
 from kr_vlm.spectral import effective_rank, singular_values, stable_rank
 
 VISION_WIDTH, TEXT_WIDTH, BLOCKS, CLASSES = 12, 8, 2, 3
@@ -282,11 +283,39 @@ def test_monitor_writes_plots_and_a_self_contained_report(monitored_run):
     for png in ("rank_spectra.png", "rank_history.png"):
         assert (run_dir / png).read_bytes().startswith(b"\x89PNG")
     report = (run_dir / "rank_report.html").read_text(encoding="utf-8")
-    assert report.count("data:image/png;base64,") == 2
+    # Effective rank over steps (group means, and every layer by group), spectra.
+    assert report.count("data:image/png;base64,") == 3
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:|//)""", report, flags=re.IGNORECASE)
     assert "<link" not in report and "<script" not in report
     assert f"<td>{method}</td>" in report and "effective rank" in report.lower()
     assert "<td>vision/fc1</td>" in report and "<td>text/o</td>" in report
+    # Each group's true rank cap (LoRA's r, not min(d_out, d_in)) and the share of it that is used.
+    cap = 2 if method == "lora" else TEXT_WIDTH
+    assert f"<td>text/q</td><td>{BLOCKS}</td><td>{TEXT_WIDTH}×{TEXT_WIDTH}</td><td>{cap}</td>" in report
+    assert (
+        "<th>% of cap</th>" in report and "<th>‖ΔW‖<sub>F</sub> / ‖W<sub>0</sub>‖<sub>F</sub></th>" in report
+    )
+    assert "‖ΔW‖_F" not in report and "σ_i" not in report
+
+
+def test_history_records_rank_caps_and_base_weight_norms(monitored_run):
+    method, module, _, history, _ = monitored_run
+    for name, layer in adapted_layers(module):
+        info = history["layers"][name]
+        assert info["rank_cap"] == (2 if method == "lora" else min(info["shape"]))
+        base = layer.module.base_layer.weight if method == "lora" else layer.base_layer.weight
+        assert info["base_norm"] == pytest.approx(float(base.norm()), rel=1e-6)
+
+
+def test_plots_label_their_axes_in_mathtext_and_draw_every_layer(monitored_run):
+    method, _, _, history, _ = monitored_run
+    groups = layers_by_group(history["layers"])
+    spectra = {group: [history["final_spectra"][name] for name in names] for group, names in groups.items()}
+    assert spectra_figure(spectra, 7).axes[0].get_ylabel().startswith(r"$\sigma_i \,/\, \sigma_1$")
+    panels = layer_history_figure(history).axes
+    cap = 2 if method == "lora" else VISION_WIDTH
+    assert [len(axes.lines) for axes in panels] == [BLOCKS + 1] * 12  # a line a layer, and the cap
+    assert panels[0].get_title() == f"vision/q ({BLOCKS} layers, cap {cap})"
 
 
 def test_monitor_logs_scalars_histograms_and_an_image_to_tensorboard(monitored_run):

@@ -134,9 +134,9 @@ def test_the_processes_of_other_ranks_write_into_rank_zeros_folder(variable, tmp
     RunFolderGuard().on_run_start(run_config(folder))
 
 
-def compose_with_hydra(overrides=()):
+def compose_with_hydra(overrides=(), config_name="train"):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=True)
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
 
 
 def test_training_may_resume_in_its_folder_and_evaluation_never(tmp_path):
@@ -172,6 +172,19 @@ def test_sweep_folders_resolve_without_a_hydra_run(root, tmp_path, monkeypatch):
     expected_root = tmp_path / root if root else tmp_path
     assert Path(cfg.hydra.sweep.dir).parent == expected_root / "logs" / "demo" / "multiruns"
     assert cfg.paths.data_dir == str(expected_root / "data")
+
+
+def test_evaluations_have_folders_of_their_own(tmp_path, monkeypatch):
+    monkeypatch.setenv("KR_VLM_ROOT", str(tmp_path))
+    train = compose_with_hydra(["experiment=demo"])
+    evaluation = compose_with_hydra(["experiment=demo"], "eval")
+    assert Path(train.hydra.run.dir).parent == tmp_path / "logs" / "demo" / "runs"
+    assert Path(evaluation.hydra.run.dir).parent == tmp_path / "logs" / "demo" / "evals"
+    assert Path(evaluation.hydra.sweep.dir).parent == tmp_path / "logs" / "demo" / "eval_multiruns"
+    # The rest of Hydra's settings are the training runs': the folder guard, the log file, the help.
+    assert evaluation.hydra.callbacks.run_folder._target_ == train.hydra.callbacks.run_folder._target_
+    assert evaluation.hydra.job_logging == train.hydra.job_logging
+    assert evaluation.hydra.help == train.hydra.help
 
 
 # ------------------------------------------------------------------------------------ real command lines

@@ -195,7 +195,9 @@ def _select(config: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def _settings(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+def config_settings(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The entries of a run's config under ``keys`` (dotted; a key stands for every entry below it), as
+    flat dotted keys; unset entries and where weights come from (``cache_dir``, ...) left out."""
     settings: dict[str, Any] = {}
     for key in keys:
         settings.update(_flatten(_select(config, key), key))
@@ -227,7 +229,7 @@ def _trained(training: Run, evaluation: Run) -> Trained:
     training run)."""
     metrics, config = training.metrics, training.config
     subsample = _select(config, "data.subsample") or "all"
-    settings = _settings(config, RECIPE_KEYS) | _settings(evaluation.config, EVALUATION_KEYS)
+    settings = config_settings(config, RECIPE_KEYS) | config_settings(evaluation.config, EVALUATION_KEYS)
     return Trained(
         method=str(metrics.get("method") or "none"),
         dataset=str(metrics.get("dataset")),

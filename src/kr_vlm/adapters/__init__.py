@@ -11,23 +11,26 @@ from kr_vlm.adapters.inject import (
     find_target_linears,
     inject_adapters,
     merge_adapters,
+    print_trainable_parameters,
     unmerge_adapters,
 )
 from kr_vlm.adapters.io import adapter_state_dict, load_adapter_state_dict, load_adapters, save_adapters
 from kr_vlm.adapters.labels import layer_labels, path_labels
 from kr_vlm.adapters.layer import AdaptedLayer, Method
-from kr_vlm.adapters.merged import merged_state_dict
-from kr_vlm.adapters.methods.kradapter import KRAdapterLinear, kradapter_shapes
+from kr_vlm.adapters.merged import disabled_adapters, merge_and_unload, merged_state_dict, unload
+from kr_vlm.adapters.methods.kradapter import KRAdapterLinear, KRAdapterOptions, kradapter_shapes
 
 __all__ = [
     "METHODS",
     "AdaptedLayer",
     "AdapterConfig",
     "KRAdapterLinear",
+    "KRAdapterOptions",
     "Method",
     "adapted_layers",
     "adapter_state_dict",
     "count_parameters",
+    "disabled_adapters",
     "find_target_linears",
     "inject_adapters",
     "kradapter_shapes",
@@ -35,8 +38,11 @@ __all__ = [
     "load_adapter_state_dict",
     "load_adapters",
     "merge_adapters",
+    "merge_and_unload",
     "merged_state_dict",
     "path_labels",
+    "print_trainable_parameters",
     "save_adapters",
+    "unload",
     "unmerge_adapters",
 ]

@@ -22,6 +22,9 @@ from kr_vlm.errors import ConfigError
 #: The built-in methods (``REGISTRY`` in ``kr_vlm.adapters.methods``), in the order the docs list them.
 METHODS = tuple(REGISTRY)
 
+#: ``target_modules`` value that selects every linear layer but the output head, as in peft.
+ALL_LINEAR = "all-linear"
+
 #: What a target selection that knows the model gives for each module name, e.g.
 #: ``{"tower": "vision", "layer": "q", "block": 3}``.
 Labels = dict[str, Any]
@@ -74,20 +77,21 @@ def checked_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass(init=False, eq=False)
 class AdapterConfig:
-    """Which adapter ``method`` to put on which ``nn.Linear`` layers (``target_modules``), with ``options``.
+    """Which adapter ``method`` to put on which linear layers (``target_modules``), with ``options``.
 
     Args:
         method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``METHODS``). ``full`` trains the targeted
             layers' own weights; ``none`` trains nothing.
         target_modules: as in peft, a list of module names, each matching a module whose name equals it or
             ends with ``"." + entry`` (``["q_proj", "v_proj"]``), or one string that must fully match a
-            module name as a regular expression; or a mapping from full module names to their labels
+            module name as a regular expression, or ``"all-linear"``: every ``nn.Linear`` and transformers
+            ``Conv1D`` but the output head (a Hugging Face model's ``get_output_embeddings()``); or a mapping from full module names to their labels
             (``{"visual.transformer.resblocks.0.attn.q_proj": {"tower": "vision", "layer": "q", "block": 0}}``),
             as a target selection that knows the model returns it: exactly those modules, and the labels
             that the rank monitor and the parameter table group them by. Not needed for ``none``.
         **options: the method's options, the fields of its options dataclass: e.g. ``r=2, lora_alpha=1``
-            for lora, ``rank``, ``scaling`` and ``factor_dtype`` (a dtype or its name, kept as the name such
-            as ``"float32"``) for kradapter.
+            for lora, ``rank``, ``scaling``, ``dropout``, ``allow_shared_weights`` and ``factor_dtype`` (a
+            dtype or its name, kept as the name such as ``"float32"``) for kradapter.
 
     Two configs are equal when they adapt the same modules the same way: the labels are not compared, and
     options left out equal their defaults.

@@ -1,17 +1,19 @@
-"""Put adapters on the ``nn.Linear`` layers of any ``nn.Module``, find them again, merge and count them.
+"""Put adapters on the linear layers of any ``nn.Module``, find them again, merge and count them.
 
-Works on any module tree (open_clip, Hugging Face transformers, your own): layers are chosen by name only.
+Works on any module tree (open_clip, Hugging Face transformers, your own): layers are chosen by name, or
+all of them (``"all-linear"``). Linear layers are ``nn.Linear`` and transformers' ``Conv1D``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
-from kr_vlm.adapters.config import AdapterConfig
-from kr_vlm.adapters.layer import AdaptedLayer
+from kr_vlm.adapters.config import ALL_LINEAR, AdapterConfig
+from kr_vlm.adapters.layer import AdaptedLayer, describe_shared, is_conv1d, is_linear, shared_parameters
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 
@@ -35,7 +37,7 @@ def _matches(name: str, target_modules: list[str] | str | Mapping[str, object]) 
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    return [name for name, module in model.named_modules() if is_linear(module)]
 
 
 def truncated_list(names: list[str]) -> str:
@@ -48,30 +50,59 @@ def truncated_list(names: list[str]) -> str:
 def _no_match_message(model: nn.Module, target_modules: list[str] | str) -> str:
     names = _linear_names(model)
     if not names:
-        return f"No module matches target_modules={target_modules!r}, and the model has no nn.Linear layer at all."
+        return (
+            f"No module matches target_modules={target_modules!r}, and the model has no nn.Linear (or Conv1D) "
+            "layer at all."
+        )
     endings = sorted({name.rsplit(".", 1)[-1] for name in names})
     return (
-        f"No module matches target_modules={target_modules!r}. The model's {len(names)} nn.Linear layers end in: "
-        f"{truncated_list(endings)}. Their names: {truncated_list(names)}."
+        f"No module matches target_modules={target_modules!r}. The model's {len(names)} nn.Linear layers "
+        f"(Conv1D included) end in: {truncated_list(endings)}. Their names: {truncated_list(names)}."
     )
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The output head of a Hugging Face model (``get_output_embeddings()``: ``lm_head``), or None."""
+    get_output_embeddings = getattr(model, "get_output_embeddings", None)
+    return get_output_embeddings() if callable(get_output_embeddings) else None
+
+
+def _all_linear_names(model: nn.Module) -> list[str]:
+    """peft's ``"all-linear"``: every linear layer but the output head (a Hugging Face model's
+    ``get_output_embeddings()``), and but the linears inside ``nn.MultiheadAttention``, which it never calls."""
+    head = _output_head(model)
+    attention = [name for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
+    return [
+        name
+        for name, module in model.named_modules()
+        if is_linear(module)
+        and module is not head
+        and not any(name.startswith(f"{parent}.") for parent in attention)
+    ]
 
 
 def find_target_linears(
     model: nn.Module, target_modules: list[str] | str | Mapping[str, object]
 ) -> list[str]:
-    """Names (in module order) of the ``nn.Linear`` layers that ``target_modules`` selects.
+    """Names (in module order) of the linear layers (``nn.Linear`` or transformers' ``Conv1D``) that
+    ``target_modules`` selects; ``"all-linear"`` selects every linear but the output head.
 
-    Raises if nothing matches (the message lists the model's linear layers), if a matching module is not an
-    ``nn.Linear``, or if a matching linear is the ``out_proj`` of ``nn.MultiheadAttention`` (which reads
+    Raises if nothing matches (the message lists the model's linear layers), if a matching module is not a
+    linear layer, or if a matching linear is the ``out_proj`` of ``nn.MultiheadAttention`` (which reads
     ``out_proj.weight`` directly and never calls the module, so an adapter there would be silently ignored).
     """
+    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
+        names = _all_linear_names(model)
+        if not names:
+            raise ConfigError(_no_match_message(model, target_modules))
+        return names
     matched, not_linear, inside_attention = [], [], []
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if not _matches(name, target_modules):
                 continue
-            if not isinstance(child, nn.Linear):
+            if not is_linear(child):
                 not_linear.append(f"{name} ({type(child).__name__})")
             elif isinstance(parent, nn.MultiheadAttention):
                 inside_attention.append(name)
@@ -80,7 +111,8 @@ def find_target_linears(
     if not_linear:
         raise ConfigError(
             f"target_modules={target_modules!r} matches modules that are not nn.Linear: {', '.join(not_linear)}. "
-            "Adapters go on nn.Linear layers only; name the Linear layers inside these modules instead."
+            "Adapters go on nn.Linear layers (and transformers Conv1D) only; name the linear layers inside these "
+            "modules instead."
         )
     if inside_attention:
         raise ConfigError(
@@ -94,9 +126,43 @@ def find_target_linears(
     return matched
 
 
+def _check_conv1d(model: nn.Module, method: str, names: Sequence[str]) -> None:
+    conv1d = [name for name in names if is_conv1d(model.get_submodule(name))]
+    if conv1d and not REGISTRY[method].adapts_conv1d:
+        able = ", ".join(name for name, spec in REGISTRY.items() if spec.adapts_conv1d)
+        raise ConfigError(
+            f"Method {method!r} adapts nn.Linear layers only, but these targets are transformers Conv1D layers "
+            f"(GPT-2 style, weight stored (in, out)): {truncated_list(conv1d)}. Methods that adapt Conv1D: {able}."
+        )
+
+
+@contextlib.contextmanager
+def _restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` back as it was (its submodules, requires_grad flags and attributes) if the block fails."""
+    children = {module: dict(module.named_children()) for module in model.modules()}
+    flags = {parameter: parameter.requires_grad for parameter in model.parameters()}
+    attributes = set(vars(model))
+    try:
+        yield
+    except BaseException:
+        for module, kept in children.items():
+            for name in [name for name, _ in module.named_children() if name not in kept]:
+                delattr(module, name)
+            for name, child in kept.items():
+                setattr(module, name, child)
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+        for name in set(vars(model)) - attributes:  # e.g. the peft_config peft's injection sets
+            delattr(model, name)
+        raise
+
+
 def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
-    """Freeze ``model``, then put ``cfg.method``'s adapter on every ``nn.Linear`` that ``cfg.target_modules``
+    """Freeze ``model``, then put ``cfg.method``'s adapter on every linear layer that ``cfg.target_modules``
     selects; only the adapter tensors train. Returns the same (modified) model.
+
+    All or nothing: if anything fails (a bad option for one layer, a refused layer half-way through the
+    list), the model is left exactly as it was, its layers and requires_grad flags included.
 
     ``kradapter`` replaces each layer with ``KRAdapterLinear``, ``full`` with ``FullFineTuneLinear`` (the
     layer's own weight and bias train), the peft methods with peft's layers; ``none`` only freezes (see
@@ -115,10 +181,16 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
             "injecting twice is not supported. Start again from a model without adapters."
         )
     method = REGISTRY[cfg.method]
-    model.requires_grad_(False)
-    if method.adapts_layers:
-        method.inject(model, find_target_linears(model, cfg.target_modules), cfg.method_options())
-    setattr(model, CONFIG_ATTRIBUTE, cfg)
+    with _restored_on_error(model):
+        model.requires_grad_(False)
+        if method.adapts_layers:
+            names = find_target_linears(model, cfg.target_modules)
+            _check_conv1d(model, cfg.method, names)
+            modes = {name: model.get_submodule(name).training for name in names}
+            method.inject(model, names, cfg.method_options())
+            for name, training in modes.items():  # new layers start in training mode; an eval model stays in eval
+                model.get_submodule(name).train(training)
+        setattr(model, CONFIG_ATTRIBUTE, cfg)
     return model
 
 
@@ -127,9 +199,10 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
 
     Every layer answers ``kr_vlm.adapters.layer.AdaptedLayer``: ``delta_weight()`` (the dense
     ``(out_features, in_features)`` update it adds to its base weight, scaling included), ``merge()``,
-    ``unmerge()``, ``merged``, ``base_layer``, ``in_features``, ``out_features`` and
-    ``adapter_state_dict()``. KRAdapter and full fine-tuning layers are yielded as they are; a peft layer
-    is yielded as a ``PeftLayerView`` whose ``.module`` is the peft layer.
+    ``unmerge()``, ``merged``, ``base_layer``, ``base_weight()`` (``W0``), ``rank_cap`` (the highest rank
+    its update can reach), ``in_features``, ``out_features`` and ``adapter_state_dict()``. KRAdapter and
+    full fine-tuning layers are yielded as they are; a peft layer is yielded as a ``PeftLayerView`` whose
+    ``.module`` is the peft layer.
     """
     # Methods that share their kind of layer (peft's six) share one finder.
     finders = list(dict.fromkeys(method.find for method in REGISTRY.values()))
@@ -141,11 +214,30 @@ def adapted_layers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer]]:
                 break
 
 
+def check_mergeable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> None:
+    """Refuse to merge ``layers`` (by name in ``model``) whose base weights another module shares (tied
+    embeddings): merging would change that module too. A layer that is its own base layer (full
+    fine-tuning) merges nothing and is never refused."""
+    separate = [name for name, layer in layers.items() if layer.base_layer is not model.get_submodule(name)]
+    shared = shared_parameters(model, separate)
+    if shared:
+        tied = describe_shared(shared)
+        raise RuntimeError(
+            f"Cannot merge adapters into weights that other modules share: {tied}. Merging would change those "
+            "modules too, so these updates stay unmerged (keep the adapters for inference, or untie the weights "
+            "before injecting)."
+        )
+
+
 def merge_adapters(model: nn.Module) -> None:
-    """Add every adapter's update into its base weight (layers already merged are left alone)."""
-    for _, layer in adapted_layers(model):
-        if not layer.merged:
-            layer.merge()
+    """Add every adapter's update into its base weight (layers already merged are left alone).
+
+    Nothing is merged if a layer's base weight is shared with another module (``check_mergeable``).
+    """
+    to_merge = {name: layer for name, layer in adapted_layers(model) if not layer.merged}
+    check_mergeable(model, to_merge)
+    for layer in to_merge.values():
+        layer.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
@@ -166,3 +258,11 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
         if parameter.requires_grad:
             trainable += parameter.numel()
     return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the trainable and total parameter counts as peft's ``print_trainable_parameters`` does."""
+    trainable, total = count_parameters(model)
+    print(
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )

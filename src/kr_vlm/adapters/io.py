@@ -1,22 +1,27 @@
 """Save and load adapters: ``adapter_config.json`` plus ``adapter_model.safetensors`` (adapter tensors only).
 
-Which tensors are saved, keyed by the model's own ``state_dict`` names:
+peft's own methods (lora, dora, vera, lokr, loha, randlora) are saved in peft's format, so peft
+(``PeftModel.from_pretrained(model, folder)``) and transformers (``model.load_adapter(folder)``) read them:
+``adapter_config.json`` is peft's config (``peft_type``, ``r``, ...), the tensors are keyed as
+``peft.get_peft_model_state_dict`` writes them for a ``PeftModel`` (``base_model.model.<layer>.lora_A.weight``,
+``base_model.vera_A``; ``kr_vlm.adapters.methods.peft.PeftFileFormat``), and kr_vlm's own config (the
+method, the targets with their labels, the options) goes to ``kr_vlm_adapter_config.json`` beside them.
+``load_adapters`` also reads folders that peft wrote (no kr_vlm file: the config is rebuilt from peft's).
+
+kr_vlm's methods (kradapter, full) keep kr_vlm's format: ``adapter_config.json`` holds the
+``AdapterConfig`` (``to_dict()``: ``method``, ``target_modules`` with their labels, ``options``), a
+``format_version`` and a ``peft_type`` that tells peft, which cannot load them, what they are. The tensors
+are keyed by the model's own ``state_dict`` names:
 
 - ``kradapter``: ``<layer>.kr_u``, ``<layer>.kr_v``;
-- ``lora``: ``<layer>.lora_A.default.weight``, ``<layer>.lora_B.default.weight`` (``dora`` adds
-  ``<layer>.lora_magnitude_vector.default.weight``); ``lokr``: ``<layer>.lokr_w1.default``, ... ;
-  ``loha``: ``<layer>.hada_w1_a.default``, ...;
-- ``vera``: ``<layer>.vera_lambda_b.default``, ``<layer>.vera_lambda_d.default``; ``randlora``:
-  ``<layer>.randlora_lambda.default``, ``<layer>.randlora_gamma.default``. Their frozen random projections
-  (``vera_A`` / ``vera_B``, ``randlora_A`` / ``randlora_B``) are one tensor shared by all layers; they are
-  saved once, under the first adapted layer's name (``<first layer>.vera_A.default``). peft can regenerate
-  them from ``projection_prng_key``, but the result depends on the platform (peft warns so; RandLoRA even
-  draws them in bfloat16 or float16 depending on the hardware), so saving them makes loading exact;
 - ``full``: ``<layer>.weight`` and ``<layer>.bias``.
 
-That is each layer's ``adapter_state_dict()`` (``kr_vlm.adapters.layer.AdaptedLayer``) under the layer's name.
-``adapter_config.json`` holds the ``AdapterConfig`` (``to_dict()``), the targets' labels included when the
-target selection gave them.
+That is each layer's ``adapter_state_dict()`` (``kr_vlm.adapters.layer.AdaptedLayer``) under the layer's
+name. Folders of format version 1 (kr_vlm's format for every method, peft's included, e.g.
+``<layer>.lora_A.default.weight``) still load. VeRA's and RandLoRA's frozen random projections are one
+tensor shared by all layers and are saved once: peft can regenerate them from ``projection_prng_key``,
+but the result depends on the platform (peft warns so; RandLoRA even draws them in bfloat16 or float16
+depending on the hardware), so saving them makes loading exact.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -33,14 +39,28 @@ from torch import nn
 import kr_vlm
 from kr_vlm.adapters.config import AdapterConfig
 from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE, adapted_layers, inject_adapters, truncated_list
+from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
 from kr_vlm.files import write_file_atomic
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-FORMAT_VERSION = 1
+# kr_vlm's config of a folder in peft's format.
+KR_VLM_CONFIG_FILE = "kr_vlm_adapter_config.json"
+FORMAT_VERSION = 2
+# 1: every method in kr_vlm's format, no peft_type; 2: peft's methods in peft's format.
+READABLE_VERSIONS = (1, 2)
 # What to do about a saved file that cannot be read.
 RECOPY_HINT = "Copy it again from the run that saved it, or save the adapters again (save_adapters)."
+
+
+def peft_type_marker(method: str) -> str:
+    """The ``peft_type`` of a folder in kr_vlm's format: peft looks it up among its methods and fails with
+    a KeyError that shows this text."""
+    return (
+        f"{method} adapter saved by kr_vlm, not a peft method: load it with "
+        "kr_vlm.adapters.load_adapters(model, folder)"
+    )
 
 
 class AdapterMismatchError(ConfigError):
@@ -133,12 +153,17 @@ def _safetensors_ready(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return ready
 
 
+def _json_bytes(data: Mapping[str, Any]) -> bytes:
+    return (json.dumps(data, indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
 def save_adapters(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for the adapters in ``model``.
+    """Write the adapters in ``model`` to ``directory``: peft's format for peft's methods, kr_vlm's for
+    kradapter and full (see the module docstring). Returns the directory.
 
     ``model`` is the module given to ``inject_adapters`` or any module that contains it (e.g. a classifier
     wrapping it); names are relative to the injected module, so ``load_adapters`` takes that module's kind
-    (e.g. a freshly built base model). Returns the directory.
+    (e.g. a freshly built base model).
     """
     found = _injected_module(model)
     if found is None:
@@ -146,24 +171,34 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
     _, injected = found
     config: AdapterConfig = getattr(injected, CONFIG_ATTRIBUTE)
     directory = Path(directory)
-    weights = save(_safetensors_ready(adapter_state_dict(injected)), metadata={"format": "pt"})
-    header = {"format_version": FORMAT_VERSION, "kr_vlm_version": kr_vlm.__version__}
-    text = json.dumps({**header, **config.to_dict()}, indent=2, allow_nan=False) + "\n"
-    # Each file is written whole or not at all (a temporary file in the folder, then a rename); a
-    # failed write raises kr_vlm.files.FileWriteError naming the file.
-    write_file_atomic(directory / WEIGHTS_FILE, lambda handle: handle.write(weights))
-    write_file_atomic(directory / CONFIG_FILE, lambda handle: handle.write(text.encode("utf-8")))
+    kr_vlm_config = {
+        "format_version": FORMAT_VERSION,
+        "kr_vlm_version": kr_vlm.__version__,
+        **config.to_dict(),
+    }
+    file_format = REGISTRY[config.method].file_format
+    if file_format is None:
+        weights = adapter_state_dict(injected)
+        files = {CONFIG_FILE: _json_bytes({"peft_type": peft_type_marker(config.method), **kr_vlm_config})}
+    else:
+        layers = dict(adapted_layers(injected))
+        weights = file_format.checkpoint(layers)
+        peft_config = file_format.config(
+            config.method, config.method_options(), layers, getattr(injected, "name_or_path", None)
+        )
+        files = {KR_VLM_CONFIG_FILE: _json_bytes(kr_vlm_config), CONFIG_FILE: _json_bytes(peft_config)}
+    data = save(_safetensors_ready(weights), metadata={"format": "pt"})
+    # Each file is written whole or not at all (a temporary file in the folder, then a rename), the weights
+    # first and adapter_config.json last; a failed write raises kr_vlm.files.FileWriteError naming the file.
+    write_file_atomic(directory / WEIGHTS_FILE, lambda handle: handle.write(data))
+    if KR_VLM_CONFIG_FILE not in files:  # a peft-format folder saved here before: its kr_vlm file is stale
+        (directory / KR_VLM_CONFIG_FILE).unlink(missing_ok=True)
+    for name, text in files.items():
+        write_file_atomic(directory / name, lambda handle, text=text: handle.write(text))
     return directory
 
 
-def read_adapter_config(directory: str | Path) -> AdapterConfig:
-    """The ``AdapterConfig`` stored in ``directory/adapter_config.json`` by ``save_adapters``."""
-    path = Path(directory) / CONFIG_FILE
-    if not path.is_file():
-        raise MissingFileError(
-            f"No adapter config at {path}. load_adapters needs a directory written by save_adapters, holding "
-            f"{CONFIG_FILE} and {WEIGHTS_FILE} (a training run writes them to <run folder>/adapters)."
-        )
+def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -172,27 +207,78 @@ def read_adapter_config(directory: str | Path) -> AdapterConfig:
         raise CorruptFileError(
             f"{path} holds a JSON {type(data).__name__}, not an adapter config. {RECOPY_HINT}"
         )
+    return data
+
+
+def _kr_vlm_config(data: dict[str, Any], path: Path) -> AdapterConfig:
+    """The ``AdapterConfig`` of a kr_vlm config file's contents (``adapter_config.json`` of kr_vlm's format,
+    or ``kr_vlm_adapter_config.json``)."""
     version = data.pop("format_version", None)
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CorruptFileError(
-            f"{path} has adapter format version {version!r}; this kr_vlm ({kr_vlm.__version__}) reads version "
-            f"{FORMAT_VERSION}."
+            f"{path} has adapter format version {version!r}; this kr_vlm ({kr_vlm.__version__}) reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}."
         )
     data.pop("kr_vlm_version", None)
+    data.pop("peft_type", None)
     try:
         return AdapterConfig.from_dict(data)
     except (TypeError, ValueError) as error:
         raise CorruptFileError(f"{path} is not a valid adapter config: {error} {RECOPY_HINT}") from None
 
 
+def _read_folder(directory: str | Path) -> tuple[AdapterConfig, Any]:
+    """The adapter config of a folder and the file format of its tensors (None: kr_vlm's own names)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise MissingFileError(
+            f"No adapter config at {path}. load_adapters needs a directory written by save_adapters (or by peft), "
+            f"holding {CONFIG_FILE} and {WEIGHTS_FILE} (a training run writes them to <run folder>/adapters)."
+        )
+    data = _read_json(path)
+    if "method" in data:
+        return _kr_vlm_config(data, path), None
+    file_format = next(
+        (
+            method.file_format
+            for method in REGISTRY.values()
+            if method.file_format and method.file_format.reads(data)
+        ),
+        None,
+    )
+    if file_format is None:
+        if "peft_type" in data:
+            raise ConfigError(
+                f"{path} holds a peft {data['peft_type']!r} adapter, a method kr_vlm does not offer; load it with "
+                "peft (peft.PeftModel.from_pretrained(model, folder))."
+            )
+        raise CorruptFileError(f"{path} has neither kr_vlm's 'method' nor peft's 'peft_type'. {RECOPY_HINT}")
+    kr_vlm_path = Path(directory) / KR_VLM_CONFIG_FILE
+    if not kr_vlm_path.is_file():  # written by peft
+        method, target_modules, options = file_format.read_config(data, str(path))
+        return AdapterConfig(method, target_modules, **options), file_format
+    config = _kr_vlm_config(_read_json(kr_vlm_path), kr_vlm_path)
+    if file_format.method_of(data) != config.method:
+        raise CorruptFileError(
+            f"{kr_vlm_path} says {config.method!r} but {path} holds a peft {file_format.method_of(data)!r} adapter: "
+            f"the two files come from different saves. {RECOPY_HINT}"
+        )
+    return config, file_format
+
+
+def read_adapter_config(directory: str | Path) -> AdapterConfig:
+    """The ``AdapterConfig`` of a folder written by ``save_adapters`` (or by peft, for its methods)."""
+    return _read_folder(directory)[0]
+
+
 def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
-    """Load adapters saved by ``save_adapters`` into ``model`` and return it.
+    """Load adapters saved by ``save_adapters`` (or by peft's ``save_pretrained``) into ``model`` and return it.
 
     A model without adapters gets them injected from the saved config first; a model that already holds
     adapters must hold them with an equal config. The tensors are then loaded strictly
     (see ``load_adapter_state_dict``).
     """
-    config = read_adapter_config(directory)
+    config, file_format = _read_folder(directory)
     weights_path = Path(directory) / WEIGHTS_FILE
     if not weights_path.is_file():
         raise MissingFileError(
@@ -217,5 +303,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                 f"The model already holds adapters with {existing}, but {directory} holds {config}. "
                 "Load into a freshly built base model instead."
             )
+    if file_format is not None:
+        tensors = file_format.to_model_names(tensors, list(adapter_state_dict(injected)))
     load_adapter_state_dict(injected, tensors)
     return model

@@ -1,4 +1,4 @@
-"""How many parameters train, per tower and layer type: a rich table at fit/test start, and hyperparameters.
+"""How many parameters train, per tower and layer type: a table at fit/test start, and hyperparameters.
 
 Adapted layers are grouped by their labels (``kr_vlm.adapters.layer_labels``: tower and layer type, as the
 target selection gave them); everything else in the model is the group ``other/other``.
@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
-from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 from kr_vlm.adapters import adapted_layers, layer_labels
 from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE
 from kr_vlm.adapters.labels import REST, label_group
+from kr_vlm.console import print_table
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ class ParameterSummary(pl.Callback):
         if counts == self._last_counts:
             return
         self._last_counts = counts
-        Console().print(parameter_table(pl_module))
+        print_table(parameter_table(pl_module))
         if self.log_hyperparams:
             hyperparams = {"parameters": parameter_summary(pl_module)}
             for logger in trainer.loggers:

@@ -30,9 +30,9 @@ from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers, layer_labels
 from kr_vlm.adapters.labels import label_group
 from kr_vlm.callbacks.parameter_summary import parameter_summary
-from kr_vlm.callbacks.rank_report import render_history_figure, render_spectra_figure, write_html_report
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_text_atomic
+from kr_vlm.rank_report import history_figure, png, spectra_figure, write_html_report
 
 METRICS = ("effective_rank", "stable_rank", "frobenius_norm")
 HISTORY_FILE = "rank_history.json"
@@ -187,6 +187,7 @@ class EffectiveRankMonitor(pl.Callback):
         self.layer_info: dict[str, dict[str, Any]] = {}
         self.final_spectra: dict[str, torch.Tensor] = {}
         self.parameters: dict[str, Any] = {}
+        self._base_norms: dict[str, float] = {}
         self._enabled = True
         self._warned_no_layers = False
 
@@ -277,6 +278,8 @@ class EffectiveRankMonitor(pl.Callback):
                 "labels": labels[name],
                 "shape": [layer.out_features, layer.in_features],
                 "max_rank": min(layer.out_features, layer.in_features),
+                "rank_cap": layer.rank_cap,
+                "base_norm": self._base_norm(name, layer),
             }
             for name, layer in layers
         }
@@ -286,6 +289,12 @@ class EffectiveRankMonitor(pl.Callback):
         record = {"step": step, "seconds": time.perf_counter() - started, "layers": layer_metrics}
         self.records.append(record)
         return record
+
+    def _base_norm(self, name: str, layer: nn.Module) -> float:
+        """``‖W0‖_F`` of a layer, measured the first time the layer is seen (``W0`` is frozen)."""
+        if name not in self._base_norms:
+            self._base_norms[name] = float(torch.linalg.matrix_norm(layer.base_weight().detach().float()))
+        return self._base_norms[name]
 
     def group_metrics(self, record: dict[str, Any]) -> dict[str, dict[str, float]]:
         """Means of each metric over the layers of every group (and over all layers, as group ``all``);
@@ -331,7 +340,9 @@ class EffectiveRankMonitor(pl.Callback):
 
         ``steps``/``seconds`` list the evaluations (``seconds``: time to decompose and measure); the series
         ``groups[group][metric]`` and ``layers[name][metric]`` are aligned with ``steps`` (None where a layer
-        did not exist); ``final_spectra`` holds the singular values of the latest evaluation (6 significant
+        did not exist); each layer also has its ``group``, ``shape``, ``max_rank`` (``min(d_out, d_in)``),
+        ``rank_cap`` (the highest rank its method can build) and ``base_norm`` (``‖W0‖_F``, for the relative
+        update size); ``final_spectra`` holds the singular values of the latest evaluation (6 significant
         digits); ``parameters`` the trainable/total counts (``parameter_summary``).
         """
         steps = [record["step"] for record in self.records]
@@ -386,8 +397,11 @@ class EffectiveRankMonitor(pl.Callback):
         trainer's TensorBoard loggers (if ``trainer`` is given)."""
         run_dir = self._checked_run_dir()
         history = self.history()
-        spectra_png = render_spectra_figure(self.spectra_by_group(), history["final_step"])
-        history_png = render_history_figure(history)
+        spectra = {
+            group: [sigma.tolist() for sigma in sigmas] for group, sigmas in self.spectra_by_group().items()
+        }
+        spectra_png = png(spectra_figure(spectra, history["final_step"]))
+        history_png = png(history_figure(history))
         (run_dir / SPECTRA_PLOT_FILE).write_bytes(spectra_png)
         (run_dir / HISTORY_PLOT_FILE).write_bytes(history_png)
         write_html_report(run_dir / REPORT_FILE, history, spectra_png=spectra_png, history_png=history_png)

@@ -6,6 +6,9 @@
 - ``summary``: ``metrics.json`` and the printed table;
 - ``resolvers`` and ``schemas``: the OmegaConf resolvers and the structured-config schemas the configs
   use, registered when this package is imported (Hydra's compose API in tests relies on it too).
+
+Lightning (and torch, but for the adapter schemas) are imported when a task runs, not with this package:
+``train.py --help`` answers without them.
 """
 
 from kr_vlm.cli.build import (

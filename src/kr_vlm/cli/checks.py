@@ -6,7 +6,6 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kr_vlm import metric_names
@@ -31,6 +30,8 @@ def set_cpu_threads(cfg: DictConfig) -> None:
     """Apply ``cpu_threads`` (torch's intra-op threads; null keeps torch's default, one per core)."""
     threads = whole_number(cfg, "cpu_threads")
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
 
 
@@ -68,6 +69,8 @@ def check_ckpt_path(path: str) -> None:
         )
     where = "Use another checkpoint of the run (<run folder>/checkpoints/*.ckpt)."
     try:
+        import torch
+
         checkpoint = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError:
         # torch's own message suggests weights_only=False, which would run any code the file holds.

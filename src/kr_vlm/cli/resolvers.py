@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 
-import torch
 from omegaconf import OmegaConf
 
 # CLIP-LoRA trains for 500 x shots iterations.
@@ -19,6 +18,8 @@ def iterations(shots: int) -> int:
 def auto_precision() -> str:
     """bf16 autocast where the GPU supports it, fp16 autocast on older GPUs, float32 on the CPU
     (CPU bf16 autocast is slower than float32 on most machines)."""
+    import torch
+
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     if torch.cuda.is_available():

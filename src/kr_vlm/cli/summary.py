@@ -5,17 +5,20 @@ from __future__ import annotations
 import resource
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_only
+# Lightning's own rank_zero_only (Lightning sets the rank on this object) without importing Lightning.
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kr_vlm import metric_names
 from kr_vlm.cli.checks import whole_number
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_json_atomic
+
+if TYPE_CHECKING:
+    import torch
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 
 def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> dict[str, dict[str, float]]:
@@ -49,6 +52,8 @@ def optimized_metric(cfg: DictConfig, trainer: Trainer) -> dict[str, Any] | None
 def peak_memory_mb(device: torch.device) -> float:
     """Peak CUDA memory allocated, or the process's peak resident memory on the CPU."""
     if device.type == "cuda":
+        import torch
+
         return torch.cuda.max_memory_allocated(device) / 2**20
     # ru_maxrss is in kilobytes on Linux (bytes on macOS).
     scale = 1 if sys.platform == "darwin" else 1024
@@ -99,29 +104,45 @@ def run_summary(
     }
 
 
+def _percent_cell(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}"
+
+
 @rank_zero_only
 def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
-    """A rich table of the test accuracies and the paths of what the run wrote."""
-    from rich.console import Console
+    """A table of the test accuracies and the paths of what the run wrote (``kr_vlm.console``: drawn by rich
+    in a terminal, Markdown and unbroken lines in a file or a pipe)."""
     from rich.table import Table
 
+    from kr_vlm.console import print_table, stdout_console
     from kr_vlm.results import summary_lines
 
     table = Table(
         title=f"{metrics['task_name']}: {metrics['method']} on {metrics['dataset']}, "
         f"{metrics['shots']} shots, seed {metrics['seed']}"
     )
+    zero_shot = metrics.get("zero_shot")
     table.add_column("test set")
+    if zero_shot is not None:
+        table.add_column("zero-shot top-1 %", justify="right")
     table.add_column("top-1 %", justify="right")
+    if zero_shot is not None:
+        table.add_column("change", justify="right")
     table.add_column("top-5 %", justify="right")
     for name, values in metrics["test"].items():
-        table.add_row(
-            name,
-            f"{100 * values.get(metric_names.TOP1, float('nan')):.2f}",
-            f"{100 * values.get(metric_names.TOP5, float('nan')):.2f}",
-        )
-    console = Console()
-    console.print(table)
+        top1 = values.get(metric_names.TOP1)
+        cells = [name]
+        if zero_shot is not None:
+            before = zero_shot.get(name, {}).get(metric_names.TOP1)
+            cells.append(_percent_cell(before))
+        cells.append(_percent_cell(top1))
+        if zero_shot is not None:
+            change = None if before is None or top1 is None else top1 - before
+            cells.append("–" if change is None else f"{100 * change:+.2f}")
+        cells.append(_percent_cell(values.get(metric_names.TOP5)))
+        table.add_row(*cells)
+    console = stdout_console()
+    print_table(table, console)
     for line in summary_lines(metrics):
         console.print(line)
     if "adapters_from" in metrics:

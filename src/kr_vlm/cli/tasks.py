@@ -14,13 +14,16 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-from lightning.pytorch import LightningModule, seed_everything
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+
+# Lightning's own rank_zero_only (Lightning sets the rank on this object) without importing Lightning.
+from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from kr_vlm.adapters import adapted_layers
 from kr_vlm.cli.build import build_datamodule, build_model, build_trainer, use_model_transforms
 from kr_vlm.cli.checks import (
     adapters_source,
@@ -31,8 +34,17 @@ from kr_vlm.cli.checks import (
     set_cpu_threads,
     whole_number,
 )
-from kr_vlm.cli.summary import optimized_metric, print_results, run_summary, write_metrics
+from kr_vlm.cli.summary import (
+    metrics_per_test_set,
+    optimized_metric,
+    print_results,
+    run_summary,
+    write_metrics,
+)
 from kr_vlm.errors import ConfigError, exit_on_user_error
+
+if TYPE_CHECKING:
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,8 @@ def _prepare(cfg: DictConfig) -> None:
         check_ckpt_path(cfg.ckpt_path)
     set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
+        from lightning.pytorch import seed_everything
+
         seed_everything(cfg.seed, workers=True)
 
 
@@ -54,6 +68,26 @@ def _save_adapters(module: LightningModule, directory: Path) -> None:
 
     save_adapters(module.clip_model, directory)
     log.info("Saved the adapters to %s", directory)
+
+
+def _zero_shot_baseline(
+    module: LightningModule, trainer: Trainer, datamodule: LightningDataModule
+) -> dict[str, dict[str, float]]:
+    """The test metrics of the model before training, i.e. zero-shot: every adapter update starts at
+    zero, so the untrained model is the pretrained one. Its random generators are left as they were, so
+    the fit that follows draws what it would have drawn without this evaluation."""
+    with torch.no_grad():
+        moved = [name for name, layer in adapted_layers(module.clip_model) if layer.delta_weight().any()]
+    if moved:
+        raise ConfigError(
+            f"zero_shot_baseline=true tests the model before training as its zero-shot baseline, but the "
+            f"adapters of {moved[0]} (and {len(moved) - 1} more) do not start at a zero update; set "
+            "zero_shot_baseline=false and evaluate zero-shot with adapter=none instead."
+        )
+    log.info("Testing the model before training: its zero-shot baseline")
+    with torch.random.fork_rng(devices=[]):
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    return metrics_per_test_set(trainer, datamodule)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -83,7 +117,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     use_model_transforms(datamodule, module)
     trainer = build_trainer(cfg)
 
-    timings, optimized = {}, None
+    timings, optimized, zero_shot = {}, None, None
+    if fits and cfg.get("zero_shot_baseline") and not cfg.get("ckpt_path"):
+        zero_shot = _zero_shot_baseline(module, trainer, datamodule)
     if fits:
         fit_start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
@@ -111,6 +147,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _save_adapters(module, output_dir / "adapters")
     timings["wall_time_s"] = time.perf_counter() - start
     metrics = run_summary(cfg, module, trainer, datamodule, timings, tested)
+    if zero_shot is not None:
+        metrics["zero_shot"] = zero_shot
     if optimized is not None:
         metrics["optimized_metric"] = optimized
     write_metrics(output_dir / "metrics.json", metrics)
@@ -164,6 +202,10 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
     from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from kr_vlm.console import lightning_logs_through_the_run_log
+
+    lightning_logs_through_the_run_log()
 
     try:
         with exit_on_user_error():

@@ -295,16 +295,20 @@ def convert_attention(model: nn.Module) -> nn.Module:
 
 
 def _fuse_qkv(state: dict[str, torch.Tensor], name: str, attention: nn.Module) -> None:
-    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by open_clip's fused ``in_proj_*``."""
-    if len({attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features}) != 1:
-        raise NotImplementedError(
-            f"{name}: attention with different query/key/value input sizes (kdim/vdim) has no fused "
-            "in_proj_weight in nn.MultiheadAttention; no open_clip model uses it."
-        )
-    for kind in ("weight", "bias"):
-        parts = [state.pop(f"{name}.{proj}.{kind}", None) for proj in ("q_proj", "k_proj", "v_proj")]
-        if all(part is not None for part in parts):
-            state[f"{name}.in_proj_{kind}"] = torch.cat(parts)
+    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by the parameters of open_clip's
+    ``nn.MultiheadAttention``: one fused ``in_proj_weight``, or, when keys and values have another width
+    than queries (``kdim`` / ``vdim``, as in the attentional pooler), ``q_proj_weight``, ``k_proj_weight``
+    and ``v_proj_weight``; the biases are always one fused ``in_proj_bias``."""
+    projections = ("q_proj", "k_proj", "v_proj")
+    weights = [state.pop(f"{name}.{proj}.weight") for proj in projections]
+    if len({attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features}) == 1:
+        state[f"{name}.in_proj_weight"] = torch.cat(weights)
+    else:
+        for proj, weight in zip(projections, weights, strict=True):
+            state[f"{name}.{proj}_weight"] = weight
+    biases = [state.pop(f"{name}.{proj}.bias", None) for proj in projections]
+    if all(bias is not None for bias in biases):
+        state[f"{name}.in_proj_bias"] = torch.cat(biases)
 
 
 def fuse_qkv_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ folders looked in and the command that fetches them on a connected machine.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import difflib
 import hashlib
 import json
@@ -19,7 +20,7 @@ import os
 import shutil
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -324,6 +325,27 @@ def _architecture_weights(
     return checkpoint, quick_gelu, preprocess_overrides
 
 
+class _RandomInitWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning(active: bool) -> Iterator[None]:
+    """Drop open_clip's warning that a model was "initialized randomly" while ``active``: for a config
+    that asks for random weights it is the expected outcome, which ``load_clip`` logs as INFO instead."""
+    if not active:
+        yield
+        return
+    # open_clip logs it on the root logger itself, whose own filters see only its own records.
+    root, record_filter = logging.getLogger(), _RandomInitWarningFilter()
+    root.addFilter(record_filter)
+    try:
+        yield
+    finally:
+        root.removeFilter(record_filter)
+
+
 def load_clip(
     name: str,
     pretrained: str | os.PathLike | None = None,
@@ -414,19 +436,23 @@ def load_clip(
                 name, pretrained, cache_dir, force_quick_gelu, allow_download
             )
 
+    random_weights = schema is None and checkpoint is None
+    if random_weights:
+        log.info("%s: random weights, as configured (pretrained is None).", name)
     registered = _registered_name(name, model_cfg)
-    model = open_clip.create_model(
-        registered,
-        pretrained=checkpoint,
-        precision=precision,
-        device=device or "cpu",
-        force_quick_gelu=quick_gelu,
-        force_preprocess_cfg=preprocess_overrides,
-        cache_dir=cache_dir,
-        # OpenAI's original checkpoint is a TorchScript archive, which torch.load refuses under
-        # weights_only=True; everything else is loaded the safe way.
-        weights_only=not (checkpoint is not None and _is_torchscript_archive(checkpoint)),
-    )
+    with _without_random_init_warning(random_weights):
+        model = open_clip.create_model(
+            registered,
+            pretrained=checkpoint,
+            precision=precision,
+            device=device or "cpu",
+            force_quick_gelu=quick_gelu,
+            force_preprocess_cfg=preprocess_overrides,
+            cache_dir=cache_dir,
+            # OpenAI's original checkpoint is a TorchScript archive, which torch.load refuses under
+            # weights_only=True; everything else is loaded the safe way.
+            weights_only=not (checkpoint is not None and _is_torchscript_archive(checkpoint)),
+        )
     tokenizer = open_clip.get_tokenizer(registered)
 
     convert_attention(model)

@@ -45,6 +45,15 @@ class FullFineTuneLinear(nn.Linear):
         """``weight - initial_weight``, shaped ``(out_features, in_features)``, differentiable."""
         return self.weight - self.initial_weight
 
+    @property
+    def rank_cap(self) -> int:
+        """The highest rank the update can reach: ``min(d_out, d_in)``."""
+        return min(self.out_features, self.in_features)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0``, the weight before training (``initial_weight``)."""
+        return self.initial_weight
+
     def merge(self) -> None:
         """Nothing to add: the update already lives in the weight."""
         self.merged = True

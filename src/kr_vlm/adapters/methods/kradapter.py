@@ -1,4 +1,4 @@
-"""KRAdapter: a Khatri-Rao product update for ``nn.Linear`` (arXiv 2508.00230).
+"""KRAdapter: a Khatri-Rao product update for ``nn.Linear`` and transformers' ``Conv1D`` (arXiv 2508.00230).
 
 For a weight ``W0`` of shape ``(d_out, d_in)`` let ``k = min(d_out, d_in)`` and ``K = max(d_out, d_in)``.
 The trainable factors are ``U`` of shape ``(k, r)`` and ``V`` of shape ``(k, r2)`` with ``r * r2 >= K``.
@@ -14,6 +14,9 @@ the dense ``ΔW`` alive for backward. Here a custom autograd Function runs ONE m
 ``W0 + s ΔW`` and, in backward, rebuilds that weight from the factors instead of storing it. The factor
 gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted against the factors:
 ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``.
+
+A ``Conv1D`` stores ``W0ᵀ``; the Function is handed its transposed view ``W0`` (no copy), so autograd
+routes the weight gradient back into the ``(in, out)`` parameter and merging writes through the same view.
 """
 
 from __future__ import annotations
@@ -28,7 +31,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from kr_vlm.adapters.layer import Method, instances_of, replace_layers
+from kr_vlm.adapters.layer import (
+    Method,
+    dense_weight,
+    describe_shared,
+    instances_of,
+    is_linear,
+    replace_layers,
+    shared_parameters,
+)
 from kr_vlm.errors import ConfigError
 
 
@@ -188,35 +199,40 @@ class _KRAdapterLinearFunction(torch.autograd.Function):
 
 
 class KRAdapterLinear(nn.Module):
-    """An ``nn.Linear`` plus a trainable Khatri-Rao update ``s ΔW`` (see the module docstring).
+    """A linear layer (``nn.Linear`` or transformers' ``Conv1D``) plus a trainable Khatri-Rao update ``s ΔW``
+    (see the module docstring).
 
     Args:
         base: the layer to adapt; kept as the frozen submodule ``base_layer``.
         rank: ``r``, the width of ``U``; default ``floor(sqrt(min(d_out, d_in)))``.
         scaling: ``s``, the factor on the update (the authors use 2).
         factor_dtype: dtype of the trainable factors (float32 even when the base weight is half).
+        dropout: dropout probability on the update's input, as peft's ``lora_dropout``: in training the
+            layer computes ``x W0ᵀ + b + s dropout(x) ΔWᵀ``. 0 (the default) is the paper's layer.
     """
 
     def __init__(
         self,
-        base: nn.Linear,
+        base: nn.Module,
         rank: int | None = None,
         scaling: float = 2.0,
         factor_dtype: torch.dtype = torch.float32,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if not isinstance(base, nn.Linear):
+        if not is_linear(base):
             raise TypeError(
-                f"KRAdapterLinear adapts torch.nn.Linear layers only, got {type(base).__name__}. "
-                "Target the Linear submodules by name instead."
+                f"KRAdapterLinear adapts torch.nn.Linear and transformers Conv1D layers only, got "
+                f"{type(base).__name__}. Target the Linear submodules by name instead."
             )
         if not factor_dtype.is_floating_point:
             raise TypeError(f"factor_dtype must be a floating point dtype, got {factor_dtype}.")
+        check_dropout(dropout)
         self.base_layer = base
         for param in base.parameters():
             param.requires_grad_(False)
-        k, big_k, rank, rank2 = kradapter_shapes(base.out_features, base.in_features, rank)
-        self.rank, self.rank2, self.scaling = rank, rank2, float(scaling)
+        k, big_k, rank, rank2 = kradapter_shapes(self.out_features, self.in_features, rank)
+        self.rank, self.rank2, self.scaling, self.dropout = rank, rank2, float(scaling), float(dropout)
         self.merged = False
         device = base.weight.device
         self.kr_u = nn.Parameter(torch.zeros(k, rank, device=device, dtype=factor_dtype))
@@ -226,15 +242,16 @@ class KRAdapterLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return dense_weight(self.base_layer).shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return dense_weight(self.base_layer).shape[0]
 
     @property
     def weight(self) -> torch.Tensor:
-        """The base layer's weight (without the update unless merged), so code reading ``.weight`` works."""
+        """The base layer's weight (without the update unless merged), so code reading ``.weight`` works;
+        stored as the base layer stores it (``(in, out)`` for a ``Conv1D``)."""
         return self.base_layer.weight
 
     @property
@@ -245,6 +262,18 @@ class KRAdapterLinear(nn.Module):
     def _transposed(self) -> bool:
         # The k axis is the smaller side; ΔW = Mᵀ when the outputs are the larger side.
         return self.out_features > self.in_features
+
+    @property
+    def rank_cap(self) -> int:
+        """The highest rank the update can reach, ``min(d_out, d_in)``: every row of ΔW is a Khatri-Rao
+        product of its own, so the update is generically full rank."""
+        return min(self.out_features, self.in_features)
+
+    def base_weight(self) -> torch.Tensor:
+        """``W0``, the weight the update is added to (the base layer's, less the update while merged), shaped
+        ``(out_features, in_features)`` (a ``Conv1D``'s transposed view)."""
+        weight = dense_weight(self.base_layer)
+        return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
 
     def delta_weight(self) -> torch.Tensor:
         """``s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
@@ -265,15 +294,24 @@ class KRAdapterLinear(nn.Module):
         else:
             # Like nn.Linear: no silent casts; a dtype mismatch between x and the weight is F.linear's error.
             compute_dtype = self.base_layer.weight.dtype
+        base_weight = dense_weight(self.base_layer)
+        if not (self.dropout and self.training):
+            return self._fused_linear(x, base_weight, bias, compute_dtype)
+        # The update sees dropout(x), the base weight all of x: the fused call on dropout(x) gives
+        # dropout(x) (W0 + s ΔW)ᵀ + b, and the part of x that dropout changed goes through W0 alone.
+        dropped = F.dropout(x, self.dropout, training=True)
+        rest = F.linear(x - dropped, base_weight)
+        return self._fused_linear(dropped, base_weight, bias, compute_dtype) + rest
+
+    def _fused_linear(
+        self,
+        x: torch.Tensor,
+        base_weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
         return _KRAdapterLinearFunction.apply(
-            x,
-            self.base_layer.weight,
-            bias,
-            self.kr_u,
-            self.kr_v,
-            self.scaling,
-            self._transposed,
-            compute_dtype,
+            x, base_weight, bias, self.kr_u, self.kr_v, self.scaling, self._transposed, compute_dtype
         )
 
     @torch.no_grad()
@@ -295,7 +333,9 @@ class KRAdapterLinear(nn.Module):
         self.merged = False
 
     def _add_to_base(self, sign: float) -> None:
-        weight = self.base_layer.weight
+        weight = dense_weight(
+            self.base_layer
+        )  # a Conv1D's transposed view: the copy lands in its (in, out) weight
         delta = self.delta_weight().to(torch.float32)
         weight.copy_(torch.add(weight.to(torch.float32), delta, alpha=sign).to(weight.dtype))
 
@@ -308,7 +348,16 @@ class KRAdapterLinear(nn.Module):
         trainable = self.kr_u.numel() + self.kr_v.numel()
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, k={k}, r={self.rank}, "
-            f"r2={self.rank2}, scaling={self.scaling}, trainable={trainable}, merged={self.merged}"
+            f"r2={self.rank2}, scaling={self.scaling}, dropout={self.dropout}, trainable={trainable}, "
+            f"merged={self.merged}"
+        )
+
+
+def check_dropout(dropout: float) -> None:
+    """A dropout probability is a number in [0, 1)."""
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ConfigError(
+            f"KRAdapter dropout must be a probability in [0, 1), got {dropout!r}; 0 turns it off."
         )
 
 
@@ -324,29 +373,49 @@ def factor_dtype_from_name(name: str) -> torch.dtype:
 
 @dataclasses.dataclass
 class KRAdapterOptions:
-    """KRAdapter's options (``KRAdapterLinear``'s arguments).
+    """KRAdapter's options (``KRAdapterLinear``'s arguments, and what to do about shared weights).
 
     Attributes:
         rank: ``r``, the width of ``U``; None for ``floor(sqrt(min(d_out, d_in)))``.
         scaling: ``s``, the factor on the update (the authors use 2).
         factor_dtype: the name of the factors' dtype, e.g. ``"float32"`` (also for half-precision base weights).
+        dropout: dropout on the update's input (peft's ``lora_dropout``); 0 is the paper's layer.
+        allow_shared_weights: adapt a layer whose weight is also another module's (tied embeddings). The
+            update then stays unmerged: merging it would change the other module too, so ``merge_adapters``
+            and ``merge_and_unload`` refuse such a layer. By default such a target is an error.
     """
 
     rank: int | None = None
     scaling: float = 2.0
     factor_dtype: str = "float32"
+    dropout: float = 0.0
+    allow_shared_weights: bool = False
 
     def __post_init__(self) -> None:
         factor_dtype_from_name(self.factor_dtype)
         self.factor_dtype = self.factor_dtype.removeprefix("torch.")
+        check_dropout(self.dropout)
 
 
 def inject_kradapter(model: nn.Module, names: Sequence[str], options: KRAdapterOptions) -> None:
-    """Replace each named ``nn.Linear`` with a ``KRAdapterLinear`` around it."""
+    """Replace each named linear layer with a ``KRAdapterLinear`` around it; a layer whose weight another
+    module shares is refused unless ``options.allow_shared_weights``."""
+    shared = {} if options.allow_shared_weights else shared_parameters(model, names)
+    if shared:
+        tied = describe_shared(shared)
+        raise ConfigError(
+            f"KRAdapter cannot adapt layers whose weights are tied to other modules: {tied}. Merging the update "
+            "would change those modules too. Leave these layers out of target_modules (e.g. target_modules="
+            "'all-linear', which skips the output head), untie the weights first, or pass "
+            "allow_shared_weights=True to train the update unmerged (merge_adapters and merge_and_unload then "
+            "refuse these layers)."
+        )
     factor_dtype = factor_dtype_from_name(options.factor_dtype)
     replace_layers(
-        model, names, lambda base: KRAdapterLinear(base, options.rank, options.scaling, factor_dtype)
+        model,
+        names,
+        lambda base: KRAdapterLinear(base, options.rank, options.scaling, factor_dtype, options.dropout),
     )
 
 
-KRADAPTER = Method(KRAdapterOptions, inject_kradapter, find=instances_of(KRAdapterLinear))
+KRADAPTER = Method(KRAdapterOptions, inject_kradapter, find=instances_of(KRAdapterLinear), adapts_conv1d=True)

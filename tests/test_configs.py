@@ -337,6 +337,14 @@ def test_every_adapter_config_is_typed_by_its_method_s_options(adapter, tmp_path
     assert OmegaConf.get_type(cfg.adapter.options) is REGISTRY[adapter].options
 
 
+@pytest.mark.parametrize("adapter", [name for name in ADAPTERS if name != "none"])
+def test_every_adapter_config_adapts_the_same_six_linears_of_both_towers(adapter, tmp_path):
+    # So that `adapter=<method>` compares methods on equal terms; CLIP-LoRA's q k v is its experiment's.
+    targets = compose_config(tmp_path, [f"adapter={adapter}"]).adapter.targets
+    assert list(targets.layers) == ["q", "k", "v", "o", "fc1", "fc2"]
+    assert (targets.towers, targets.blocks) == ("both", "all")
+
+
 def test_the_hyperparameter_search_composes(tmp_path):
     if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is None:
         pytest.skip("hydra-optuna-sweeper is not installed (pip install -e '.[optuna]')")

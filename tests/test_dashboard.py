@@ -94,7 +94,10 @@ def test_a_sweep_gives_one_page_and_its_csv_files(dashboard):
     # Spectra end at the rank cap: LoRA's two singular values a group, nothing of round-off beyond them.
     assert max(int(row["index"]) for row in spectra if row["label"] == "lora") == 2
     assert {row["group"] for row in spectra if row["label"] == "lora"} == {
-        f"{tower}/{layer}" for tower in ("vision", "text") for layer in ("q", "k", "v")
+        # adapter=lora adapts the six linears of both towers, as every adapter config does.
+        f"{tower}/{layer}"
+        for tower in ("vision", "text")
+        for layer in ("q", "k", "v", "o", "fc1", "fc2")
     }
 
 

@@ -344,6 +344,21 @@ class Table:
             lines += ["", *self.notes]
         return "\n".join(lines) + "\n"
 
+    def record(self, name: str, label: str, shots: int, column: str, mean: float, cell: Cell | None) -> None:
+        """One number of the table, unformatted, for the CSV (`cell`: its seeds' values, if it has them)."""
+        self.records.append(
+            {
+                "protocol": self.protocol,
+                "table": name,
+                "method": label,
+                "shots": shots,
+                "column": column,
+                "mean": f"{mean:.4f}",
+                "std": "" if cell is None else f"{cell.std:.4f}",
+                "seeds": "" if cell is None else len(cell.values),
+            }
+        )
+
 
 CSV_FIELDS = ("protocol", "table", "method", "shots", "column", "mean", "std", "seeds")
 
@@ -387,21 +402,6 @@ def _format(value: float | None) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
-def _record(table: Table, name: str, label: str, shots: int, column: str, mean: float, cell: Cell | None):
-    table.records.append(
-        {
-            "protocol": table.protocol,
-            "table": name,
-            "method": label,
-            "shots": shots,
-            "column": column,
-            "mean": f"{mean:.4f}",
-            "std": "" if cell is None else f"{cell.std:.4f}",
-            "seeds": "" if cell is None else len(cell.values),
-        }
-    )
-
-
 def _column_table(
     protocol: str,
     title: str,
@@ -431,9 +431,9 @@ def _column_table(
                 ]
             )
             for column, cell in cells[row].items():
-                _record(table, name, labels[row], shots, column, cell.mean, cell)
+                table.record(name, labels[row], shots, column, cell.mean, cell)
             if averages[row] is not None:
-                _record(table, name, labels[row], shots, average_name, averages[row], None)
+                table.record(name, labels[row], shots, average_name, averages[row], None)
         for reference in references:
             if reference.shots != shots or not set(reference.top1) & set(columns):
                 continue
@@ -557,8 +557,8 @@ def base_to_new_table(measurements: Measurements) -> Table | None:
                 [dataset, labels[row], str(row[1]), str(len(base.values)), str(base), str(new), f"{hm:.1f}"]
             )
             for column, cell in (("base", base), ("new", new)):
-                _record(table, dataset, labels[row], row[1], column, cell.mean, cell)
-            _record(table, dataset, labels[row], row[1], "hm", hm, None)
+                table.record(dataset, labels[row], row[1], column, cell.mean, cell)
+            table.record(dataset, labels[row], row[1], "hm", hm, None)
     for row in ordered:
         if len(pairs[row]) != len(datasets):
             continue  # the average is over every dataset of the table, or not shown
@@ -570,7 +570,7 @@ def base_to_new_table(measurements: Measurements) -> Table | None:
             ["Average", labels[row], str(row[1]), seeds, f"{base:.1f}", f"{new:.1f}", f"{hm:.1f}"]
         )
         for column, value in (("base", base), ("new", new), ("hm", hm)):
-            _record(table, "Average", labels[row], row[1], column, value, None)
+            table.record("Average", labels[row], row[1], column, value, None)
     return table
 
 

@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging_steps=max(1, args.save_steps // 5),
         report_to="none",
         seed=args.seed,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator; without one it only warns
     )
     trainer = KRAdapterTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation)
     before = trainer.evaluate()["eval_loss"]

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from hf_models import tiny_llama
 from kr_vlm.adapters import (
     METHODS,
     AdaptedLayer,
@@ -403,23 +404,11 @@ def test_vera_and_randlora_share_one_projection_saved_once():
 
 
 def test_transformers_llama():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     tokens = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     base_logits = model(tokens).logits
     for method in ("kradapter", "dora"):
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).eval()
+        model = tiny_llama()
         inject_adapters(
             model, AdapterConfig(method, ["q_proj", "v_proj", "down_proj"], **METHOD_OPTIONS[method])
         )

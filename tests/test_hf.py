@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from hf_models import tiny_llama as llama
 from kr_vlm.adapters import (
     AdapterConfig,
     adapted_layers,
@@ -43,20 +44,6 @@ PEFT_OPTIONS = {
 }
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 GPT2_TARGETS = ["c_attn", "c_fc", "mlp.c_proj"]  # Conv1D layers, square and both rectangular ways
-
-
-def llama(**config) -> torch.nn.Module:
-    settings = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=16,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**settings, **config})).eval()
 
 
 def gpt2() -> torch.nn.Module:

@@ -41,7 +41,8 @@ from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.adapters.layer import Method, instances_of, replace_layers
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.adapters.methods.full import FullFineTuneLinear
-from kr_vlm.adapters.methods.peft import PEFT_TYPES, PeftLayerView
+from kr_vlm.adapters.methods.peft import PEFT_TYPES
+from kr_vlm.adapters.methods.peft_layer import PeftLayerView
 
 WIDTH, HIDDEN = 16, 24
 
@@ -111,7 +112,7 @@ def adapted(method: str, seed: int = 0, adapter_seed: int = 1) -> TinyTransforme
     """A model with ``method`` injected and its adapters moved away from their (often zero-update) init."""
     model = build_model(seed)
     torch.manual_seed(adapter_seed)
-    inject_adapters(model, AdapterConfig(method, TARGETS, **METHOD_OPTIONS[method]))
+    inject_adapters(model, AdapterConfig(method, TARGETS, **METHOD_OPTIONS.get(method, {})))
     # RandLoRA's default scaling (alpha / r = 160) makes its update large per unit of its parameters.
     scale = 1e-4 if method == "randlora" else 0.05
     with torch.no_grad():

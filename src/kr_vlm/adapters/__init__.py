@@ -19,6 +19,7 @@ from kr_vlm.adapters.labels import layer_labels, path_labels
 from kr_vlm.adapters.layer import AdaptedLayer, Method
 from kr_vlm.adapters.merged import disabled_adapters, merge_and_unload, merged_state_dict, unload
 from kr_vlm.adapters.methods.kradapter import KRAdapterLinear, KRAdapterOptions, kradapter_shapes
+from kr_vlm.adapters.scaling import scaled_adapters, set_adapter_scale
 
 __all__ = [
     "METHODS",
@@ -43,6 +44,8 @@ __all__ = [
     "path_labels",
     "print_trainable_parameters",
     "save_adapters",
+    "scaled_adapters",
+    "set_adapter_scale",
     "unload",
     "unmerge_adapters",
 ]

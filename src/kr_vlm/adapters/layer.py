@@ -14,6 +14,7 @@ importing transformers.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
@@ -38,9 +39,21 @@ class AdaptedLayer(Protocol):
     method's exact shortcut without the dense matrix. ``adapter_state_dict()`` is exactly
     the adapter: the tensors that are trained, saved and counted,
     named relative to the layer (``kr_u``, ``lora_A.default.weight``, ...).
+
+    ``update_scale`` is α, the share of the trained update the layer applies: it computes ``W0 + α·ΔW``
+    (WiSE-FT's interpolation between the base and the trained weights, in adapter space), with α = 0 exactly
+    the base layer and α = 1 (the default) exactly the trained one. ``set_update_scale(alpha)`` sets it;
+    ``delta_weight()``, ``spectral_factors()`` and ``merge()`` include it, ``adapter_state_dict()`` never
+    (α is evaluation state: saved adapters hold the trained tensors). Setting it while merged is refused
+    (``check_scale_settable``).
     """
 
     merged: bool
+
+    @property
+    def update_scale(self) -> float: ...
+
+    def set_update_scale(self, alpha: float) -> None: ...
 
     @property
     def base_layer(self) -> nn.Module: ...
@@ -65,6 +78,21 @@ class AdaptedLayer(Protocol):
     def unmerge(self) -> None: ...
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]: ...
+
+
+def check_scale_settable(layer: AdaptedLayer, alpha: float) -> float:
+    """``alpha`` as a float, for ``layer.set_update_scale``: a finite number, set while the update is not
+    merged (a merged weight holds the update at the old scale, which unmerging must take out again)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"An update scale must be a finite number, got {alpha!r}.")
+    alpha = float(alpha)
+    if layer.merged and alpha != layer.update_scale:
+        raise RuntimeError(
+            f"Cannot change the update scale of a merged {type(layer).__name__} (from {layer.update_scale} to "
+            f"{alpha}): its base weight holds the update at the old scale. Call "
+            "kr_vlm.adapters.unmerge_adapters(model) first, set the scale, then merge again."
+        )
+    return alpha
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,7 @@ from torch.autograd.function import once_differentiable
 
 from kr_vlm.adapters.layer import (
     Method,
+    check_scale_settable,
     dense_weight,
     describe_shared,
     instances_of,
@@ -307,6 +308,9 @@ class KRAdapterLinear(nn.Module):
         factor_dtype: dtype of the trainable factors (float32 even when the base weight is half).
         dropout: dropout probability on the update's input, as peft's ``lora_dropout``: in training the
             layer computes ``x W0ᵀ + b + s dropout(x) ΔWᵀ``. 0 (the default) is the paper's layer.
+
+    ``update_scale`` (α, set with ``set_update_scale``; 1 by default) multiplies ``s``: the layer computes
+    ``W0 + α s ΔW``, and at α = 0 it is the base layer itself. It is evaluation state, never saved.
     """
 
     def __init__(
@@ -332,6 +336,7 @@ class KRAdapterLinear(nn.Module):
         k, big_k, rank, rank2 = kradapter_shapes(self.out_features, self.in_features, rank)
         self.rank, self.rank2, self.scaling, self.dropout = rank, rank2, float(scaling), float(dropout)
         self.merged = False
+        self.update_scale = 1.0
         device = base.weight.device
         self.kr_u = nn.Parameter(torch.zeros(k, rank, device=device, dtype=factor_dtype))
         self.kr_v = nn.Parameter(torch.empty(k, rank2, device=device, dtype=factor_dtype))
@@ -373,18 +378,27 @@ class KRAdapterLinear(nn.Module):
         weight = dense_weight(self.base_layer)
         return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
 
+    def set_update_scale(self, alpha: float) -> None:
+        """Apply ``alpha`` times the trained update (``kr_vlm.adapters.layer.AdaptedLayer``)."""
+        self.update_scale = check_scale_settable(self, alpha)
+
+    @property
+    def _applied_scaling(self) -> float:
+        """``α s``: the factor on ``ΔW`` that the layer applies now."""
+        return self.scaling * self.update_scale
+
     def delta_weight(self) -> torch.Tensor:
-        """``s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
+        """``α s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
         big_k = max(self.out_features, self.in_features)
-        return self.scaling * _khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
+        return self._applied_scaling * _khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
 
     def spectral_factors(self) -> KhatriRaoFactors:
         """The update as its Khatri-Rao factors, for its singular values without the dense ``ΔW``."""
         big_k = max(self.out_features, self.in_features)
-        return KhatriRaoFactors(self.kr_u, self.kr_v, big_k, self.scaling, self._transposed)
+        return KhatriRaoFactors(self.kr_u, self.kr_v, big_k, self._applied_scaling, self._transposed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.update_scale == 0:
             return self.base_layer(x)
         bias = self.base_layer.bias
         device_type = x.device.type
@@ -415,12 +429,12 @@ class KRAdapterLinear(nn.Module):
     ) -> torch.Tensor:
         linear = _compiled_linear if torch.compiler.is_compiling() else _KRAdapterLinearFunction.apply
         return linear(
-            x, base_weight, bias, self.kr_u, self.kr_v, self.scaling, self._transposed, compute_dtype
+            x, base_weight, bias, self.kr_u, self.kr_v, self._applied_scaling, self._transposed, compute_dtype
         )
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Add ``s ΔW`` into the base weight in place (summed in float32, then cast)."""
+        """Add ``α s ΔW`` into the base weight in place (summed in float32, then cast)."""
         if self.merged:
             warnings.warn("KRAdapterLinear is already merged; merge() did nothing.", stacklevel=2)
             return
@@ -429,7 +443,7 @@ class KRAdapterLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract ``s ΔW`` from the base weight, restoring it (to rounding)."""
+        """Subtract ``α s ΔW`` from the base weight, restoring it (to rounding)."""
         if not self.merged:
             warnings.warn("KRAdapterLinear is not merged; unmerge() did nothing.", stacklevel=2)
             return
@@ -444,7 +458,7 @@ class KRAdapterLinear(nn.Module):
         weight.copy_(torch.add(weight.to(torch.float32), delta, alpha=sign).to(weight.dtype))
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The two Khatri-Rao factors, ``kr_u`` and ``kr_v``."""
+        """The two Khatri-Rao factors, ``kr_u`` and ``kr_v``, as trained (``update_scale`` is not in them)."""
         return {"kr_u": self.kr_u, "kr_v": self.kr_v}
 
     def extra_repr(self) -> str:

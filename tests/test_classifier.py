@@ -6,6 +6,7 @@ import open_clip
 import pytest
 import torch
 
+from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, scaled_adapters
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
 
@@ -93,6 +94,25 @@ def test_trainable_text_tower_gets_gradients_and_fresh_embeddings(frozen_clip, t
         after = classifier(images, TASK)
     assert len(calls) == 4
     assert not torch.allclose(before, after)
+
+
+def test_a_new_update_scale_of_text_adapters_embeds_again(frozen_clip, tokenizer, monkeypatch):
+    """The update scale changes no parameter, so the cache records it: frozen adapters (requires_grad off)
+    in the text tower at α = 0 give the base model's embeddings, not the ones cached at α = 1."""
+    reference = CLIPClassifier(frozen_clip, tokenizer).class_embeddings(TASK)
+    inject_adapters(frozen_clip, AdapterConfig("lora", r"transformer\.resblocks\.0\.mlp\.c_fc", r=2))
+    frozen_clip.requires_grad_(False)
+    [(_, layer)] = adapted_layers(frozen_clip)
+    with torch.no_grad():
+        layer.module.lora_B["default"].weight.normal_()
+    classifier = CLIPClassifier(frozen_clip, tokenizer)
+    calls = count_text_calls(frozen_clip, monkeypatch)
+    adapted = classifier.class_embeddings(TASK)
+    assert not torch.allclose(adapted, reference)
+    with scaled_adapters(frozen_clip, 0):
+        assert torch.equal(classifier.class_embeddings(TASK), reference)
+    assert torch.equal(classifier.class_embeddings(TASK), adapted)
+    assert len(calls) == 3
 
 
 def test_vision_parameters_do_not_make_the_text_tower_trainable(frozen_clip, tokenizer):

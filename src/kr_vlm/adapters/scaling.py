@@ -27,7 +27,9 @@ def _scalable_layers(model: nn.Module, what: str) -> dict[str, AdaptedLayer]:
     elsewhere) that cannot scale its update, is an error that says so."""
     layers = dict(adapted_layers(model))
     if not layers:
-        raise ValueError(f"{what}: the model holds no adapters to scale (inject_adapters or load_adapters first).")
+        raise ValueError(
+            f"{what}: the model holds no adapters to scale (inject_adapters or load_adapters first)."
+        )
     unable = [name for name, layer in layers.items() if not hasattr(layer, "set_update_scale")]
     if unable:
         kinds = ", ".join(sorted({type(layers[name]).__name__ for name in unable}))

@@ -1,9 +1,12 @@
 """What a run checks before it builds anything: numbers that must be whole, ``test_ckpt``, ``ckpt_path``,
-``adapters_dir`` and where eval.py takes its adapters from. Each failure is a user error that names the key."""
+``adapters_dir``, where eval.py takes its adapters from, and ``adapter_scales``. Each failure is a user
+error that names the key."""
 
 from __future__ import annotations
 
+import math
 import pickle
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -120,3 +123,33 @@ def adapters_source(cfg: DictConfig) -> str:
             "For zero-shot evaluation use adapter=none (or experiment=clip_zeroshot)."
         )
     return "zero-shot"
+
+
+def adapter_scales(cfg: DictConfig) -> list[float]:
+    """The update scales α (``adapter_scales``) to test at, ascending, 1 always among them (it is the
+    ``test`` entry of metrics.json); ``[1.0]`` when the key is unset.
+
+    A scale is a finite number >= 0 (0: the base model, 1: the trained one, above 1: extrapolated); the
+    list must name at least one, and a model without adapters (``adapter=none``) has nothing to scale.
+    """
+    given = cfg.get("adapter_scales")
+    if given is None:
+        return [1.0]
+    example = "e.g. adapter_scales=[0,0.25,0.5,0.75,1] (0: the base model, 1: the trained adapters)"
+    if isinstance(given, str) or not isinstance(given, Sequence) or not len(given):
+        raise ConfigError(f"adapter_scales must be a non-empty list of update scales, {example}; got {given!r}.")
+    scales = set()
+    for value in given:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ConfigError(
+                f"adapter_scales must hold finite numbers >= 0, {example}; got {value!r} in {list(given)!r}."
+            )
+        scales.add(float(value))
+    scales.add(1.0)
+    if scales != {1.0} and configured_method(cfg) == "none":
+        raise ConfigError(
+            f"adapter_scales={list(given)!r} scales the adapters' updates, but the model has none (adapter=none): "
+            "drop adapter_scales, or give the adapters to scale (eval.py adapters_dir=<run folder>/adapters)."
+        )
+    return sorted(scales)
+

@@ -1,4 +1,5 @@
-"""The run summary: ``metrics.json`` (its schema is ``run_summary``) and the table printed at the end."""
+"""The run summary: ``metrics.json`` (its schema is ``run_summary``, its ``test_by_scale`` entries
+``scale_summary``) and the tables printed at the end."""
 
 from __future__ import annotations
 
@@ -32,6 +33,22 @@ def metrics_per_test_set(trainer: Trainer, datamodule: LightningDataModule) -> d
         }
         for task in datamodule.test_tasks
     }
+
+
+def scale_key(alpha: float) -> str:
+    """How metrics.json names the update scale ``alpha`` in ``test_by_scale``: ``"0"``, ``"0.25"``, ``"1"``."""
+    return str(int(alpha)) if alpha.is_integer() else repr(alpha)
+
+
+def scale_summary(test: dict[str, dict[str, float]], roles: dict[str, str]) -> dict[str, Any]:
+    """One entry of metrics.json's ``test_by_scale``: the metrics per test set at one update scale α
+    (``test``) and the protocols' summaries from them (``kr_vlm.results.protocol_summary``, whose
+    ``test_roles`` is left to the top level of metrics.json)."""
+    from kr_vlm.results import protocol_summary
+
+    summary = protocol_summary(test, roles)
+    del summary["test_roles"]
+    return {"test": test, **summary}
 
 
 def optimized_metric(cfg: DictConfig, trainer: Trainer) -> dict[str, Any] | None:
@@ -74,15 +91,16 @@ def run_summary(
     datamodule: LightningDataModule,
     timings: dict[str, float],
     tested: str | None,
+    test: dict[str, dict[str, float]],
 ) -> dict[str, Any]:
-    """The content of ``metrics.json``: accuracy per test set, what each set measures and the protocols'
-    summaries (``kr_vlm.results.protocol_summary``: base/new/hm, source and target averages),
-    parameters, steps, time, memory, config."""
+    """The content of ``metrics.json``: accuracy per test set (``test``, the trained adapters at the update
+    scale α = 1), what each set measures and the protocols' summaries (``kr_vlm.results.protocol_summary``:
+    base/new/hm, source and target averages), parameters, steps, time, memory, config. A run tested at
+    other update scales (``adapter_scales``) adds ``test_by_scale`` (``scale_summary``) itself."""
     from kr_vlm.adapters import count_parameters
     from kr_vlm.results import protocol_summary
 
     trainable, total = count_parameters(module)
-    test = metrics_per_test_set(trainer, datamodule)
     return {
         "task_name": cfg.task_name,
         "method": module.adapter_method,
@@ -106,6 +124,28 @@ def run_summary(
 
 def _percent_cell(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}"
+
+
+def _scale_table(by_scale: dict[str, dict[str, Any]]) -> Any:
+    """Top-1 of every test set, and each protocol's target average, at every update scale α."""
+    from rich.table import Table
+
+    from kr_vlm.results import TARGET_PROTOCOLS
+
+    table = Table(title="top-1 % at each update scale α (0: the base model, 1: the trained adapters)")
+    table.add_column("test set")
+    for key in by_scale:
+        table.add_column(f"α = {key}", justify="right")
+    entries = list(by_scale.values())
+    for name in entries[0]["test"]:
+        table.add_row(name, *(_percent_cell(entry["test"][name].get(metric_names.TOP1)) for entry in entries))
+    for protocol in TARGET_PROTOCOLS.values():
+        if protocol in entries[0]:
+            label = f"{protocol.replace('_', ' ')}: target average"
+            table.add_row(label, *(_percent_cell(entry[protocol]["target_average"]) for entry in entries))
+    if "base_to_new" in entries[0]:
+        table.add_row("base-to-new: HM", *(_percent_cell(entry["base_to_new"]["hm"]) for entry in entries))
+    return table
 
 
 @rank_zero_only
@@ -143,6 +183,9 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
         table.add_row(*cells)
     console = stdout_console()
     print_table(table, console)
+    if "test_by_scale" in metrics:
+        console.print()
+        print_table(_scale_table(metrics["test_by_scale"]), console)
     for line in summary_lines(metrics):
         console.print(line)
     if "adapters_from" in metrics:

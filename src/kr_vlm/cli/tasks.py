@@ -2,8 +2,8 @@
 
 Everything is instantiated from config (``kr_vlm.cli.build``); a task only wires the pieces together:
 checks (``kr_vlm.cli.checks``) -> datamodule (set up) -> model (``CLIPFineTuner``) -> the model's transforms
-to the datamodule -> callbacks, loggers, trainer -> fit / test -> adapters and ``metrics.json``
-(``kr_vlm.cli.summary``) in the run folder. It holds no model or data code.
+to the datamodule -> callbacks, loggers, trainer -> fit / test (at every update scale of ``adapter_scales``)
+-> adapters and ``metrics.json`` (``kr_vlm.cli.summary``) in the run folder. It holds no model or data code.
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
-from kr_vlm.adapters import adapted_layers
+from kr_vlm.adapters import adapted_layers, scaled_adapters
 from kr_vlm.cli.build import build_datamodule, build_model, build_trainer, use_model_transforms
 from kr_vlm.cli.checks import (
+    adapter_scales,
     adapters_source,
     check_adapters_dir,
     check_ckpt_path,
@@ -39,6 +40,8 @@ from kr_vlm.cli.summary import (
     optimized_metric,
     print_results,
     run_summary,
+    scale_key,
+    scale_summary,
     write_metrics,
 )
 from kr_vlm.errors import ConfigError, exit_on_user_error
@@ -90,15 +93,40 @@ def _zero_shot_baseline(
     return metrics_per_test_set(trainer, datamodule)
 
 
+def _test_at_scales(
+    module: LightningModule,
+    trainer: Trainer,
+    datamodule: LightningDataModule,
+    scales: list[float],
+) -> dict[str, dict[str, Any]]:
+    """metrics.json's ``test_by_scale``: every test set at every update scale α of ``scales`` (ascending),
+    the same model tested again at each with its adapters scaled. Called right after the test at α = 1,
+    whose results it reads first (each test replaces the trainer's logged metrics)."""
+    tested = metrics_per_test_set(trainer, datamodule)
+    by_scale = {}
+    for alpha in scales:
+        if alpha != 1:
+            log.info("Testing at update scale %s (W0 + %s ΔW)", alpha, alpha)
+            with scaled_adapters(module.clip_model, alpha):
+                trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True)
+        test = tested if alpha == 1 else metrics_per_test_set(trainer, datamodule)
+        by_scale[scale_key(alpha)] = scale_summary(test, datamodule.test_roles)
+    return by_scale
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapters, test them on every test set, save them and ``metrics.json`` in the run folder.
 
     Nothing is fitted with the adapter method ``none`` or ``data.shots=0``: the model is then only
     tested (zero-shot). ``ckpt_path`` resumes an interrupted fit. With ``optimized_metric`` set, the
-    metrics hold its value at the end of the fit under ``optimized_metric``.
+    metrics hold its value at the end of the fit under ``optimized_metric``. With ``adapter_scales``, the
+    tested adapters are also tested at each update scale α (``test_by_scale``).
     """
     start = time.perf_counter()
     method, shots = configured_method(cfg), whole_number(cfg, "data.shots")
+    scales = adapter_scales(cfg)
+    if scales != [1.0] and not cfg.get("test"):
+        raise ConfigError("adapter_scales tests the adapters at each update scale, but test=false tests nothing.")
     fits = bool(cfg.get("train")) and method != "none" and shots > 0
     if cfg.get("train") and not fits:
         log.warning(
@@ -127,7 +155,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Read now: testing replaces the trainer's logged metrics.
         optimized = optimized_metric(cfg, trainer)
         _save_adapters(module, output_dir / "adapters")
-    tested = None
+    tested, by_scale = None, None
     if cfg.get("test"):
         # The last iterate, as CLIP-LoRA tests it, or Lightning's best checkpoint by the monitored metric.
         best = fits and cfg.get("test_ckpt") == "best"
@@ -145,8 +173,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tested = trainer.checkpoint_callback.best_model_path
             # trainer.test loaded the best checkpoint into the module: save the adapters that were tested.
             _save_adapters(module, output_dir / "adapters")
+        if scales != [1.0]:
+            scales_start = time.perf_counter()
+            by_scale = _test_at_scales(module, trainer, datamodule, scales)
+            timings["scales_test_time_s"] = time.perf_counter() - scales_start
+    test = by_scale[scale_key(1.0)]["test"] if by_scale else metrics_per_test_set(trainer, datamodule)
     timings["wall_time_s"] = time.perf_counter() - start
-    metrics = run_summary(cfg, module, trainer, datamodule, timings, tested)
+    metrics = run_summary(cfg, module, trainer, datamodule, timings, tested, test)
+    if by_scale is not None:
+        metrics["test_by_scale"] = by_scale
     if zero_shot is not None:
         metrics["zero_shot"] = zero_shot
     if optimized is not None:
@@ -158,12 +193,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test saved adapters (``adapters_dir``), a Lightning checkpoint (``ckpt_path``), or zero-shot CLIP
-    (adapter method ``none``); ``metrics.json`` records which under ``adapters_from``."""
+    (adapter method ``none``); ``metrics.json`` records which under ``adapters_from``. With
+    ``adapter_scales``, also at each update scale α of the adapters (``test_by_scale``)."""
     from kr_vlm.adapters import load_adapters
     from kr_vlm.models import CLIPFineTuner
 
     start = time.perf_counter()
     adapters_from = adapters_source(cfg)
+    scales = adapter_scales(cfg)
     if cfg.get("adapters_dir"):
         check_adapters_dir(cfg)
     _prepare(cfg)
@@ -182,11 +219,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     trainer = build_trainer(cfg)
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
-    timings = {"test_time_s": time.perf_counter() - test_start, "wall_time_s": time.perf_counter() - start}
+    timings = {"test_time_s": time.perf_counter() - test_start}
+    by_scale = None
+    if scales != [1.0]:
+        scales_start = time.perf_counter()
+        by_scale = _test_at_scales(module, trainer, datamodule, scales)
+        timings["scales_test_time_s"] = time.perf_counter() - scales_start
+    test = by_scale[scale_key(1.0)]["test"] if by_scale else metrics_per_test_set(trainer, datamodule)
+    timings["wall_time_s"] = time.perf_counter() - start
     metrics = {
-        **run_summary(cfg, module, trainer, datamodule, timings, adapters_from),
+        **run_summary(cfg, module, trainer, datamodule, timings, adapters_from, test),
         "adapters_from": adapters_from,
     }
+    if by_scale is not None:
+        metrics["test_by_scale"] = by_scale
     write_metrics(output_dir / "metrics.json", metrics)
     print_results(metrics, output_dir)
     return metrics

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kr_vlm.adapters import adapted_layers
 from kr_vlm.errors import ConfigError
 from kr_vlm.models.targets import text_tower_parameters
 
@@ -45,8 +46,9 @@ class CLIPClassifier(nn.Module):
     are computed once under ``no_grad`` and cached per task. A cached entry is reused only while
     the text tower is unchanged: it records the device, dtype and version counter of every
     text-tower parameter, and in-place updates (optimizer steps, ``load_state_dict``) bump those
-    counters. Writes that bypass version counters (``param.data`` assignments, fused optimizers)
-    are not seen; call ``clear_cache()`` after them.
+    counters. It also records the update scale α of every adapter outside the vision tower
+    (``kr_vlm.adapters.set_adapter_scale``), which changes no parameter. Writes that bypass version
+    counters (``param.data`` assignments, fused optimizers) are not seen; call ``clear_cache()`` after them.
 
     Args:
         model: an open_clip model (``encode_image``, ``encode_text``, ``logit_scale``), adapted or not.
@@ -119,7 +121,12 @@ class CLIPClassifier(nn.Module):
         return self.logit_scale() * image_features @ class_embeddings.T
 
     def _text_tower_state(self) -> tuple:
-        return tuple((id(p), p._version, p.device, p.dtype) for p in self.text_tower_parameters())
+        parameters = tuple((id(p), p._version, p.device, p.dtype) for p in self.text_tower_parameters())
+        # Outside `visual`, as text_tower_parameters counts the text tower.
+        scales = tuple(
+            layer.update_scale for name, layer in adapted_layers(self.model) if not name.startswith("visual.")
+        )
+        return parameters, scales
 
     def _task_tokens(self, key: TaskKey) -> Tensor:
         """Token ids of every prompt, class-major (all templates of class 0, then class 1, ...)."""

@@ -93,16 +93,20 @@ def _zero_shot_baseline(
     return metrics_per_test_set(trainer, datamodule)
 
 
-def _test_at_scales(
+def _test_results(
     module: LightningModule,
     trainer: Trainer,
     datamodule: LightningDataModule,
     scales: list[float],
-) -> dict[str, dict[str, Any]]:
-    """metrics.json's ``test_by_scale``: every test set at every update scale α of ``scales`` (ascending),
-    the same model tested again at each with its adapters scaled. Called right after the test at α = 1,
-    whose results it reads first (each test replaces the trainer's logged metrics)."""
-    tested = metrics_per_test_set(trainer, datamodule)
+    timings: dict[str, float],
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, Any]] | None]:
+    """The test results just logged (α = 1), and metrics.json's ``test_by_scale`` when ``scales`` holds
+    others: every test set at every update scale α (ascending), the same model tested again at each with
+    its adapters scaled (the time it takes goes to ``timings``)."""
+    tested = metrics_per_test_set(trainer, datamodule)  # read first: each test replaces the logged metrics
+    if scales == [1.0]:
+        return tested, None
+    start = time.perf_counter()
     by_scale = {}
     for alpha in scales:
         if alpha != 1:
@@ -111,7 +115,8 @@ def _test_at_scales(
                 trainer.test(module, datamodule=datamodule, verbose=False, weights_only=True)
         test = tested if alpha == 1 else metrics_per_test_set(trainer, datamodule)
         by_scale[scale_key(alpha)] = scale_summary(test, datamodule.test_roles)
-    return by_scale
+    timings["scales_test_time_s"] = time.perf_counter() - start
+    return tested, by_scale
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -155,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # Read now: testing replaces the trainer's logged metrics.
         optimized = optimized_metric(cfg, trainer)
         _save_adapters(module, output_dir / "adapters")
-    tested, by_scale = None, None
+    tested = None
     if cfg.get("test"):
         # The last iterate, as CLIP-LoRA tests it, or Lightning's best checkpoint by the monitored metric.
         best = fits and cfg.get("test_ckpt") == "best"
@@ -173,11 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tested = trainer.checkpoint_callback.best_model_path
             # trainer.test loaded the best checkpoint into the module: save the adapters that were tested.
             _save_adapters(module, output_dir / "adapters")
-        if scales != [1.0]:
-            scales_start = time.perf_counter()
-            by_scale = _test_at_scales(module, trainer, datamodule, scales)
-            timings["scales_test_time_s"] = time.perf_counter() - scales_start
-    test = by_scale[scale_key(1.0)]["test"] if by_scale else metrics_per_test_set(trainer, datamodule)
+    test, by_scale = _test_results(module, trainer, datamodule, scales, timings)
     timings["wall_time_s"] = time.perf_counter() - start
     metrics = run_summary(cfg, module, trainer, datamodule, timings, tested, test)
     if by_scale is not None:
@@ -220,12 +221,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     timings = {"test_time_s": time.perf_counter() - test_start}
-    by_scale = None
-    if scales != [1.0]:
-        scales_start = time.perf_counter()
-        by_scale = _test_at_scales(module, trainer, datamodule, scales)
-        timings["scales_test_time_s"] = time.perf_counter() - scales_start
-    test = by_scale[scale_key(1.0)]["test"] if by_scale else metrics_per_test_set(trainer, datamodule)
+    test, by_scale = _test_results(module, trainer, datamodule, scales, timings)
     timings["wall_time_s"] = time.perf_counter() - start
     metrics = {
         **run_summary(cfg, module, trainer, datamodule, timings, adapters_from, test),

@@ -1,0 +1,75 @@
+"""The field's four results tables from kr_vlm's run folders, and the protocol summary of one run.
+
+Every run writes ``metrics.json`` (`kr_vlm.cli`): the top-1 accuracy of each test set, and
+``test_roles``, what each test set measures (set by the DataModule): ``source`` (the training
+dataset, all classes), ``base`` / ``new`` (its two halves, base-to-new), ``shift`` (a shifted
+version of the source, e.g. ImageNet-A, digits_rotated), ``cross`` (another dataset). From those:
+
+- few-shot: datasets x shots, the mean ± std over seeds of the source accuracy, and the average
+  over datasets (CoOp's and CLIP-LoRA's few-shot tables);
+- base-to-new: base, new and their harmonic mean per dataset, and the average over datasets
+  (CoCoOp's Table 1: the HM of the averaged base and new accuracies);
+- distribution shift: the source, each shifted set and the average over the shifted sets only
+  (CoCoOp's Table 3: the source is not averaged with the targets);
+- cross-dataset: the source, each other dataset and the average over the targets (CoCoOp's Table 2).
+
+Runs are grouped by what was trained: the method, the training dataset, classes, shots and seed,
+and the training recipe (`RECIPE_KEYS`: model and adapter config, optimizer, sampler, ...). An
+evaluation (``eval.py``) of adapters whose training run is also found counts with that training
+run, never as another seed: its ``metrics.json`` names the adapters it tested (``adapters_from``,
+or ``adapters_dir`` / ``ckpt_path`` in its config), and the run folder above them is the training
+run's. A test set that two runs of the same trained model measured is counted once, the training
+run's first.
+
+This module reads JSON only (no torch), so ``scripts/aggregate_results.py`` starts quickly.
+"""
+
+from kr_vlm.results.references import REFERENCE_FILE, Reference, load_references
+from kr_vlm.results.runs import (
+    EVALUATION_KEYS,
+    RECIPE_KEYS,
+    Measurements,
+    Run,
+    Trained,
+    config_settings,
+    load_runs,
+    measure,
+    read_run,
+)
+from kr_vlm.results.summary import PROTOCOLS, TARGET_PROTOCOLS, harmonic_mean, protocol_summary, summary_lines
+from kr_vlm.results.tables import (
+    CSV_FIELDS,
+    Cell,
+    Table,
+    base_to_new_table,
+    few_shot_table,
+    protocol_tables,
+    target_tables,
+)
+
+__all__ = [
+    "CSV_FIELDS",
+    "EVALUATION_KEYS",
+    "PROTOCOLS",
+    "RECIPE_KEYS",
+    "REFERENCE_FILE",
+    "TARGET_PROTOCOLS",
+    "Cell",
+    "Measurements",
+    "Reference",
+    "Run",
+    "Table",
+    "Trained",
+    "base_to_new_table",
+    "config_settings",
+    "few_shot_table",
+    "harmonic_mean",
+    "load_references",
+    "load_runs",
+    "measure",
+    "protocol_summary",
+    "protocol_tables",
+    "read_run",
+    "summary_lines",
+    "target_tables",
+]

@@ -7,6 +7,12 @@ prints one Markdown table per protocol the runs cover, with mean ± std over see
 seeds (the logic: `kr_vlm.results`). With one folder, the tables also go to ``results.md`` and, as
 long-format CSV, ``results.csv`` in it.
 
+When runs were tested at several update scales (``adapter_scales``, metrics.json's ``test_by_scale``),
+it also prints each method's ID / OOD frontier over α and the learning rate (``kr_vlm.results.frontier``)
+and writes, beside ``results.md``: ``frontier.md`` (the frontier tables), ``frontier.png`` (the figure)
+and ``frontier_points.csv`` (every point: its α, ID and OOD top-1, run folder and the files it was read
+from). The frontier is top-1.
+
     python scripts/aggregate_results.py logs/clip_kr_fewshot/multiruns/2026-11-28_12-00-00
     python scripts/aggregate_results.py logs/clip_kr_fewshot/multiruns/* --reference
 """
@@ -20,6 +26,8 @@ import sys
 from pathlib import Path
 
 from kr_vlm import metric_names, results
+
+FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def write_frontier(output_dir: Path, frontier_list: list[results.Frontier], markdown: str) -> None:
+    """``frontier.md`` (the tables, the figure linked), ``frontier.png`` and ``frontier_points.csv``."""
+    from kr_vlm.rank_report import png
+    from kr_vlm.results.frontier_figure import frontier_figure
+
+    (output_dir / "frontier.png").write_bytes(png(frontier_figure(frontier_list)))
+    (output_dir / "frontier.md").write_text(f"![{frontier_list[0].panel.name}](frontier.png)\n\n{markdown}")
+    with (output_dir / "frontier_points.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=results.POINTS_FIELDS)
+        writer.writeheader()
+        writer.writerows(results.points_rows(frontier_list))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     tables = results.protocol_tables(measurements, references)
     markdown = "\n".join(table.markdown() for table in tables)
     sys.stdout.write(markdown)
+    frontier_list = results.frontiers(runs) if any("test_by_scale" in run.metrics for run in runs) else []
+    frontier_tables = [results.frontier_table(frontier) for frontier in frontier_list]
+    frontier_markdown = "\n".join(table.markdown() for table in frontier_tables)
+    if frontier_markdown:
+        sys.stdout.write("\n" + frontier_markdown)
     recounted = (
         f" ({measurements.duplicates} repeated results of the same trained model counted once)"
         if measurements.duplicates
@@ -100,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
         with (output_dir / "results.csv").open("w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=results.CSV_FIELDS)
             writer.writeheader()
-            for table in tables:
+            for table in [*tables, *frontier_tables]:
                 writer.writerows(table.records)
         summary += f" Wrote {output_dir / 'results.md'} and {output_dir / 'results.csv'}."
+        if frontier_list:
+            write_frontier(output_dir, frontier_list, frontier_markdown)
+            summary += f" The frontier: {', '.join(str(output_dir / name) for name in FRONTIER_FILES)}."
     print(summary)
     return 0
 

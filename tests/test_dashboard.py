@@ -28,6 +28,7 @@ from kr_vlm.dashboard import (
     main,
 )
 from kr_vlm.errors import MissingFileError
+from metrics_files import write_run
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # evaluations at steps 0, 2 and 4
@@ -99,6 +100,36 @@ def test_a_sweep_gives_one_page_and_its_csv_files(dashboard):
         for tower in ("vision", "text")
         for layer in ("q", "k", "v", "o", "fc1", "fc2")
     }
+
+
+def test_runs_tested_at_several_update_scales_add_the_frontier(sweep, tmp_path):
+    """The sweep's runs tested clean digits only (no OOD target, no frontier); an evaluation of job 0's
+    adapters at three scales on the shifted digits, below the same folder, makes the frontier."""
+    folder = tmp_path / "sweep"
+    shutil.copytree(sweep, folder)
+    assert main([str(folder)]) == 0
+    assert "ID / OOD frontier" not in (folder / PAGE_FILE).read_text(encoding="utf-8")
+    trained = json.loads((folder / "0" / "metrics.json").read_text())
+    zero_shot, top1 = trained["zero_shot"]["digits"]["top1"], trained["test"]["digits"]["top1"]
+    points = {"0": (zero_shot, 0.5), "0.5": ((zero_shot + top1) / 2, 0.52), "1": (top1, 0.45)}
+    scales = {
+        key: {"test": {"digits": {"top1": id_}, "digits_rotated": {"top1": ood}}}
+        for key, (id_, ood) in points.items()
+    }
+    write_run(
+        folder / "eval",
+        {"digits": top1, "digits_rotated": 0.45},
+        {"digits": "source", "digits_rotated": "shift"},
+        dataset="digits",
+        evaluation_of=folder / "0" / "adapters",
+        test_by_scale=scales,
+    )
+    assert main([str(folder)]) == 0
+    page = (folder / PAGE_FILE).read_text(encoding="utf-8")
+    assert "<h2>ID / OOD frontier</h2>" in page and page.count('src="data:image/png;base64,') == 6
+    assert "<h3>ID / OOD frontier, distribution_shift: digits, 1 shots, kr-vlm-test-tiny" in page
+    # The frontier's numbers are test_frontier.py's: here, that the one model of job 0 is in its table.
+    assert "<tbody><tr><td>kradapter</td><td>1</td>" in page
 
 
 def run(folder: str, method: str, **settings) -> RankRun:

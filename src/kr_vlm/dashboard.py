@@ -10,7 +10,9 @@ steps, the final singular-value spectra (normalised), the relative update size `
 heat map of every layer's effective rank over the steps for each run, each method's rank cap, and, for
 tested runs, test accuracy against effective rank (on the training dataset, and averaged over shifted
 domains, new classes or other datasets). Runs are labelled by the settings in which they differ
-(method, shots, seed, learning rate, ...).
+(method, shots, seed, learning rate, ...). When runs below the folders were tested at several update
+scales (``adapter_scales``), the page adds each method's ID / OOD frontier (``kr_vlm.results.frontier``):
+its figure and tables, from every ``metrics.json`` below the folders, evaluations included.
 
 This module reads the runs' files only; it imports neither torch nor the training code.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import html
 import json
 import math
 import sys
@@ -29,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from kr_vlm import results
 from kr_vlm.errors import CorruptFileError, MissingFileError, exit_on_user_error
 from kr_vlm.files import write_text_atomic
 from kr_vlm.rank_report import (
@@ -45,6 +49,7 @@ from kr_vlm.rank_report import (
     layer_group,
     layers_by_group,
     mean,
+    method_styles,
     normalised_mean_spectrum,
     panel_grid,
     png,
@@ -69,8 +74,6 @@ CLEAN_ROLES = ("source", "base")
 OTHER_ROLES = ("shift", "cross", "new")
 # The settings a label names first, and how.
 _LABEL_ORDER = ("method", "dataset", "shots", "seed")
-_LINESTYLES = ("-", "--", ":", "-.")
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 @dataclass
@@ -271,20 +274,7 @@ def _label_part(name: str, value: Any) -> str:
 # ------------------------------------------------------------------------------------------- figures
 def _run_styles(runs: Sequence[RankRun]) -> list[dict[str, Any]]:
     """A colour per method, and a line style and marker per run within its method."""
-    methods = list(dict.fromkeys(run.method for run in runs))
-    seen: dict[str, int] = {}
-    styles = []
-    for run in runs:
-        index = seen.get(run.method, 0)
-        seen[run.method] = index + 1
-        styles.append(
-            {
-                "color": f"C{methods.index(run.method) % 10}",
-                "linestyle": _LINESTYLES[index % len(_LINESTYLES)],
-                "marker": _MARKERS[index % len(_MARKERS)],
-            }
-        )
-    return styles
+    return method_styles([run.method for run in runs])
 
 
 def all_groups(runs: Sequence[RankRun]) -> list[str]:
@@ -513,7 +503,28 @@ def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- page
-def page(runs: Sequence[RankRun], title: str, output_dir: Path | None = None) -> str:
+def frontier_sections(frontier_list: Sequence[results.Frontier]) -> list[str]:
+    """The page's frontier: the figure, and each frontier's table with its notes (none without frontiers)."""
+    if not frontier_list:
+        return []
+    from kr_vlm.results.frontier_figure import frontier_figure
+
+    sections = [
+        "<h2>ID / OOD frontier</h2>",
+        image_tag(png(frontier_figure(frontier_list)), "ID against OOD top-1 over the update scale and the runs"),
+    ]
+    for table in map(results.frontier_table, frontier_list):
+        notes = "".join(f'<p class="note">{html.escape(note)}</p>' for note in table.notes)
+        sections += [f"<h3>{html.escape(table.title)}</h3>", html_table(table.header, table.rows), notes]
+    return sections
+
+
+def page(
+    runs: Sequence[RankRun],
+    title: str,
+    output_dir: Path | None = None,
+    frontier_list: Sequence[results.Frontier] = (),
+) -> str:
     """The dashboard's HTML; run folders below ``output_dir`` are shown relative to it."""
     summary = run_rows(runs)
     run_table = html_table(
@@ -599,6 +610,7 @@ def page(runs: Sequence[RankRun], title: str, output_dir: Path | None = None) ->
             "<h2>Accuracy and effective rank</h2>",
             image_tag(png(accuracy), "test accuracy against effective rank"),
         ]
+    sections += frontier_sections(frontier_list)
     sections += [
         "<h2>Final values per group</h2>",
         f"<details><summary>{len(group_rows)} rows</summary>{group_table}</details>",
@@ -619,11 +631,14 @@ def _count(value: int | None) -> str:
 
 
 def write_dashboard(
-    runs: Sequence[RankRun], output_dir: Path, title: str = "Effective rank across runs"
+    runs: Sequence[RankRun],
+    output_dir: Path,
+    title: str = "Effective rank across runs",
+    frontier_list: Sequence[results.Frontier] = (),
 ) -> list[Path]:
     """Write the page and the three CSV files into ``output_dir``; returns their paths."""
     files = {
-        PAGE_FILE: page(runs, title, output_dir),
+        PAGE_FILE: page(runs, title, output_dir, frontier_list),
         RUNS_CSV: csv_text(run_rows(runs)),
         LAYERS_CSV: csv_text(layer_rows(runs)),
         SPECTRA_CSV: csv_text(spectrum_rows(runs)),
@@ -651,7 +666,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     with exit_on_user_error():
         runs = find_runs(args.folders)
         output_dir = args.output_dir or (args.folders[0] if len(args.folders) == 1 else Path.cwd())
-        written = write_dashboard(runs, output_dir, args.title)
+        tested = [run for folder in args.folders for run in results.load_runs(folder)]
+        scaled = any("test_by_scale" in run.metrics for run in tested)
+        written = write_dashboard(runs, output_dir, args.title, results.frontiers(tested) if scaled else ())
     print(f"{len(runs)} runs: {', '.join(run.label for run in runs)}")
     for path in written:
         print(f"  {path}")

@@ -26,6 +26,7 @@ from kr_vlm.files import write_text_atomic
 # Log-scale plots need a floor: relative singular values below float32 round-off are noise anyway.
 RELATIVE_FLOOR = 1e-8
 LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 # Axis labels in matplotlib's mathtext, HTML for table headers.
 SIGMA_RATIO_LABEL = r"$\sigma_i \,/\, \sigma_1$"
@@ -113,6 +114,25 @@ def group_styles(groups: Sequence[str]) -> dict[str, dict[str, Any]]:
         }
         for group in groups
     }
+
+
+def method_styles(methods: Sequence[str]) -> list[dict[str, Any]]:
+    """A style for each plotted series, given the method of each: a colour per method, and a line style and
+    marker per series within its method, in order."""
+    colours = list(dict.fromkeys(methods))
+    seen: dict[str, int] = {}
+    styles = []
+    for method in methods:
+        index = seen.get(method, 0)
+        seen[method] = index + 1
+        styles.append(
+            {
+                "color": f"C{colours.index(method) % 10}",
+                "linestyle": LINESTYLES[index % len(LINESTYLES)],
+                "marker": MARKERS[index % len(MARKERS)],
+            }
+        )
+    return styles
 
 
 def new_axes() -> tuple[Figure, Any]:

@@ -24,6 +24,14 @@ run's first.
 This module reads JSON only (no torch), so ``scripts/aggregate_results.py`` starts quickly.
 """
 
+from kr_vlm.results.frontier import (
+    POINTS_FIELDS,
+    Frontier,
+    frontier_table,
+    frontiers,
+    ood_where_id_reaches,
+    points_rows,
+)
 from kr_vlm.results.references import REFERENCE_FILE, Reference, load_references
 from kr_vlm.results.runs import (
     EVALUATION_KEYS,
@@ -50,11 +58,13 @@ from kr_vlm.results.tables import (
 __all__ = [
     "CSV_FIELDS",
     "EVALUATION_KEYS",
+    "POINTS_FIELDS",
     "PROTOCOLS",
     "RECIPE_KEYS",
     "REFERENCE_FILE",
     "TARGET_PROTOCOLS",
     "Cell",
+    "Frontier",
     "Measurements",
     "Reference",
     "Run",
@@ -63,10 +73,14 @@ __all__ = [
     "base_to_new_table",
     "config_settings",
     "few_shot_table",
+    "frontier_table",
+    "frontiers",
     "harmonic_mean",
     "load_references",
     "load_runs",
     "measure",
+    "ood_where_id_reaches",
+    "points_rows",
     "protocol_summary",
     "protocol_tables",
     "read_run",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +55,16 @@ class Run:
     @property
     def is_evaluation(self) -> bool:
         return "adapters_from" in self.metrics or "adapters_dir" in self.config
+
+    def tests_by_scale(self) -> dict[float, dict[str, dict[str, float]]]:
+        """The metrics per test set at each update scale α the run tested, ascending (``test_by_scale``;
+        else its ``test``, at α = 1). A training run's zero-shot baseline (``zero_shot``) is its model at
+        α = 0: every adapter starts at a zero update."""
+        by_scale = {float(key): entry["test"] for key, entry in (self.metrics.get("test_by_scale") or {}).items()}
+        by_scale = by_scale or {1.0: self.metrics["test"]}
+        if self.metrics.get("zero_shot") and 0.0 not in by_scale:
+            by_scale[0.0] = self.metrics["zero_shot"]
+        return dict(sorted(by_scale.items()))
 
     def test_roles(self) -> dict[str, str]:
         """Each test set's role; for a metrics.json without ``test_roles`` (older runs), from the names:
@@ -188,10 +198,11 @@ class Measurements:
         sets[test_set] = (role, top1)
 
 
-def measure(runs: Sequence[Run], metric: str = metric_names.TOP1) -> Measurements:
-    """Every run's `metric` per test set, keyed by the model that was trained (training runs first)."""
+def trained_models(runs: Sequence[Run]) -> Iterator[tuple[Run, Run, Trained, dict[str, str]]]:
+    """Every run (training runs first) with the run that trained its model (itself for a training run),
+    what that model is (``Trained``) and the role of each test set the run measured: an evaluation on
+    another dataset than the training one makes every set it tested a cross-dataset target."""
     by_folder = {run.folder.absolute(): run for run in runs if not run.is_evaluation}
-    measurements = Measurements(metric)
     for run in sorted(runs, key=lambda run: run.is_evaluation):
         training = run
         if run.adapters_source is not None:
@@ -202,16 +213,21 @@ def measure(runs: Sequence[Run], metric: str = metric_names.TOP1) -> Measurement
                     run.path,
                     run.adapters_source,
                 )
-        trained = _trained(training, run)
         roles = run.test_roles()
-        # An evaluation on another dataset than the training one: every set it tested is a cross-dataset target.
         other_dataset = run.metrics.get("dataset") != training.metrics.get("dataset")
+        roles = {name: "cross" if other_dataset else roles.get(name, "cross") for name in run.metrics["test"]}
+        yield run, training, _trained(training, run), roles
+
+
+def measure(runs: Sequence[Run], metric: str = metric_names.TOP1) -> Measurements:
+    """Every run's `metric` per test set, keyed by the model that was trained (training runs first)."""
+    measurements = Measurements(metric)
+    for run, _, trained, roles in trained_models(runs):
         for test_set, values in run.metrics["test"].items():
             if metric not in values:
                 raise KeyError(f"{run.path}: test set {test_set!r} has no {metric!r} metric")
             if values[metric] is None:  # a non-finite result, written as null
                 log.warning("%s: %s has no finite %s; left out.", run.path, test_set, metric)
                 continue
-            role = "cross" if other_dataset else roles.get(test_set, "cross")
-            measurements.add(trained, test_set, role, 100.0 * values[metric])
+            measurements.add(trained, test_set, roles[test_set], 100.0 * values[metric])
     return measurements

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from kr_vlm.adapters import adapted_layers, adapter_state_dict, disabled_adapters
+from kr_vlm.adapters import adapted_layers, adapter_state_dict, disabled_adapters, scaled_adapters
 from kr_vlm.adapters.io import AdapterMismatchError
 from kr_vlm.data.base import ClassificationTask
 from kr_vlm.models.classifier import CLIPClassifier
@@ -336,6 +336,13 @@ def test_export_merged_loads_into_stock_open_clip(tiny_clip_cfg, tmp_path, adapt
         )
     torch.testing.assert_close(plain_logits, adapted_logits, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(plain_logits, zero_shot_logits, atol=1e-3)  # the adapters did change the model
+
+    # At an update scale α the export holds W0 + α ΔW: halfway, the model's own outputs at α = 0.5.
+    with scaled_adapters(module.clip_model, 0.5), torch.no_grad():
+        halfway_logits = module(images, task)
+        plain.load_state_dict(load_file(module.export_merged(tmp_path / "halfway.safetensors")), strict=True)
+        torch.testing.assert_close(CLIPClassifier(plain, module.tokenizer)(images, task), halfway_logits)
+    assert not torch.allclose(halfway_logits, adapted_logits, atol=1e-3)
 
 
 def test_export_merged_with_an_attentional_pooler(tiny_clip_cfg, tmp_path):

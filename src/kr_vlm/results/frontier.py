@@ -100,8 +100,8 @@ class FrontierRun:
 def _model_name(metrics: Mapping[str, Any]) -> str:
     """The base model: open_clip's name, and where its weights came from (a tag or a file's name)."""
     name = metrics.get("model") or ((metrics.get("config") or {}).get("model") or {}).get("clip", {}).get("name")
-    pretrained = metrics.get("pretrained")
-    return str(name) + (f" ({Path(str(pretrained)).name})" if pretrained else "")
+    weights = Path(str(metrics.get("pretrained") or "")).name
+    return f"{name} ({weights})" if weights and weights != name else str(name)
 
 
 def _id_and_ood(test: Mapping[str, Mapping[str, float]], roles: Mapping[str, str]) -> dict[str, tuple]:

@@ -230,7 +230,8 @@ def check_mergeable(model: nn.Module, layers: Mapping[str, AdaptedLayer]) -> Non
 
 
 def merge_adapters(model: nn.Module) -> None:
-    """Add every adapter's update into its base weight (layers already merged are left alone).
+    """Add every adapter's update, at its update scale α (``delta_weight()``), into its base weight
+    (layers already merged are left alone).
 
     Nothing is merged if a layer's base weight is shared with another module (``check_mergeable``).
     """

@@ -163,7 +163,8 @@ def save_adapters(model: nn.Module, directory: str | Path) -> Path:
 
     ``model`` is the module given to ``inject_adapters`` or any module that contains it (e.g. a classifier
     wrapping it); names are relative to the injected module, so ``load_adapters`` takes that module's kind
-    (e.g. a freshly built base model).
+    (e.g. a freshly built base model). The tensors written are the trained ones whatever the update scale
+    α (``set_adapter_scale``): α is evaluation state and is never saved, so loaded adapters start at α = 1.
     """
     found = _injected_module(model)
     if found is None:

@@ -67,8 +67,9 @@ def _forget_config(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every adapter into its base weight and replace every adapted layer by its plain layer
-    (``nn.Linear`` or ``Conv1D``), in place; returns ``model``, now a model without adapters.
+    """Merge every adapter (at its update scale α: ``W0 + α ΔW``) into its base weight and replace every
+    adapted layer by its plain layer (``nn.Linear`` or ``Conv1D``), in place; returns ``model``, now a
+    model without adapters.
 
     A layer whose base weight another module shares (tied embeddings) is refused before anything changes
     (``kr_vlm.adapters.inject.check_mergeable``).
@@ -112,8 +113,8 @@ def disabled_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy (on the CPU) of the state dict ``merge_and_unload(model)`` would leave, with ``model`` left
-    exactly as it was.
+    """A copy (on the CPU) of the state dict ``merge_and_unload(model)`` would leave (updates at their
+    update scale α merged in), with ``model`` left exactly as it was.
 
     The adapter tensors and wrapper names (``base_layer``, ``kr_u``, ``lora_A``, ...) are dropped, so the
     result loads into the model as it was before ``inject_adapters``. Layers merged here are unmerged

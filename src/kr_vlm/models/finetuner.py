@@ -450,7 +450,8 @@ class CLIPFineTuner(LightningModule):
             torch.cuda.set_rng_state_all(states["cuda"])
 
     def export_merged(self, path: str | Path) -> Path:
-        """Write the model as a plain open_clip state dict with the adapters merged in.
+        """Write the model as a plain open_clip state dict with the adapters merged in, at their update
+        scale α (``kr_vlm.adapters.set_adapter_scale``; 1 unless set: the trained model).
 
         ``.safetensors`` files are written with safetensors, anything else with ``torch.save``. Stock
         open_clip loads the file without kr_vlm (``open_clip.create_model(name, pretrained=path)`` or

@@ -1,4 +1,5 @@
-"""The field's four results tables from kr_vlm's run folders, and the protocol summary of one run.
+"""The field's four results tables and the ID / OOD frontier from kr_vlm's run folders, and the protocol
+summary of one run.
 
 Every run writes ``metrics.json`` (`kr_vlm.cli`): the top-1 accuracy of each test set, and
 ``test_roles``, what each test set measures (set by the DataModule): ``source`` (the training
@@ -11,7 +12,11 @@ version of the source, e.g. ImageNet-A, digits_rotated), ``cross`` (another data
   (CoCoOp's Table 1: the HM of the averaged base and new accuracies);
 - distribution shift: the source, each shifted set and the average over the shifted sets only
   (CoCoOp's Table 3: the source is not averaged with the targets);
-- cross-dataset: the source, each other dataset and the average over the targets (CoCoOp's Table 2).
+- cross-dataset: the source, each other dataset and the average over the targets (CoCoOp's Table 2);
+- the ID / OOD frontier (``frontier``): every trained model at every update scale α it was tested at
+  (``test_by_scale``), the ID against the OOD top-1 of each protocol, per method over α and the
+  learning rate, and a table of each method's OOD top-1 at shares of its best ID gain over zero-shot
+  (WiSE-FT's and CLAP's comparison). Its figure is ``frontier_figure`` (matplotlib, imported apart).
 
 Runs are grouped by what was trained: the method, the training dataset, classes, shots and seed,
 and the training recipe (`RECIPE_KEYS`: model and adapter config, optimizer, sampler, ...). An
@@ -21,7 +26,9 @@ or ``adapters_dir`` / ``ckpt_path`` in its config), and the run folder above the
 run's. A test set that two runs of the same trained model measured is counted once, the training
 run's first.
 
-This module reads JSON only (no torch), so ``scripts/aggregate_results.py`` starts quickly.
+The modules: ``runs`` (reading and grouping runs), ``summary`` (one run's protocol summary),
+``tables``, ``references`` (published rows), ``frontier``. They read JSON only (no torch, no
+matplotlib), so ``scripts/aggregate_results.py`` starts quickly.
 """
 
 from kr_vlm.results.frontier import (

@@ -167,11 +167,10 @@ class Frontier:
     zero_shot_count: int
 
     def methods(self) -> dict[tuple, dict[tuple, list[FrontierRun]]]:
-        """The trained runs (not zero-shot) by method row, then by swept settings (configuration)."""
+        """The trained runs by method row, then by swept settings (configuration)."""
         methods: dict[tuple, dict[tuple, list[FrontierRun]]] = {}
         for run in self.runs:
-            if run.method != "none":
-                methods.setdefault(run.row, {}).setdefault(run.swept, []).append(run)
+            methods.setdefault(run.row, {}).setdefault(run.swept, []).append(run)
         return methods
 
     def curve(self, seeds: Sequence[FrontierRun]) -> dict[float, tuple[float, float]]:
@@ -235,7 +234,10 @@ def frontier_table(frontier: Frontier) -> Table:
     labels = _labels(methods)
     zero_shot = frontier.zero_shot
     for row in sorted(methods, key=labels.get):
-        curves = {swept: frontier.curve(seeds) for swept, seeds in methods[row].items()}
+        curves = {swept: curve for swept, seeds in methods[row].items() if (curve := frontier.curve(seeds))}
+        if not curves:
+            table.notes.append(f"{labels[row]}: its seeds were tested at no update scale in common; left out.")
+            continue
         best_swept, best_alpha = max(
             ((swept, alpha) for swept, curve in curves.items() for alpha in curve),
             key=lambda where: curves[where[0]][where[1]][0],

@@ -1,17 +1,23 @@
-"""The KRAdapter authors' recipe: the in-batch caption loss and gradient-norm clipping."""
+"""The KRAdapter authors' recipe (experiments clip_kr_randlora, mini_kr_randlora): the in-batch caption loss,
+gradient-norm clipping, and the miniature's run from a fresh copy of the repository."""
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
 import torch
 from lightning.pytorch import Callback, seed_everything
 
+from compose_helpers import FAST, TINY_MODEL, compose_config, run_state_restored
+from kr_vlm import cli
 from kr_vlm.adapters import adapted_layers
 from kr_vlm.errors import ConfigError
 from kr_vlm.models.finetuner import MODEL_PREFIX
 from kr_vlm.models.losses import caption_contrastive_loss, first_of_same_class
+from kr_vlm.optim import warmup_cosine_factor
+from test_cli import ADAPTER_WEIGHTS, read_metrics, repository_copy, run_in
 from test_finetuner import LossAndGradients, TinyDataModule, count_text_calls, make_module, make_trainer
 
 
@@ -108,3 +114,34 @@ def test_gradient_clip_val_clips_the_adapters_gradient_norm(tiny_clip_cfg, preci
     trainer.fit(module, TinyDataModule())
     assert len(norms.after) == 3 and all(before > 10 * clip for before in norms.before)
     assert all(after == pytest.approx(clip, rel=1e-3) for after in norms.after)
+
+
+def test_the_schedule_counts_epochs_and_decays_per_step(tmp_path):
+    overrides = ["experiment=mini_kr_randlora", *TINY_MODEL, *FAST, "~callbacks.rank_monitor"]
+    overrides += ["~callbacks.progress_bar", "trainer.max_epochs=2", "trainer.log_every_n_steps=1"]
+    with run_state_restored():
+        metrics = cli.train(compose_config(tmp_path, overrides))
+    # 160 digits in 9 copies an epoch: 11 batches of 128 and one of 32, 12 steps an epoch.
+    assert metrics["steps"] == 24
+    with (tmp_path / "run" / "csv" / "metrics.csv").open(newline="") as handle:
+        rates = [float(row["lr-AdamW"]) for row in csv.DictReader(handle) if row["lr-AdamW"]]
+    assert rates == pytest.approx([1e-3 * warmup_cosine_factor(step, 0, 24, 0.01) for step in range(24)])
+
+
+@pytest.mark.slow
+def test_mini_kr_randlora_from_a_fresh_copy_of_the_repository(tmp_path):
+    """The README's command with fewer steps, nothing else changed: the recipe's data, loss and model."""
+    repo = repository_copy(tmp_path)
+    done = run_in(repo, repo, "train.py", "experiment=mini_kr_randlora", "trainer.max_steps=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_dir,) = (repo / "logs" / "mini_kr_randlora" / "runs").iterdir()
+    metrics = read_metrics(run_dir)
+    assert metrics["steps"] == 3 and list(metrics["test"]) == ["digits"]
+    config = metrics["config"]
+    assert config["model"]["loss"] == "caption_contrastive" and config["data"]["batch_size"] == 128
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["min_iterations_per_epoch"] == 10
+    assert (run_dir / ADAPTER_WEIGHTS).is_file()
+    assert (
+        "An epoch goes 9 times through the training images" in (run_dir / "mini_kr_randlora.log").read_text()
+    )
+

@@ -438,6 +438,8 @@ class FewShotDataModule(LightningDataModule):
         that it has at least `min_iterations_per_epoch` optimiser steps: steps of `batch_size` images
         times the attached trainer's `accumulate_grad_batches`, so that accumulating gradients over
         smaller batches repeats the shots as the whole batch would."""
+        if not self.min_iterations_per_epoch:
+            return 1
         self.setup()
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
         return shot_repeats(

@@ -1,6 +1,6 @@
 """Prompt templates per dataset: one `{}` stands for the class name.
 
-Four kinds, chosen by `get_templates(dataset_name, kind)`:
+Five kinds, chosen by `get_templates(dataset_name, kind)`:
 
 - `simple`: ``"a photo of a {}."``, CLIP-LoRA's training template.
 - `coop`: the one hand-written template per dataset of CoOp's zero-shot CLIP

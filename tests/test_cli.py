@@ -581,6 +581,11 @@ def bad_adapters(folder: Path, method: str, weights: bytes) -> Path:
             ["experiment=demo", "adapter.options.rank=1000"],
             "ConfigError: KRAdapter rank must be an integer",
         ),
+        (
+            "train.py",
+            ["experiment=mini_kr_randlora", "data.min_iterations_per_epoch=-1"],
+            "ConfigError: data.min_iterations_per_epoch must be a whole number >= 0",
+        ),
     ],
 )
 def test_user_errors_end_the_command_with_one_clean_message(script, arguments, error, tmp_path):

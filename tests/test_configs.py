@@ -7,8 +7,10 @@ CoOp-layout folders under tmp_path (`coop_layout.make_coop_dataset`); digits shi
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 import torchvision.transforms as T
@@ -57,6 +59,8 @@ def test_config_groups_are_the_documented_ones():
         "clip_kr_cross_dataset",
         "clip_kr_fewshot",
         "clip_kr_ood",
+        "clip_kr_randlora",
+        "clip_kr_randlora_vision",
         "clip_lora_fewshot",
         "clip_lora_zeroshot",
         "clip_zeroshot",
@@ -64,6 +68,7 @@ def test_config_groups_are_the_documented_ones():
         "coop_zsclip_ensemble",
         "demo",
         "mini_kr_fewshot",
+        "mini_kr_randlora",
         "mini_zeroshot",
     ]
     assert {"cpu", "gpu", "ddp", "ddp_cpu", "fsdp"} <= set(TRAINERS)
@@ -112,6 +117,63 @@ def test_clip_lora_fewshot_is_clip_lora_as_published(tmp_path):
     assert adapter.targets.towers == "both" and adapter.targets.blocks == "all"
 
 
+def test_clip_kr_randlora_is_the_authors_recipe(tmp_path):
+    cfg = compose_config(tmp_path, ["experiment=clip_kr_randlora"])
+    assert (cfg.model.clip.name, cfg.model.clip.pretrained) == ("ViT-B-32", "openai")
+    assert open_clip.get_pretrained_cfg("ViT-B-32", "openai")  # a tag open_clip knows
+    # Their CLIPVL multiplies the cosines by open_clip's logit_scale parameter itself: ln 100 for OpenAI's.
+    assert cfg.model.loss == "caption_contrastive" and cfg.model.logit_scale == pytest.approx(math.log(100))
+    assert (cfg.data.train_templates, cfg.data.eval_templates) == ("an_image_of", "an_image_of")
+    optimizer, scheduler = cfg.model.optimizer, cfg.model.scheduler
+    assert (optimizer.lr, optimizer.weight_decay, list(optimizer.betas)) == (1e-3, 0.1, [0.9, 0.999])
+    assert (scheduler.warmup_steps, scheduler.warmup_ratio, scheduler.min_lr) == (0, 0.0, 1e-5)
+    assert (cfg.data.batch_size, cfg.data.min_iterations_per_epoch) == (128, 10)
+    trainer = cfg.trainer
+    assert (trainer.max_epochs, trainer.max_steps, trainer.check_val_every_n_epoch) == (10, -1, 10)
+    assert (trainer.gradient_clip_val, trainer.accumulate_grad_batches) == (1.0, 1)
+    assert list(cfg.model.clip.train_crop_scale) == [0.5, 1.0] and cfg.model.clip.train_flip
+    assert list(cfg.adapter.targets.layers) == ["q", "k", "v", "fc1", "fc2"]
+    assert (cfg.adapter.targets.towers, cfg.adapter.targets.blocks) == ("both", "all")
+
+    vision = compose_config(tmp_path, ["experiment=clip_kr_randlora_vision"])
+    assert (vision.model.loss, vision.model.logit_scale, vision.adapter.targets.towers) == (
+        "class_ce",
+        None,
+        "vision",
+    )
+    assert vision.data.train_templates == vision.data.eval_templates == "coop_ensemble"
+
+
+RECIPE_KEYS = (
+    "adapter",
+    "model.loss",
+    "model.optimizer",
+    "model.scheduler",
+    "model.clip.train_crop_scale",
+    "model.clip.train_flip",
+    "data.batch_size",
+    "data.min_iterations_per_epoch",
+    "data.train_templates",
+    "data.eval_templates",
+    "trainer.max_epochs",
+    "trainer.max_steps",
+    "trainer.gradient_clip_val",
+)
+
+
+def test_mini_kr_randlora_is_the_recipe_on_the_miniature(tmp_path):
+    recipe = compose_config(tmp_path, ["experiment=clip_kr_randlora"])
+    cfg = compose_config(tmp_path, ["experiment=mini_kr_randlora"])
+    assert all(OmegaConf.select(cfg, key) == OmegaConf.select(recipe, key) for key in RECIPE_KEYS)
+    assert (cfg.model.clip.name, cfg.data.dataset, cfg.trainer.accelerator) == (
+        "kr-vlm-mini",
+        "digits",
+        "cpu",
+    )
+    # The authors' loss multiplies by the logit_scale parameter: the shipped miniature's own.
+    assert cfg.model.logit_scale == cli.build_model(cfg).clip_model.logit_scale.item()
+
+
 def test_command_line_overrides_beat_the_experiment(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data=dtd", "data.shots=8", "seed=3"])
     assert cfg.data.dataset == "dtd" and cfg.data.shots == 8 and cfg.data.seed == 3
@@ -133,6 +195,9 @@ EXPERIMENT_SETUPS = {
     "clip_kr_cross_dataset": ("train", ["imagenet", "dtd", "eurosat"], [f"data.shots={SHOTS}"]),
     "demo": ("train", [], []),
     "mini_kr_fewshot": ("train", [], []),
+    "clip_kr_randlora": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    "clip_kr_randlora_vision": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    "mini_kr_randlora": ("train", [], []),
     "mini_zeroshot": ("eval", [], []),
 }
 # The test templates of the zero-shot experiments on oxford_pets: the baseline each one reproduces.
@@ -321,6 +386,11 @@ def test_logger_config_instantiates(logger, tmp_path):
         ("adapter.options.rank=four", "adapter.options.rank", "could not be converted to Integer"),
         ("model.optimizer.lr=fast", "model.optimizer.lr", "could not be converted to Float"),
         ("model.scheduler.warmup=5", "model.scheduler.warmup", "Key 'warmup' not in 'SchedulerOptions'"),
+        (
+            "model.loss=caption",
+            "model.loss",
+            "Invalid value 'caption', expected one of [class_ce, caption_contrastive]",
+        ),
     ],
 )
 def test_a_wrong_key_or_type_fails_at_composition_with_its_full_name(override, full_key, problem, tmp_path):

@@ -271,11 +271,12 @@ def test_templates():
     assert get_templates("dtd", "coop") == ("{} texture.",)
     assert get_templates("eurosat", "simple") == ("a photo of a {}.",)
     assert get_templates("ucf101", "clip80") == CLIP_IMAGENET_TEMPLATES
+    assert get_templates("dtd", "an_image_of") == ("An image of {}",)  # the KRAdapter authors' caption
     assert len(CLIP_IMAGENET_TEMPLATES) == 80 and CLIP_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
     for name in DATASET_NAMES:
         for kind in TEMPLATE_KINDS:
             ClassificationTask(name, ["x"], get_templates(name, kind))  # one "{}" each
-    with pytest.raises(ValueError, match="simple, coop, coop_ensemble, clip80"):
+    with pytest.raises(ValueError, match="simple, coop, coop_ensemble, clip80, an_image_of"):
         get_templates("dtd", "fancy")
 
 

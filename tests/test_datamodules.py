@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from coop_layout import make_coop_dataset, read_only
 from kr_vlm.data.base import DatasetNotFoundError
 from kr_vlm.data.datamodules import DIGIT_SHIFT_SETS, DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.loading import shot_repeats
 from kr_vlm.data.templates import get_templates
 from kr_vlm.errors import ConfigError
 
@@ -123,6 +124,45 @@ def test_the_training_loader_state_continues_in_a_new_module():
     rest = [images for _ in range(2) for images, _ in resumed]  # the rest of this epoch, then the next
     assert len(rest) == 3 + 5
     assert all(torch.equal(got, expected) for got, expected in zip(rest, straight[2:], strict=True))
+
+
+def test_shot_repeats_follow_the_authors_rule():
+    # finetune.py: r = shots / batch; below 10, int(10 / r) + 1 copies.
+    assert shot_repeats(160, 128, 10) == int(10 / (160 / 128)) + 1 == 9  # 16-shot digits
+    assert shot_repeats(10, 128, 10) == int(10 / (10 / 128)) + 1 == 129  # 1 shot of 10 classes
+    assert shot_repeats(128, 128, 10) == 11  # one batch of shots: 11 steps, as theirs
+    assert shot_repeats(752, 128, 10) == 2  # 16-shot DTD: 11.75 steps
+    assert shot_repeats(1280, 128, 10) == 1 and shot_repeats(5000, 128, 10) == 1  # enough already
+    assert shot_repeats(160, 128, 0) == 1  # off
+    for images in range(1, 400):
+        repeats = shot_repeats(images, 32, 7)
+        assert (repeats == 1 and images >= 7 * 32) or images * repeats > 7 * 32
+
+
+def image_keys(loader) -> list[bytes]:
+    """One key per image the loader yields in an epoch (its pixels)."""
+    return [image.numpy().tobytes() for images, _ in loader for image in images]
+
+
+def test_an_epoch_repeats_the_shots_to_at_least_min_iterations_per_epoch():
+    once = digits_module(shots=4).train_dataloader()  # 40 images, batches of 8
+    assert len(once) == 5 and len(image_keys(once)) == 40 == len(set(image_keys(once)))
+    repeated = digits_module(shots=4, min_iterations_per_epoch=10).train_dataloader()
+    # 40 images < 10 x 8: 80 // 40 + 1 = 3 copies, 120 images in 15 batches.
+    assert len(repeated) == 15
+    epoch = image_keys(repeated)
+    assert len(epoch) == 120 and set(epoch) == set(image_keys(once))
+    assert all(epoch.count(key) == 3 for key in set(epoch))  # every shot three times an epoch
+    assert image_keys(repeated) != epoch  # the next epoch is another shuffle
+    again = digits_module(shots=4, min_iterations_per_epoch=10).train_dataloader()
+    assert image_keys(again) == epoch  # the seed alone decides
+
+
+def test_repeats_count_optimiser_steps_under_gradient_accumulation():
+    dm = digits_module(shots=4, min_iterations_per_epoch=10)
+    dm.trainer = Trainer(accelerator="cpu", accumulate_grad_batches=2, logger=False)
+    # Steps of 2 x 8 images: 160 // 40 + 1 = 5 copies, 200 images in 25 batches of 8 (13 steps).
+    assert dm.shot_repeats() == 5 and len(dm.train_dataloader()) == 25
 
 
 def test_few_shot_split_is_cached(tmp_path):
@@ -261,6 +301,8 @@ def test_missing_source_is_an_error(tmp_path):
         ({"dataset": "digits", "eval_templates": "fancy"}, "eval_templates must be one of"),
         ({"dataset": "digits", "subsample": "novel"}, "subsample must be one of"),
         ({"dataset": "digits", "batch_size": 0}, "batch_size must be"),
+        ({"dataset": "digits", "min_iterations_per_epoch": -1}, r"data\.min_iterations_per_epoch must be"),
+        ({"dataset": "digits", "min_iterations_per_epoch": 2.5}, r"data\.min_iterations_per_epoch must be"),
         ({"dataset": "digits", "sampler": "dassl"}, r"data\.sampler must be one of kr_vlm, coop, clip_lora"),
     ],
 )

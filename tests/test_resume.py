@@ -102,6 +102,19 @@ def assert_same_adapters(got_dir: Path, expected_dir: Path) -> None:
         pytest.param((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH, id="epoch_boundary"),
         pytest.param((*WITH_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH + 2, id="mid_epoch"),
         pytest.param((*WITHOUT_WORKERS, *EVERY_STEP), BATCHES_PER_EPOCH, id="epoch_boundary_no_workers"),
+        # The KRAdapter authors' recipe: the caption loss, clipping, and the 40 shots in 2 copies an epoch
+        # (at least 6 batches of 8: 10 an epoch), resumed in the middle of the first epoch.
+        pytest.param(
+            (
+                *WITH_WORKERS,
+                "model.loss=caption_contrastive",
+                "trainer.gradient_clip_val=0.5",
+                "data.min_iterations_per_epoch=6",
+                *EVERY_STEP,
+            ),
+            7,
+            id="mid_epoch_authors_recipe",
+        ),
         pytest.param(
             (*WITH_WORKERS, "+data.persistent_workers=false", *EVERY_STEP),
             BATCHES_PER_EPOCH + 2,

@@ -1,4 +1,5 @@
-"""CLIPFineTuner's optimisation: AdamW's options and the warm-up + cosine learning-rate schedule.
+"""CLIPFineTuner's optimisation: the training objective's name, AdamW's options and the warm-up + cosine
+learning-rate schedule.
 
 Apart from the LightningModule so that the Hydra schemas (``kr_vlm.cli.schemas``) can type these options
 without importing the model code.
@@ -7,7 +8,16 @@ without importing the model code.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
+
+
+class TrainingLoss(str, enum.Enum):
+    """``model.loss``: the objectives of ``kr_vlm.models.losses`` (``class_ce``, cross-entropy over the
+    training task's classes; ``caption_contrastive``, the KRAdapter / RandLoRA authors' in-batch caption loss)."""
+
+    class_ce = "class_ce"
+    caption_contrastive = "caption_contrastive"
 
 
 @dataclasses.dataclass

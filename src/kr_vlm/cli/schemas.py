@@ -15,7 +15,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 
 from kr_vlm.adapters.methods import REGISTRY, Method
-from kr_vlm.optim import OptimizerOptions, SchedulerOptions
+from kr_vlm.optim import OptimizerOptions, SchedulerOptions, TrainingLoss
 
 SCHEMA_GROUP = "schema"
 
@@ -48,6 +48,7 @@ class CLIPFineTunerSchema:
     optimizer: OptimizerOptions = dataclasses.field(default_factory=OptimizerOptions)
     scheduler: SchedulerOptions = dataclasses.field(default_factory=SchedulerOptions)
     logit_scale: float | None = None
+    loss: TrainingLoss = TrainingLoss.class_ce
     text_batch_size: int = 1024
     init_seed: int = 0
     # true, false or a mapping of torch.compile's options: a union OmegaConf cannot type.

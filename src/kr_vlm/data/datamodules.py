@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
 from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
@@ -43,7 +43,7 @@ from kr_vlm.data.fewshot import (
     resolve_cache_dir,
     subsample_classes,
 )
-from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle
+from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle, shot_repeats
 from kr_vlm.data.registry import (
     DATASET_NAMES,
     IMAGENET_SHIFT_DATASETS,
@@ -126,6 +126,9 @@ class FewShotDataModule(LightningDataModule):
             `train_dataloader`).
         batch_size: the global training batch (CLIP-LoRA: 32): under DDP each process loads
             `batch_size / world_size` images a step (`per_device_batch_size`).
+        min_iterations_per_epoch: repeat the shots within each epoch until it has at least this many
+            optimiser steps (`kr_vlm.data.loading.shot_repeats`; the KRAdapter / RandLoRA authors: 10);
+            0: every shot once an epoch. See `train_dataloader`.
         eval_batch_size: validation and test batch size of each process.
         num_workers: DataLoader worker processes.
         train_templates: template kind of `train_task` (`kr_vlm.data.templates.TEMPLATE_KINDS`;
@@ -172,6 +175,7 @@ class FewShotDataModule(LightningDataModule):
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
         test_sets: Sequence[str] | None = None,
+        min_iterations_per_epoch: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -201,12 +205,18 @@ class FewShotDataModule(LightningDataModule):
                 raise ConfigError(f"data.{argument} must be at least 1, got {value}.")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        if type(min_iterations_per_epoch) is not int or min_iterations_per_epoch < 0:
+            raise ConfigError(
+                "data.min_iterations_per_epoch must be a whole number >= 0 (the KRAdapter / RandLoRA authors: "
+                f"10; 0 = every shot once an epoch), got {min_iterations_per_epoch!r}."
+            )
 
         self.dataset = dataset
         self.root = root
         self.shots = shots
         self.seed = seed
         self.batch_size = batch_size
+        self.min_iterations_per_epoch = min_iterations_per_epoch
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.train_templates = train_templates
@@ -394,6 +404,9 @@ class FewShotDataModule(LightningDataModule):
         the whole fit, so the batches depend only on the few-shot seed (not on how many random numbers
         model construction drew, nor on `num_workers`). `drop_last` is False as in CLIP-LoRA: a small
         few-shot set (1 shot x 10 classes) is smaller than one batch and would yield no batch at all.
+
+        With `min_iterations_per_epoch`, an epoch goes through the shots `shot_repeats()` times, in one
+        shuffle of all the copies, each copy augmented under its own seed.
         """
         if self.shots == 0:
             raise RuntimeError(
@@ -401,10 +414,16 @@ class FewShotDataModule(LightningDataModule):
                 "Set data.shots to 1 or more to train."
             )
         self._ready_for_loading(self.train_transform, "training")
+        repeats = self.shot_repeats()
+        epoch: Dataset = self.train_dataset if repeats == 1 else ConcatDataset([self.train_dataset] * repeats)
+        if repeats > 1:
+            log.info(
+                "An epoch goes %d times through the training images (data.min_iterations_per_epoch).", repeats
+            )
         return ResumableLoader(
-            SeededAugmentations(self.train_dataset),
+            SeededAugmentations(epoch),
             batch_size=self.per_device_batch_size(),
-            sampler=SeededShuffle(len(self.train_dataset), self._shuffle_generator),
+            sampler=SeededShuffle(len(epoch), self._shuffle_generator),
             # The workers' base seeds, which nothing draws from, come from a generator of their own: from
             # torch's global one they would shift dropout's draws, from the shuffle generator the epochs'.
             generator=torch.Generator().manual_seed(self.seed),
@@ -412,6 +431,19 @@ class FewShotDataModule(LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and self.num_workers > 0,
+        )
+
+    def shot_repeats(self) -> int:
+        """How many times a training epoch goes through the shots (`kr_vlm.data.loading.shot_repeats`), so
+        that it has at least `min_iterations_per_epoch` optimiser steps: steps of `batch_size` images
+        times the attached trainer's `accumulate_grad_batches`, so that accumulating gradients over
+        smaller batches repeats the shots as the whole batch would."""
+        if not self.min_iterations_per_epoch:
+            return 1
+        self.setup()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        return shot_repeats(
+            len(self.train_dataset), self.batch_size * accumulate, self.min_iterations_per_epoch
         )
 
     def per_device_batch_size(self) -> int:
@@ -490,6 +522,7 @@ class DistributionShiftDataModule(FewShotDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
+        min_iterations_per_epoch: int = 0,
     ) -> None:
         if shift_sets is None:
             if dataset not in SHIFT_SETS:
@@ -515,6 +548,7 @@ class DistributionShiftDataModule(FewShotDataModule):
             persistent_workers=persistent_workers,
             sampler=sampler,
             test_sets=shift_sets,
+            min_iterations_per_epoch=min_iterations_per_epoch,
         )
 
     @property

@@ -90,6 +90,20 @@ class _SeededEpoch(Iterator[tuple[int, int]]):
         self._yielded = state_dict["yielded"]
 
 
+def shot_repeats(num_images: int, batch_size: int, min_iterations: int) -> int:
+    """How many times an epoch goes through ``num_images`` training images so that it has at least
+    ``min_iterations`` batches of ``batch_size``.
+
+    1 when one pass already has that many (or ``min_iterations`` is 0). Otherwise the KRAdapter / RandLoRA
+    authors' rule (``vision_language/src/finetune.py``: with ``r = len(shots) / batch_size < 10`` the shots
+    are repeated ``int(10 / r) + 1`` times), ``floor(min_iterations * batch_size / num_images) + 1``: the
+    epoch then has more than ``min_iterations`` batches (11 for one batch of shots and 10 asked).
+    """
+    if min_iterations <= 0 or num_images >= min_iterations * batch_size:
+        return 1
+    return min_iterations * batch_size // num_images + 1
+
+
 class SeededAugmentations(Dataset):
     """``dataset[index]`` for the ``(index, seed)`` items of `SeededShuffle`, loaded under ``seed``.
 

@@ -1,6 +1,6 @@
 """Prompt templates per dataset: one `{}` stands for the class name.
 
-Four kinds, chosen by `get_templates(dataset_name, kind)`:
+Five kinds, chosen by `get_templates(dataset_name, kind)`:
 
 - `simple`: ``"a photo of a {}."``, CLIP-LoRA's training template.
 - `coop`: the one hand-written template per dataset of CoOp's zero-shot CLIP
@@ -10,6 +10,9 @@ Four kinds, chosen by `get_templates(dataset_name, kind)`:
   template, except for ImageNet, which gets the 7 alone (as `ZeroshotCLIP2` does).
 - `clip80`: the 80 ImageNet templates of OpenAI's CLIP prompt-engineering notebook, taken from
   `open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES`.
+- `an_image_of`: ``"An image of {}"``, the caption the KRAdapter / RandLoRA authors train and test
+  CLIP's two towers with (`CLIPVL` in PaulAlbert31/RandLoRA `vision_language/src/modeling.py`: no full
+  stop; open_clip's tokenizer lowercases it).
 
 Class names need no cleaning here: the readers already turn underscores into spaces, as CoOp and
 CLIP-LoRA do when they build prompts.
@@ -23,6 +26,7 @@ from kr_vlm.data.registry import dataset_info
 from kr_vlm.errors import ConfigError
 
 SIMPLE_TEMPLATE = "a photo of a {}."
+AN_IMAGE_OF_TEMPLATE = "An image of {}"
 
 # Keyed by CoOp's dataset class names (`DatasetInfo.coop_name`), copied from CoOp's zsclip.py.
 COOP_TEMPLATES: dict[str, str] = {
@@ -64,7 +68,7 @@ COOP_IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
     "a photo of the small {}.",
 )
 
-TEMPLATE_KINDS = ("simple", "coop", "coop_ensemble", "clip80")
+TEMPLATE_KINDS = ("simple", "coop", "coop_ensemble", "clip80", "an_image_of")
 
 
 def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
@@ -79,4 +83,6 @@ def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
         return COOP_IMAGENET_TEMPLATES_SELECT + (() if info.coop_name == "ImageNet" else (own,))
     if kind == "clip80":
         return CLIP_IMAGENET_TEMPLATES
+    if kind == "an_image_of":
+        return (AN_IMAGE_OF_TEMPLATE,)
     raise ConfigError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

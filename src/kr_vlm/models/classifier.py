@@ -96,19 +96,20 @@ class CLIPClassifier(nn.Module):
         """L2-normalised image features, ``(batch, embed_dim)``."""
         return F.normalize(self.model.encode_image(images), dim=-1)
 
-    def class_embeddings(self, task: Task) -> Tensor:
-        """L2-normalised class embeddings of `task`, ``(len(task.classnames), embed_dim)``."""
+    def class_embeddings(self, task: Task, classes: Tensor | None = None) -> Tensor:
+        """L2-normalised class embeddings of `task`, ``(len(task.classnames), embed_dim)``; with `classes`
+        (class indices), those classes' only, ``(len(classes), embed_dim)``: while the text tower trains,
+        only their prompts go through it."""
         key = _task_key(task)
         if torch.is_grad_enabled() and self.text_tower_trainable():
-            return self._embed_classes(key)
+            return self._embed_classes(key, classes)
         state = self._text_tower_state()
         cached = self._embeddings.get(key)
-        if cached is not None and cached[0] == state:
-            return cached[1]
-        with torch.no_grad():
-            embeddings = self._embed_classes(key)
-        self._embeddings[key] = (state, embeddings)
-        return embeddings
+        if cached is None or cached[0] != state:
+            with torch.no_grad():
+                cached = (state, self._embed_classes(key))
+            self._embeddings[key] = cached
+        return cached[1] if classes is None else cached[1][classes]
 
     def clear_cache(self) -> None:
         """Forget cached class embeddings (the token ids stay cached; they never go stale)."""
@@ -138,9 +139,13 @@ class CLIPClassifier(nn.Module):
             self._tokens[key] = tokens
         return tokens
 
-    def _embed_classes(self, key: TaskKey) -> Tensor:
+    def _embed_classes(self, key: TaskKey, classes: Tensor | None = None) -> Tensor:
         _, classnames, templates = key
         tokens = self._task_tokens(key)
+        num_classes = len(classnames)
+        if classes is not None:
+            tokens = tokens.view(num_classes, len(templates), -1)[classes.cpu()].flatten(0, 1)
+            num_classes = len(classes)
         device = self.model.logit_scale.device
         prompt_features = torch.cat(
             [
@@ -150,5 +155,5 @@ class CLIPClassifier(nn.Module):
                 for start in range(0, len(tokens), self.text_batch_size)
             ]
         )
-        per_class = prompt_features.view(len(classnames), len(templates), -1).mean(dim=1)
+        per_class = prompt_features.view(num_classes, len(templates), -1).mean(dim=1)
         return F.normalize(per_class, dim=-1)

@@ -38,8 +38,9 @@ from kr_vlm.files import write_file_atomic
 from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
+from kr_vlm.models.losses import caption_contrastive_loss
 from kr_vlm.models.targets import select_targets
-from kr_vlm.optim import OptimizerOptions, SchedulerOptions, warmup_cosine_factor
+from kr_vlm.optim import OptimizerOptions, SchedulerOptions, TrainingLoss, warmup_cosine_factor
 
 #: The keys of an adapter config: the method, the layers it adapts, the method's options.
 ADAPTER_KEYS = ("method", "targets", "options")
@@ -101,7 +102,8 @@ class CLIPFineTuner(LightningModule):
     """Fine-tune adapters on an open_clip CLIP for image classification (or evaluate it zero-shot).
 
     Logits are ``scale * cos(image, class)`` with class embeddings from the task's class names and
-    prompt templates (see ``CLIPClassifier``); the loss is cross-entropy. Class names come from the
+    prompt templates (see ``CLIPClassifier``); the training loss is ``loss`` (``kr_vlm.models.losses``),
+    evaluation always scores every class. Class names come from the
     DataModule: ``train_task`` for training, ``val_tasks`` / ``test_tasks`` aligned with the lists of
     ``val_dataloader()`` / ``test_dataloader()``. Every evaluation set logs
     ``{val,test}/<task name>/{top1,top5,loss}``, and ``{val,test}/top1`` is the mean top-1 over sets.
@@ -119,6 +121,9 @@ class CLIPFineTuner(LightningModule):
         scheduler: warm-up and cosine (``SchedulerOptions``: ``warmup_steps`` or ``warmup_ratio``,
             ``min_lr``), stepped every optimiser step over ``trainer.estimated_stepping_batches``.
         logit_scale: fixed logit scale (CLIP-LoRA: 100), or None for the model's learned one.
+        loss: the training objective (``TrainingLoss``): ``class_ce``, cross-entropy over all the classes
+            of the training task, or ``caption_contrastive``, the KRAdapter / RandLoRA authors' in-batch
+            loss against the captions of the batch's images (``kr_vlm.models.losses``).
         text_batch_size: prompts per text-encoder call when embedding class names.
         init_seed: seed of the random base weights when ``clip.pretrained`` is None, so a module rebuilt
             from a checkpoint gets the same frozen weights (they are not saved). Adapters are initialised
@@ -141,6 +146,7 @@ class CLIPFineTuner(LightningModule):
         text_batch_size: int = 1024,
         init_seed: int = 0,
         compile: bool | Mapping[str, Any] = False,
+        loss: str = TrainingLoss.class_ce.value,
     ) -> None:
         super().__init__()
         self._resumed_rng_states: dict[str, Any] | None = None
@@ -153,6 +159,12 @@ class CLIPFineTuner(LightningModule):
                 f"{{mode: max-autotune}}); got {compile!r}."
             )
         # Check every config before loading the model, which can take a while.
+        try:
+            self.loss = TrainingLoss(loss)
+        except ValueError:
+            raise ConfigError(
+                f"model.loss must be one of {', '.join(TrainingLoss.__members__)}, got {loss!r}."
+            ) from None
         method, targets, options = adapter_parts(adapter)
         self.optimizer_config = _options(OptimizerOptions, optimizer, "optimizer")
         self.scheduler_config = _options(SchedulerOptions, scheduler, "scheduler")
@@ -174,6 +186,7 @@ class CLIPFineTuner(LightningModule):
                 "text_batch_size": text_batch_size,
                 "init_seed": init_seed,
                 "compile": compile,
+                "loss": self.loss.value,
             },
             logger=False,
         )
@@ -265,10 +278,22 @@ class CLIPFineTuner(LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
-        logits = self.classifier(images, self._tasks("train"))
-        loss = F.cross_entropy(logits, labels)
+        task = self._tasks("train")
+        if self.loss is TrainingLoss.caption_contrastive:
+            # Only the batch's classes go through the text tower; an image's caption is its class's.
+            classes, class_of_image = labels.unique(return_inverse=True)
+            image_features = self.classifier.encode_images(images)
+            captions = self.classifier.class_embeddings(task, classes)[class_of_image]
+            loss, logits = caption_contrastive_loss(
+                image_features, captions.to(image_features.dtype), labels, self.classifier.logit_scale()
+            )
+            predicted = labels[logits.argmax(dim=-1)]  # the class of the caption each image scores highest
+        else:
+            logits = self.classifier(images, task)
+            loss = F.cross_entropy(logits, labels)
+            predicted = logits.argmax(dim=-1)
         batch_size = labels.shape[0]
-        train_top1 = (logits.argmax(dim=-1) == labels).float().mean()
+        train_top1 = (predicted == labels).float().mean()
         self.log(
             metric_names.metric_key(metric_names.TRAIN, metric_names.LOSS),
             loss,

@@ -111,6 +111,19 @@ def test_runs_that_differ_in_their_recipe_are_rows_labelled_by_the_difference(tm
     assert [row[0] for row in table.rows] == ["kradapter (lr=0.0002)", "kradapter (lr=0.001)", "lora"]
 
 
+def test_runs_of_two_schedules_or_clippings_are_two_rows(tmp_path):
+    # The authors' recipe differs from CLIP-LoRA's in trainer and data settings, not only in model.*.
+    write_run(tmp_path / "a", {"dtd": 0.5}, {"dtd": "source"})
+    clipped = write_run(tmp_path / "b", {"dtd": 0.6}, {"dtd": "source"})
+    metrics = json.loads((clipped / "metrics.json").read_text())
+    metrics["config"]["trainer"]["gradient_clip_val"] = 1.0
+    metrics["config"]["data"]["min_iterations_per_epoch"] = 10
+    (clipped / "metrics.json").write_text(json.dumps(metrics))
+    (table,) = tables(tmp_path)["few_shot"]
+    assert len(table.rows) == 2
+    assert any("gradient_clip_val=1.0" in row[0] for row in table.rows)
+
+
 def test_base_to_new_table_averages_base_and_new_then_takes_the_hm(tmp_path):
     for seed, (base, new) in enumerate([(0.8, 0.6), (0.9, 0.5)], start=1):
         write_run(

@@ -21,7 +21,11 @@ RECIPE_KEYS = (
     "data.sampler",
     "data.train_templates",
     "data.batch_size",
+    "data.min_iterations_per_epoch",
     "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.accumulate_grad_batches",
+    "trainer.gradient_clip_val",
 )
 # Entries of `model` that say where weights come from, not what they are.
 _NOT_RECIPE = ("cache_dir", "allow_download")

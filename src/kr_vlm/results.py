@@ -48,6 +48,7 @@ TARGET_PROTOCOLS = {"shift": "distribution_shift", "cross": "cross_dataset"}
 RECIPE_KEYS = (
     "model",
     "data.sampler",
+    "data.fraction",
     "data.train_templates",
     "data.batch_size",
     "trainer.max_steps",
@@ -55,7 +56,7 @@ RECIPE_KEYS = (
 # Entries of `model` that say where weights come from, not what they are.
 _NOT_RECIPE = ("cache_dir", "allow_download")
 # How a run was evaluated: part of a table's row (zero-shot CLIP with one template or seven is two rows).
-EVALUATION_KEYS = ("data.eval_templates",)
+EVALUATION_KEYS = ("data.eval_templates", "data.classnames")
 REFERENCE_FILE = "reference_results.json"
 
 

@@ -75,6 +75,12 @@ BASE_TO_NEW = "base_to_new"
 SUBSAMPLES: tuple[str, ...] = (*SUBSAMPLE_CHOICES, BASE_TO_NEW)
 
 
+def _few(items: Sequence[str], shown: int) -> str:
+    """The first `shown` of `items` for a log line, and how many there are in all."""
+    head = ", ".join(repr(item) for item in items[:shown])
+    return f"[{head}{f', ... ({len(items)} in all)' if len(items) > shown else ''}]"
+
+
 def _templates(dataset: ImageListDataset, name: str, kind: str) -> tuple[str, ...]:
     """The templates of `kind` for dataset `name`; CLIP_benchmark's are those its data came with, if any."""
     if kind == "clip_benchmark" and dataset.templates:
@@ -358,6 +364,13 @@ class FewShotDataModule(LightningDataModule):
         tests = {task.name: len(data) for task, data in zip(self.test_tasks, self.test_datasets, strict=True)}
         val_sizes = [len(data) for data in self.val_datasets]
         log.info("%s: %s, val %s, test %s", self.task_name, train, val_sizes, tests)
+        for task in (self.train_task, *self.test_tasks):
+            log.info(
+                "%s: class names %s; templates %s",
+                task.name,
+                _few(task.classnames, 12),
+                _few(task.templates, 3),
+            )
 
     def _add_test_set(self, task: ClassificationTask, dataset: ImageListDataset, role: str) -> None:
         self.test_tasks.append(task)

@@ -173,7 +173,8 @@ def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, seed: int) 
     # CLIP-LoRA's ImageNet reader: ImageFolder's files, K + min(K, 4) of each class at once.
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    images = [item for item in train if item[0].lower().endswith(IMG_EXTENSIONS)]
+    # Samples that are not files (`<source>#<index>`, aTLAS's arrays and crops) are images by construction.
+    images = [item for item in train if "#" in item[0] or item[0].lower().endswith(IMG_EXTENSIONS)]
     per_class = shots + validation_shots(shots)
     train_shots: Samples = []
     val_shots: Samples = []

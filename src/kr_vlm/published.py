@@ -28,7 +28,7 @@ from importlib import resources
 from typing import Any
 
 from kr_vlm.atlas_names import ATLAS_NAMES
-from kr_vlm.results import Measurements, Table
+from kr_vlm.results import EVALUATION_KEYS, Measurements, Table
 
 TABLES = "published_tables"
 OPENCLIP_FILE = "openclip_classification_results.csv"
@@ -152,7 +152,7 @@ def zero_shot_tables(
             ours[model][trained.row].setdefault(test_set, []).append(top1)
     tables = []
     for model in sorted(ours, key=str):
-        matching = [row for row in published if same_model(model, row)]
+        matching = _matching(model, published)
         columns = sorted({column for row in ours[model].values() for column in row})
         columns = [column for column in columns if any(column in row.top1 for row in matching)]
         if not columns:
@@ -161,13 +161,17 @@ def zero_shot_tables(
     return tables
 
 
+def _matching(model: tuple[Any, Any], published: Sequence[PublishedZeroShot]) -> list[PublishedZeroShot]:
+    """The published rows of our model, one a source: the row of its own name where there is one (open_clip
+    lists OpenAI's ViT-B-32 under two names)."""
+    rows = [row for row in published if same_model(model, row)]
+    exact = {row.source for row in rows if row.model == model[0]}
+    return [row for row in rows if row.source not in exact or row.model == model[0]]
+
+
 def _label(row: tuple[Any, ...], rows: Mapping[Any, Any]) -> str:
-    """Our row's label: the evaluation settings in which our rows of this model differ."""
-    differing = sorted(
-        key
-        for key in {key for other in rows for key, _ in other[2]}
-        if key.startswith("data.") and len({dict(other[2]).get(key) for other in rows}) > 1
-    )
+    """Our row's label: the evaluation settings (templates, class names) in which our rows of this model differ."""
+    differing = sorted(key for key in EVALUATION_KEYS if len({dict(other[2]).get(key) for other in rows}) > 1)
     settings = dict(row[2])
     parts = [f"{key.removeprefix('data.')}={settings.get(key)}" for key in differing]
     return "zero-shot" + (f" ({', '.join(parts)})" if parts else "")

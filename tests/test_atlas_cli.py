@@ -1,5 +1,5 @@
 """The aTLAS datasets from the command line, as a user types it: train and test on torchvision's MNIST files,
-and an empty data root stopping with one message."""
+an empty data root stopping with one message, and the README's lines composing."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.hydra_config import HydraConfig
 
 from atlas_layout import make_atlas_dataset
+from compose_helpers import compose_config, run_state_restored
+from kr_vlm.atlas_names import ATLAS22
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,3 +62,22 @@ def test_an_empty_data_root_stops_with_one_message_naming_the_folder(tmp_path):
     assert "train-images-idx3-ubyte" in line and "data.download=true" in line
     assert f"torchvision.datasets.MNIST('{root}', train=True, download=True)" in line
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_the_readme_lines_compose(tmp_path):
+    with run_state_restored():
+        cfg = compose_config(tmp_path, ["experiment=atlas_zeroshot", "sweep=atlas22"], "eval")
+        sweeper = HydraConfig.get().sweeper
+    assert sweeper.params.data.split(",") == list(ATLAS22)
+    assert cfg.model.clip.name == "ViT-B-32" and cfg.data.shots == 0 and cfg.data.eval_templates == "atlas"
+    with run_state_restored():
+        cfg = compose_config(
+            tmp_path,
+            ["experiment=clip_zeroshot", "data=clip_benchmark", "data.name=wds/vtab/cifar10",
+             "data.eval_templates=clip_benchmark"],
+            "eval",
+        )  # fmt: skip
+    assert cfg.data.dataset == "clip_benchmark/wds/vtab/cifar10" and cfg.data.classnames == "clip_benchmark"
+    with run_state_restored():
+        cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data=cifar10", "data.fraction=0.5"])
+    assert cfg.data.fraction == 0.5 and cfg.data.eval_templates == "atlas"

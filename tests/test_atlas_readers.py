@@ -167,6 +167,10 @@ def test_torchvision_refusing_the_files_is_a_clear_error(tmp_path):
     make_atlas_dataset(tmp_path, "cifar10", classes=3, per_class=2)  # MD5s are not CIFAR's
     with pytest.raises(DatasetNotFoundError, match="torchvision's CIFAR10 cannot read .*corrupted"):
         build_dataset("cifar10", tmp_path, "test")
+    make_atlas_dataset(tmp_path, "food101_atlas", classes=3, per_class=2)
+    (tmp_path / "food-101" / "meta" / "test.json").unlink()
+    with pytest.raises(MalformedDatasetError, match="torchvision's Food101 cannot read .*test.json"):
+        build_dataset("food101_atlas", tmp_path, "test")
 
 
 def test_check_data_lists_atlas_datasets(tmp_path, capsys, fabricated):
@@ -229,3 +233,10 @@ def test_clip_benchmark_class_names_replace_the_default_ones(tmp_path, fabricate
         build_dataset("ucf101_atlas", tmp_path, "test", classnames="clip_benchmark")
     with pytest.raises(ConfigError, match="data.classnames must be one of default, clip_benchmark"):
         build_dataset("ucf101_atlas", tmp_path, "test", classnames="openai")
+
+
+def test_randlora_epochs_cover_the_22():
+    from kr_vlm.data.atlas import FRACTION_EPOCHS
+
+    assert set(FRACTION_EPOCHS) == set(ATLAS22)
+    assert (FRACTION_EPOCHS["dtd_atlas"], FRACTION_EPOCHS["svhn"]) == (76, 4)  # finetune.py: "DTD": 76, "SVHN": 4

@@ -37,6 +37,16 @@ Samples = list[tuple[str, int]]
 
 METADATA_FILE = "atlas_metadata.json"
 
+# Epochs of RandLoRA's data-ratio runs (`--data-ratio 0.5` / `1.0`), per dataset, from the `epochs` table of its
+# vision_language/src/finetune.py ("Same training epochs as in aTLAS"); few-shot runs train 10 epochs everywhere.
+FRACTION_EPOCHS: dict[str, int] = {
+    "stanford_cars_atlas": 35, "dtd_atlas": 76, "eurosat_atlas": 13, "gtsrb": 11, "mnist": 5, "resisc45": 15,
+    "sun397_atlas": 14, "svhn": 4, "cifar10": 5, "cifar100": 6, "stl10": 4, "food101_atlas": 15,
+    "caltech256": 8, "fgvc_aircraft_atlas": 60, "oxford_flowers_atlas": 40, "oxford_pets_atlas": 5, "cub200": 20,
+    "pascal_voc": 10, "country211": 15, "caltech101_atlas": 10, "ucf101_atlas": 20, "imagenet_atlas": 10,
+}  # fmt: skip
+FEW_SHOT_EPOCHS = 10
+
 # aTLAS's `split_train_into_train_val(..., val_fraction=0.1, max_val_samples=5000, seed=0)`.
 VAL_FRACTION = 0.1
 MAX_VAL_IMAGES = 5000

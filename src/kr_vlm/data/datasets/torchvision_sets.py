@@ -27,7 +27,7 @@ from typing import Any
 from PIL import Image
 
 from kr_vlm.data.atlas import atlas_classnames, caltech_split_indices
-from kr_vlm.data.base import DatasetNotFoundError
+from kr_vlm.data.base import DatasetNotFoundError, MalformedDatasetError
 from kr_vlm.data.datasets.common import Samples
 
 Read = tuple[Samples, list[str]] | tuple[Samples, list[str], Callable[[str], Image.Image]]
@@ -44,10 +44,15 @@ def _open(class_name: str, root: str, options: tuple[tuple[str, Any], ...]) -> A
     """The torchvision dataset `class_name(root, **options)`, read once a process (no download)."""
     try:
         return _torchvision_class(class_name)(root, download=False, **dict(options))
-    except (
-        RuntimeError
-    ) as err:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+    except RuntimeError as err:
+        # torchvision's "Dataset not found or corrupted. You can use download=True to download it"
         raise DatasetNotFoundError(f"torchvision's {class_name} cannot read {root}: {err}") from None
+    except (OSError, ValueError, KeyError, IndexError) as err:
+        # A file missing, or not in the format torchvision expects.
+        raise MalformedDatasetError(
+            f"torchvision's {class_name} cannot read {root} ({type(err).__name__}: {err}): see data/README.md "
+            "for the files it needs."
+        ) from None
 
 
 class TorchvisionImages:

@@ -173,7 +173,7 @@ def _label(row: tuple[Any, ...], rows: Mapping[Any, Any]) -> str:
     """Our row's label: the evaluation settings (templates, class names) in which our rows of this model differ."""
     differing = sorted(key for key in EVALUATION_KEYS if len({dict(other[2]).get(key) for other in rows}) > 1)
     settings = dict(row[2])
-    parts = [f"{key.removeprefix('data.')}={settings.get(key)}" for key in differing]
+    parts = [f"{key.removeprefix('data.')}={settings.get(key) or 'default'}" for key in differing]
     return "zero-shot" + (f" ({', '.join(parts)})" if parts else "")
 
 

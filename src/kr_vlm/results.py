@@ -57,6 +57,9 @@ RECIPE_KEYS = (
 _NOT_RECIPE = ("cache_dir", "allow_download")
 # How a run was evaluated: part of a table's row (zero-shot CLIP with one template or seven is two rows).
 EVALUATION_KEYS = ("data.eval_templates", "data.classnames")
+# Settings at these values are as good as absent: runs from before the setting existed, and data configs
+# without it (digits_ood), group with the runs that have it at its default.
+_DEFAULT_SETTINGS = {"data.classnames": "default"}
 REFERENCE_FILE = "reference_results.json"
 
 
@@ -205,7 +208,9 @@ def config_settings(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str,
     return {
         key: value
         for key, value in settings.items()
-        if value is not None and key.rpartition(".")[2] not in _NOT_RECIPE
+        if value is not None
+        and key.rpartition(".")[2] not in _NOT_RECIPE
+        and _DEFAULT_SETTINGS.get(key) != value
     }
 
 

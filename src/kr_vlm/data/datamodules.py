@@ -126,7 +126,8 @@ class FewShotDataModule(LightningDataModule):
     test images, which is CoOp's protocol and nobody else's).
 
     Args:
-        dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``digits``).
+        dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``cifar10``,
+            ``digits``), or ``clip_benchmark/<name>`` (`kr_vlm.data.clip_benchmark`).
         root: the data root, a CoOp-style `$DATA` folder (ignored by `digits`).
         shots: training images per class; 0 for zero-shot evaluation.
         seed: the few-shot sampling seed. It also seeds the training loader's shuffling (see
@@ -199,7 +200,10 @@ class FewShotDataModule(LightningDataModule):
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
             raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
         if fraction is not None and not (
-            isinstance(fraction, int | float) and 0 < fraction <= 1 and shots > 0
+            isinstance(fraction, int | float)
+            and not isinstance(fraction, bool)
+            and 0 < fraction <= 1
+            and shots > 0
         ):
             raise ConfigError(
                 f"data.fraction must be a number in (0, 1] (aTLAS's data ratio, e.g. 0.5), with data.shots > 0 "

@@ -1,4 +1,4 @@
-"""Report which datasets of the CoOp layout are present under a data root, with image counts.
+"""Report which datasets (CoOp's layout, aTLAS's 22) are present under a data root, with image counts.
 
     python scripts/check_data.py /path/to/DATA            # every dataset
     python scripts/check_data.py data --datasets dtd eurosat
@@ -35,13 +35,13 @@ def check_dataset(root: Path, name: str) -> tuple[str, dict[str, int], int, str]
             dataset = build_dataset(name, root, split)
         except (DatasetNotFoundError, MalformedDatasetError) as err:
             return "malformed", counts, num_classes, str(err)
-        absent = [path for path, _ in dataset.samples if not Path(path).is_file()]
+        absent = dataset.missing_files()
         if absent:
             return (
                 "malformed",
                 counts,
                 num_classes,
-                f"{split}: {len(absent)} listed images missing, e.g. {absent[0]}",
+                f"{split}: {len(absent)} listed image files missing, e.g. {absent[0]}",
             )
         counts[split] = len(dataset)
         num_classes = len(dataset.classnames)

@@ -1,9 +1,10 @@
-"""The few-shot draws of CoOp / Dassl and CLIP-LoRA, transcribed from their published code, for tests.
+"""The few-shot draws of CoOp / Dassl, CLIP-LoRA and aTLAS / RandLoRA, transcribed from their published code, for tests.
 
 From Dassl `dassl/data/datasets/base_dataset.py` and `dassl/utils/tools.py`, CoOp `train.py` and
 `datasets/*.py`, CLIP-LoRA `main.py`, `run_utils.py`, `datasets/utils.py`, `datasets/*.py` and
 `datasets/imagenet.py`. They seed and draw from Python's *global* `random`, as the references do;
-only what the draw needs is kept (no numpy or torch seeding, no transforms).
+only what the draw needs is kept (no numpy or torch seeding, no transforms). aTLAS's and RandLoRA's draws
+(at the end) use torch's global generator instead.
 """
 
 from __future__ import annotations
@@ -190,3 +191,52 @@ def clip_lora_draw(root, name, shots, seed):
     val = generate_fewshot_dataset(val, num_shots=n_shots_val, repeat=True)
     train = generate_fewshot_dataset(train, num_shots=shots, repeat=True)
     return train, val
+
+
+# ---- aTLAS src/utils.py get_n_shots (= RandLoRA vision_language/src/eval.py), RandLoRA src/finetune.py ------
+# Both draw from torch's global generator; `torch.manual_seed(seed)` stands for its state at the draw.
+
+
+def atlas_get_n_shots(targets, shots, n_class, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    targets = torch.tensor(targets)
+    to_keep = torch.tensor([], dtype=torch.long)
+    for c in range(n_class):
+        cond = targets == c
+        ids_c = torch.arange(len(targets))[cond]
+        a = torch.randperm(len(ids_c))
+        to_keep = torch.cat((to_keep, ids_c[a[-shots:]]))
+    return to_keep.tolist()
+
+
+def randlora_data_ratio(n, data_ratio, seed):
+    import torch
+
+    torch.manual_seed(seed)
+    subset = torch.randperm(n)[: int(data_ratio * n)]
+    subset.sort()  # as written in finetune.py: returns a sorted copy, leaves `subset` as it is
+    return subset.tolist()
+
+
+def atlas_split_train_into_train_val(n, val_fraction=0.1, max_val_samples=5000, seed=0):  # registry.py
+    import torch
+    from torch.utils.data import random_split
+
+    val_size = min(int(n * val_fraction), max_val_samples)
+    trainset, valset = random_split(
+        range(n), [n - val_size, val_size], generator=torch.Generator().manual_seed(seed)
+    )
+    return list(valset.indices)
+
+
+def atlas_caltech_split(n, train_fraction=0.8, seed=0):  # caltech.py
+    import torch
+    from torch.utils.data import random_split
+
+    train_size = int(n * train_fraction)
+    train, test = random_split(
+        range(n), [train_size, n - train_size], generator=torch.Generator().manual_seed(seed)
+    )
+    return list(train.indices), list(test.indices)

@@ -21,13 +21,16 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 
+from atlas_layout import accept_fabricated_files, make_atlas_dataset
 from compose_helpers import FAST, TINY_MODEL, compose_config, run_state_restored
 from coop_layout import make_coop_dataset
 from kr_vlm import cli
 from kr_vlm.adapters import kradapter_shapes
 from kr_vlm.adapters.methods import REGISTRY
+from kr_vlm.atlas_names import ATLAS22
 from kr_vlm.callbacks import EffectiveRankMonitor, ParameterSummary, RichStepProgressBar
 from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.atlas import atlas_templates
 from kr_vlm.data.templates import COOP_IMAGENET_TEMPLATES_SELECT
 from kr_vlm.models import CLIPFineTuner
 
@@ -35,8 +38,11 @@ CONFIG_DIR = Path(cli.CONFIG_DIR)
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 ADAPTERS = sorted(path.stem for path in (CONFIG_DIR / "adapter").glob("*.yaml"))
 TRAINERS = sorted(path.stem for path in (CONFIG_DIR / "trainer").glob("*.yaml"))
-# `fewshot` is the base the dataset configs extend (its dataset is `???`).
-DATA_CONFIGS = sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml") if path.stem != "fewshot")
+# `fewshot` is the base the dataset configs extend (its dataset is `???`); `clip_benchmark` needs
+# CLIP_benchmark's data (test_clip_benchmark.py).
+DATA_CONFIGS = sorted(
+    path.stem for path in (CONFIG_DIR / "data").glob("*.yaml") if path.stem not in ("fewshot", "clip_benchmark")
+)
 SMALL = T.Compose([T.Resize((16, 16)), T.ToTensor()])
 SHOTS = 2  # images per class in the tiny folders; few-shot configs sample them all
 
@@ -48,13 +54,16 @@ def _clear_hydra():
 
 
 def write_dataset(data_dir: Path, dataset: str) -> None:
-    """The tiny CoOp folder(s) a data config reads (nothing for digits and glyphs, which kr_vlm draws)."""
-    if dataset not in ("digits", "glyphs"):
+    """The tiny CoOp or aTLAS folder(s) a data config reads (nothing for digits and glyphs, which kr_vlm draws)."""
+    if dataset in ATLAS22:
+        make_atlas_dataset(data_dir, dataset, classes=3, per_class=SHOTS)
+    elif dataset not in ("digits", "glyphs"):
         make_coop_dataset(data_dir, dataset, classes=3, per_class=SHOTS)
 
 
 def test_config_groups_are_the_documented_ones():
     assert EXPERIMENTS == [
+        "atlas_zeroshot",
         "clip_kr_base2new",
         "clip_kr_cross_dataset",
         "clip_kr_fewshot",
@@ -199,6 +208,7 @@ EXPERIMENT_SETUPS = {
     "clip_kr_randlora_vision": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
     "mini_kr_randlora": ("train", [], []),
     "mini_zeroshot": ("eval", [], []),
+    "atlas_zeroshot": ("eval", ["cifar10"], []),
 }
 # The test templates of the zero-shot experiments on oxford_pets: the baseline each one reproduces.
 ZERO_SHOT_TEMPLATES = {
@@ -210,6 +220,7 @@ ZERO_SHOT_TEMPLATES = {
     ),  # ZeroshotCLIP2
     "clip_lora_zeroshot": ("a photo of a {}.",),  # CLIP-LoRA's zero-shot row
     "mini_zeroshot": ("a photo of a {}.",),
+    "atlas_zeroshot": atlas_templates("CIFAR10"),  # aTLAS's 18 CIFAR templates
 }
 # The few-shot draw of each experiment that reproduces a paper's protocol.
 SAMPLERS = {
@@ -222,10 +233,11 @@ SAMPLERS = {
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_instantiates(experiment, tmp_path):
+def test_experiment_instantiates(experiment, tmp_path, monkeypatch):
     config_name, datasets, overrides = EXPERIMENT_SETUPS[experiment]
+    accept_fabricated_files(monkeypatch)
     for dataset in datasets:
-        make_coop_dataset(tmp_path / "data", dataset, classes=3, per_class=SHOTS)
+        write_dataset(tmp_path / "data", dataset)
     cfg = compose_config(tmp_path, [f"experiment={experiment}", *TINY_MODEL, *FAST, *overrides], config_name)
     assert cfg.task_name == experiment
 
@@ -303,7 +315,8 @@ def test_demo_adapts_the_shipped_miniature_clip(tmp_path):
 
 
 @pytest.mark.parametrize("data", DATA_CONFIGS)
-def test_data_config_instantiates(data, tmp_path):
+def test_data_config_instantiates(data, tmp_path, monkeypatch):
+    accept_fabricated_files(monkeypatch)
     cfg = compose_config(tmp_path, [f"data={data}", "data.num_workers=0", "data.shots=1"])
     source = cfg.data.dataset
     write_dataset(tmp_path / "data", source)

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageFile
 
+from benchmark_helpers import HAVE_CLIP_BENCHMARK
 from coop_layout import make_coop_dataset, write_image
+from kr_vlm.atlas_names import ATLAS22
 from kr_vlm.data.base import (
     ClassificationTask,
     CorruptImageError,
@@ -23,8 +25,9 @@ from kr_vlm.data.base import (
 from kr_vlm.data.registry import DATASET_NAMES, DATASETS, build_dataset
 from kr_vlm.data.templates import CLIP_IMAGENET_TEMPLATES, TEMPLATE_KINDS, get_templates
 
-# digits and glyphs are drawn by kr_vlm; every other dataset is read from a CoOp folder.
-COOP_NAMES = [name for name in DATASET_NAMES if name not in ("digits", "glyphs")]
+# digits and glyphs are drawn by kr_vlm; aTLAS's 22 have tests of their own (test_atlas_readers.py); every
+# other dataset is read from a CoOp folder.
+COOP_NAMES = [name for name in DATASET_NAMES if name not in ("digits", "glyphs", *ATLAS22)]
 PER_CLASS = {"train": 3, "val": 1, "test": 2}
 
 
@@ -38,7 +41,7 @@ def test_dataset_names_are_the_documented_ones():
         "imagenet caltech101 oxford_pets stanford_cars oxford_flowers food101 fgvc_aircraft sun397 dtd"
     )
     documented += " eurosat ucf101 imagenet_v2 imagenet_sketch imagenet_a imagenet_r digits glyphs"
-    assert documented.split() == list(DATASET_NAMES)
+    assert documented.split() + list(ATLAS22) == list(DATASET_NAMES)
 
 
 @pytest.mark.parametrize("name", COOP_NAMES)
@@ -122,8 +125,8 @@ def test_shift_sets_have_only_test(tmp_path, name, split):
 
 
 def test_unknown_dataset_lists_known_ones(tmp_path):
-    with pytest.raises(ValueError, match="Known datasets: imagenet, caltech101.*digits"):
-        build_dataset("cifar10", tmp_path, "train")
+    with pytest.raises(ValueError, match="Known datasets: imagenet, caltech101.*digits.*cifar10"):
+        build_dataset("cifar11", tmp_path, "train")
 
 
 def test_unknown_split_is_an_error(tmp_path):
@@ -273,8 +276,9 @@ def test_templates():
     assert get_templates("ucf101", "clip80") == CLIP_IMAGENET_TEMPLATES
     assert get_templates("dtd", "an_image_of") == ("An image of {}",)  # the KRAdapter authors' caption
     assert len(CLIP_IMAGENET_TEMPLATES) == 80 and CLIP_IMAGENET_TEMPLATES[0] == "a bad photo of a {}."
+    kinds = [kind for kind in TEMPLATE_KINDS if kind != "clip_benchmark" or HAVE_CLIP_BENCHMARK]
     for name in DATASET_NAMES:
-        for kind in TEMPLATE_KINDS:
+        for kind in kinds:
             ClassificationTask(name, ["x"], get_templates(name, kind))  # one "{}" each
     with pytest.raises(ValueError, match="simple, coop, coop_ensemble, clip80, an_image_of"):
         get_templates("dtd", "fancy")

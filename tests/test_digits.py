@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torchvision.transforms as T
 
+from benchmark_helpers import TEMPLATE_KIND_PARAMS
 from kr_vlm.data.base import ImageListDataset
 from kr_vlm.data.digits import (
     CLASSNAMES,
@@ -18,7 +19,7 @@ from kr_vlm.data.digits import (
     split_indices,
 )
 from kr_vlm.data.registry import build_dataset
-from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
+from kr_vlm.data.templates import get_templates
 
 
 def pixels(image) -> np.ndarray:
@@ -108,7 +109,7 @@ def test_registry_builds_digits():
     assert dataset.samples == build_digits(None, "test", domain="noisy").samples
 
 
-@pytest.mark.parametrize("kind", TEMPLATE_KINDS)
+@pytest.mark.parametrize("kind", TEMPLATE_KIND_PARAMS)
 def test_templates_for_digits(kind):
     templates = get_templates("digits", kind)
     assert templates and all(t.count("{}") == 1 for t in templates)

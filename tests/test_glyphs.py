@@ -7,6 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 
+from benchmark_helpers import TEMPLATE_KIND_PARAMS
 from kr_vlm.data import FewShotDataModule, build_dataset, get_templates
 from kr_vlm.data.digits import IMAGE_SIZE
 from kr_vlm.data.glyphs import (
@@ -23,7 +24,6 @@ from kr_vlm.data.glyphs import (
     glyph_ink_counts,
     parse_glyph_path,
 )
-from kr_vlm.data.templates import TEMPLATE_KINDS
 
 SPLIT_SIZES = {"train": 900, "val": 360, "test": 540}
 
@@ -81,7 +81,7 @@ def test_bad_paths_and_splits_are_clear_errors():
         build_dataset("glyphs", None, "holdout")
 
 
-@pytest.mark.parametrize("kind", TEMPLATE_KINDS)
+@pytest.mark.parametrize("kind", TEMPLATE_KIND_PARAMS)
 def test_templates_exist_for_every_kind(kind):
     assert all(template.count("{}") == 1 for template in get_templates("glyphs", kind))
 

@@ -7,10 +7,12 @@ that opens images lazily with PIL.
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageFile
@@ -97,10 +99,18 @@ class ImageListDataset(Dataset):
             `CorruptImageError` naming the file. If True, the bad sample is replaced by the next
             readable one (wrapping around), logged, and counted in `corrupt_count`.
         name: a label for messages and logs (e.g. ``"oxford_pets/test"``).
+        open_image: how to get the image of a sample whose "path" is not an image file but an identity
+            (an index into torchvision's arrays, ``<folder>/<split>#<index>``; an object cut out of a photo):
+            a picklable callable from that string to a PIL image. None opens the file with PIL.
+
+    `templates` are the prompt templates that came with the data (CLIP_benchmark's webdatasets ship
+    theirs), None for most datasets, whose templates kr_vlm knows by name (`kr_vlm.data.templates`).
 
     `corrupt_count` counts the distinct bad files met in *this* process; with DataLoader workers
     each worker keeps its own count (the warnings in the log cover all of them).
     """
+
+    templates: tuple[str, ...] | None = None
 
     def __init__(
         self,
@@ -109,11 +119,32 @@ class ImageListDataset(Dataset):
         transform: Callable[[Image.Image], Any] | None = None,
         skip_corrupt: bool = False,
         name: str = "",
+        open_image: Callable[[str], Image.Image] | None = None,
     ) -> None:
-        self.samples: list[tuple[str, int]] = [(str(path), int(label)) for path, label in samples]
-        self.classnames: list[str] = list(classnames)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self.open_image = open_image
+        self._set_samples(samples, classnames, name)
+
+    def with_samples(
+        self, samples: Sequence[tuple[str, int]], classnames: Sequence[str], name: str
+    ) -> ImageListDataset:
+        """A dataset of the same kind, transform and image source holding only `samples` (a few-shot
+        split, a class subset), labelled by `classnames`."""
+        subset = copy.copy(self)
+        subset._set_samples(samples, classnames, name)
+        return subset
+
+    def missing_files(self) -> list[str]:
+        """The samples whose image file is not on disk. With `open_image`, its `file_of(sample)` names the
+        file a sample comes from (None: an index into arrays, which reading the dataset already found)."""
+        file_of = getattr(self.open_image, "file_of", lambda sample: sample)
+        files = {file_of(path) for path, _ in self.samples}
+        return sorted(file for file in files if file is not None and not Path(file).is_file())
+
+    def _set_samples(self, samples: Sequence[tuple[str, int]], classnames: Sequence[str], name: str) -> None:
+        self.samples: list[tuple[str, int]] = [(str(path), int(label)) for path, label in samples]
+        self.classnames: list[str] = list(classnames)
         self.name = name
         self._corrupt_indices: set[int] = set()
         bad_labels = sorted({label for _, label in self.samples if not 0 <= label < len(self.classnames)})
@@ -162,7 +193,9 @@ class ImageListDataset(Dataset):
 
     def load_image(self, path: str) -> Image.Image:
         """The RGB image of sample `path`; subclasses that draw their images override this."""
-        return load_rgb_image(path)
+        if self.open_image is None:
+            return load_rgb_image(path)
+        return self.open_image(path).convert("RGB")
 
     def _transformed(self, image: Image.Image) -> Any:
         return self.transform(image) if self.transform is not None else image

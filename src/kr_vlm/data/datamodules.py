@@ -33,6 +33,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
+from kr_vlm.data.atlas import atlas_fraction
 from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
 from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
 from kr_vlm.data.fewshot import (
@@ -45,11 +46,13 @@ from kr_vlm.data.fewshot import (
 )
 from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle, shot_repeats
 from kr_vlm.data.registry import (
+    BENCHMARK_PREFIX,
     DATASET_NAMES,
     IMAGENET_SHIFT_DATASETS,
     build_dataset,
     dataset_folder,
     dataset_info,
+    download_dataset,
 )
 from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
 from kr_vlm.errors import ConfigError
@@ -72,10 +75,23 @@ BASE_TO_NEW = "base_to_new"
 SUBSAMPLES: tuple[str, ...] = (*SUBSAMPLE_CHOICES, BASE_TO_NEW)
 
 
+def _few(items: Sequence[str], shown: int) -> str:
+    """The first `shown` of `items` for a log line, and how many there are in all."""
+    head = ", ".join(repr(item) for item in items[:shown])
+    return f"[{head}{f', ... ({len(items)} in all)' if len(items) > shown else ''}]"
+
+
+def _templates(dataset: ImageListDataset, name: str, kind: str) -> tuple[str, ...]:
+    """The templates of `kind` for dataset `name`; CLIP_benchmark's are those its data came with, if any."""
+    if kind == "clip_benchmark" and dataset.templates:
+        return dataset.templates
+    return get_templates(name, kind)
+
+
 def check_test_sets(test_sets: Sequence[str], source: str) -> list[str]:
     """`test_sets` as a list, or a `ConfigError` for an unknown name, a repeated one or the source itself."""
     names = list(test_sets)
-    unknown = [name for name in names if name not in TEST_SET_NAMES]
+    unknown = [name for name in names if name not in TEST_SET_NAMES and not name.startswith(BENCHMARK_PREFIX)]
     if unknown:
         raise ConfigError(
             f"Unknown test sets {unknown} in data.test_sets (data.shift_sets); known: "
@@ -89,15 +105,6 @@ def check_test_sets(test_sets: Sequence[str], source: str) -> list[str]:
             "list each extra test set once."
         )
     return names
-
-
-def _with_samples(
-    dataset: ImageListDataset, samples: list[tuple[str, int]], classnames: Sequence[str], name: str
-) -> ImageListDataset:
-    """A dataset of the same kind as `dataset` (e.g. drawn digits) holding only `samples`."""
-    return type(dataset)(
-        samples, classnames, transform=dataset.transform, skip_corrupt=dataset.skip_corrupt, name=name
-    )
 
 
 class FewShotDataModule(LightningDataModule):
@@ -119,7 +126,8 @@ class FewShotDataModule(LightningDataModule):
     test images, which is CoOp's protocol and nobody else's).
 
     Args:
-        dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``digits``).
+        dataset: a name of `kr_vlm.data.registry.DATASET_NAMES` (e.g. ``oxford_pets``, ``cifar10``,
+            ``digits``), or ``clip_benchmark/<name>`` (`kr_vlm.data.clip_benchmark`).
         root: the data root, a CoOp-style `$DATA` folder (ignored by `digits`).
         shots: training images per class; 0 for zero-shot evaluation.
         seed: the few-shot sampling seed. It also seeds the training loader's shuffling (see
@@ -149,8 +157,13 @@ class FewShotDataModule(LightningDataModule):
             The default of the configs, `<root>/.kr_vlm_cache`, falls back to the per-user cache
             folder when the data root is read-only (`kr_vlm.data.fewshot.resolve_cache_dir`).
         sampler: the few-shot draw: `kr_vlm` (portable, the default), `coop` (CoOp's draw, image
-            for image; CoOp's `split_fewshot/*.pkl` in the dataset folder are used as they are) or
-            `clip_lora` (CLIP-LoRA's draw).
+            for image; CoOp's `split_fewshot/*.pkl` in the dataset folder are used as they are),
+            `clip_lora` (CLIP-LoRA's draw) or `atlas` (aTLAS's / RandLoRA's draw, `kr_vlm.data.atlas`).
+        fraction: train on this fraction of the training split instead of `shots` images per class
+            (aTLAS's data-ratio runs, 0.5 or 1.0), drawn as RandLoRA draws it whatever the sampler
+            (`kr_vlm.data.atlas.atlas_fraction`); validation uses the whole val split. None: few-shot.
+        classnames: `default` (the dataset's own) or `clip_benchmark` (CLIP_benchmark's), for every set.
+        download: let `prepare_data` fetch datasets that can be fetched (torchvision's, CLIP_benchmark's).
         pin_memory: pin batches in page-locked memory; None: only when CUDA is available.
         persistent_workers: keep the worker processes of the training and validation loaders alive
             between epochs. A few-shot epoch is short (16 shots x 37 classes / 32 = 19 batches), so
@@ -176,6 +189,9 @@ class FewShotDataModule(LightningDataModule):
         sampler: str = "kr_vlm",
         test_sets: Sequence[str] | None = None,
         min_iterations_per_epoch: int = 0,
+        fraction: float | None = None,
+        classnames: str = "default",
+        download: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -187,6 +203,16 @@ class FewShotDataModule(LightningDataModule):
         info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
         if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
             raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
+        if fraction is not None and not (
+            isinstance(fraction, int | float)
+            and not isinstance(fraction, bool)
+            and 0 < fraction <= 1
+            and shots > 0
+        ):
+            raise ConfigError(
+                f"data.fraction must be a number in (0, 1] (aTLAS's data ratio, e.g. 0.5), with data.shots > 0 "
+                f"(0 means zero-shot); got fraction={fraction!r}, shots={shots!r}."
+            )
         if shots > 0 and "train" not in info.splits:
             raise ConfigError(
                 f"{dataset!r} is an evaluation-only set (splits {list(info.splits)}): it cannot be trained "
@@ -225,6 +251,9 @@ class FewShotDataModule(LightningDataModule):
         self.skip_corrupt = skip_corrupt
         self.cache_dir = cache_dir
         self.sampler = sampler
+        self.fraction = fraction
+        self.classnames = classnames
+        self.download = download
         self.test_sets: list[str] = check_test_sets(test_sets or (), dataset)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers
@@ -276,16 +305,22 @@ class FewShotDataModule(LightningDataModule):
         """
         if self._is_set_up:
             return
-        read = {"skip_corrupt": self.skip_corrupt}
         # The test split comes first: it exists for every dataset, and a missing source set is an error here.
-        source_test = build_dataset(self.dataset, self.root, "test", **read)
+        source_test = self._read(self.dataset, "test")
         classnames = list(source_test.classnames)
 
         info = dataset_info(self.dataset)
-        if self.shots > 0:
-            source_train = build_dataset(self.dataset, self.root, "train", **read)
-            # A val split that is the test set (ImageNet) is never drawn from: see the class docstring.
-            source_val = None if info.val_is_test else build_dataset(self.dataset, self.root, "val", **read)
+        # A val split that is the test set (ImageNet) or a part of the training split (aTLAS's held-out
+        # images) is never drawn from: see the class docstring.
+        own_val = "val" in info.splits and not (info.val_is_test or info.val_in_train)
+        if self.fraction is not None:
+            source_train = self._read(self.dataset, "train")
+            train_samples = atlas_fraction(source_train.samples, self.fraction, self.seed)
+            source_val = self._read(self.dataset, "val") if "val" in info.splits else None
+            val_samples = source_val.samples if source_val is not None else []
+        elif self.shots > 0:
+            source_train = self._read(self.dataset, "train")
+            source_val = self._read(self.dataset, "val") if own_val else None
             split = few_shot_split(
                 self.dataset,
                 source_train.samples,
@@ -306,8 +341,12 @@ class FewShotDataModule(LightningDataModule):
             # Zero-shot: nothing to sample; validation (if the dataset has a val split) uses all of it.
             source_train, train_samples = None, []
             has_val = "val" in info.splits
-            source_val = build_dataset(self.dataset, self.root, "val", **read) if has_val else None
+            source_val = self._read(self.dataset, "val") if has_val else None
             val_samples = source_val.samples if source_val is not None else []
+        templates = {
+            kind: _templates(source_test, self.dataset, kind)
+            for kind in (self.train_templates, self.eval_templates)
+        }
 
         def subsampled(
             dataset: ImageListDataset, samples: list[tuple[str, int]], subsample: str, split: str
@@ -315,14 +354,12 @@ class FewShotDataModule(LightningDataModule):
             """The evaluation task and the dataset of `samples` restricted to the classes of `subsample`."""
             kept, kept_names = subsample_classes(samples, classnames, subsample)
             name = self._subsample_name(subsample)
-            task = ClassificationTask(name, kept_names, get_templates(self.dataset, self.eval_templates))
-            return task, _with_samples(dataset, kept, kept_names, f"{name}/{split}")
+            task = ClassificationTask(name, kept_names, templates[self.eval_templates])
+            return task, dataset.with_samples(kept, kept_names, f"{name}/{split}")
 
         trained = self.trained_classes
         trained_names = [classnames[label] for label in base_new_labels(len(classnames), trained)]
-        self.train_task = ClassificationTask(
-            self.task_name, trained_names, get_templates(self.dataset, self.train_templates)
-        )
+        self.train_task = ClassificationTask(self.task_name, trained_names, templates[self.train_templates])
         if source_train is not None:
             _, self.train_dataset = subsampled(source_train, train_samples, trained, "train")
         if source_val is not None:
@@ -341,6 +378,13 @@ class FewShotDataModule(LightningDataModule):
         tests = {task.name: len(data) for task, data in zip(self.test_tasks, self.test_datasets, strict=True)}
         val_sizes = [len(data) for data in self.val_datasets]
         log.info("%s: %s, val %s, test %s", self.task_name, train, val_sizes, tests)
+        for task in (self.train_task, *self.test_tasks):
+            log.info(
+                "%s: class names %s; templates %s",
+                task.name,
+                _few(task.classnames, 12),
+                _few(task.templates, 3),
+            )
 
     def _add_test_set(self, task: ClassificationTask, dataset: ImageListDataset, role: str) -> None:
         self.test_tasks.append(task)
@@ -359,7 +403,7 @@ class FewShotDataModule(LightningDataModule):
                 log.info("Test set %s not found: %s", name, err)
                 continue
             task = ClassificationTask(
-                name, dataset.classnames, get_templates(template_source, self.eval_templates)
+                name, dataset.classnames, _templates(dataset, template_source, self.eval_templates)
             )
             self._add_test_set(
                 task, dataset, "shift" if name in SHIFT_SETS.get(self.dataset, ()) else "cross"
@@ -377,7 +421,25 @@ class FewShotDataModule(LightningDataModule):
         if name in DIGIT_SHIFT_SETS:
             domain = name.removeprefix("digits_")
             return build_dataset("digits", self.root, "test", domain=domain), "digits"
-        return build_dataset(name, self.root, "test", skip_corrupt=self.skip_corrupt), name
+        return self._read(name, "test"), name
+
+    def _read(self, name: str, split: str) -> ImageListDataset:
+        """Split `split` of dataset `name` under `root`, with this module's reading options."""
+        return build_dataset(name, self.root, split, **self._read_options(name))
+
+    def _read_options(self, name: str) -> dict[str, Any]:
+        options = {"skip_corrupt": self.skip_corrupt, "classnames": self.classnames}
+        if name.startswith(BENCHMARK_PREFIX):  # CLIP_benchmark fetches its datasets as it reads them
+            options.update(download=self.download, dataset_root=getattr(self, "dataset_root", None))
+        return options
+
+    def prepare_data(self) -> None:
+        """With `download`, fetch the source and test sets that can be fetched and are not there yet
+        (torchvision's datasets; CLIP_benchmark's fetch themselves when read)."""
+        if self.download:
+            for name in (self.dataset, *self.test_sets):
+                if name not in DIGIT_SHIFT_SETS:
+                    download_dataset(name, self.root)
 
     def _apply_transforms(self) -> None:
         if self.train_dataset is not None:

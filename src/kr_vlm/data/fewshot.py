@@ -15,6 +15,10 @@ in what a class with fewer than K images gives, and in where ImageNet's validati
 - `clip_lora`: CLIP-LoRA (`datasets/*.py`): as Dassl, but the validation shots are drawn first,
   then the training shots, and a class with fewer than K images is drawn with replacement
   (`repeat=True`, `random.choices`).
+- `atlas`: aTLAS's and RandLoRA's `get_n_shots` (`kr_vlm.data.atlas.atlas_shots`): per class in label
+  order, the last K of a `torch.randperm` of its images in list order (a class with fewer gives all),
+  from a `torch.Generator` seeded with the seed; the validation shots are the min(K, 4) before them in
+  the same permutation, or drawn so from the val split where there is one.
 
 ImageNet has no validation split of its own (its val folder is its test set): callers pass
 `val_samples=None`. `kr_vlm` then draws min(K, 4) validation images per class from the training
@@ -47,6 +51,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from kr_vlm.data.atlas import atlas_shots
 from kr_vlm.data.base import MalformedDatasetError
 from kr_vlm.data.coop_files import UnsafePickleError, coop_training_list, read_coop_fewshot
 from kr_vlm.errors import ConfigError
@@ -58,7 +65,7 @@ Samples = list[tuple[str, int]]
 
 # Stored in every cache file; bump it when a draw changes so old caches are not reused.
 SAMPLER_VERSION = 2
-SAMPLERS = ("kr_vlm", "coop", "clip_lora")
+SAMPLERS = ("kr_vlm", "coop", "clip_lora", "atlas")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
 # The cache folder under the data root that `paths.cache_dir` names by default.
 DEFAULT_CACHE_FOLDER = ".kr_vlm_cache"
@@ -89,7 +96,7 @@ def check_sampler(sampler: str) -> None:
     if sampler not in SAMPLERS:
         raise ConfigError(
             f"data.sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}: kr_vlm (portable), coop "
-            "(CoOp's draw, image for image) or clip_lora (CLIP-LoRA's draw)."
+            "(CoOp's draw, image for image), clip_lora (CLIP-LoRA's draw) or atlas (aTLAS's / RandLoRA's)."
         )
 
 
@@ -134,7 +141,8 @@ def sample_per_class(
     return sampled
 
 
-def _draw_kr_vlm(train: Samples, val: Samples | None, shots: int, rng: random.Random) -> FewShotSplit:
+def _draw_kr_vlm(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+    rng = random.Random(seed)
     train_shots = sample_per_class(train, shots, rng)
     if val is not None:
         return FewShotSplit(train_shots, sample_per_class(val, validation_shots(shots), rng))
@@ -147,7 +155,8 @@ def _draw_kr_vlm(train: Samples, val: Samples | None, shots: int, rng: random.Ra
     return FewShotSplit(train_shots, val_shots)
 
 
-def _draw_coop(train: Samples, val: Samples | None, shots: int, rng: random.Random) -> FewShotSplit:
+def _draw_coop(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+    rng = random.Random(seed)
     train_shots = sample_per_class(train, shots, rng, repeat=False, canonical=False)
     if val is None:  # CoOp's ImageNet validates on its test set
         return FewShotSplit(train_shots, None)
@@ -156,14 +165,16 @@ def _draw_coop(train: Samples, val: Samples | None, shots: int, rng: random.Rand
     )
 
 
-def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, rng: random.Random) -> FewShotSplit:
+def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+    rng = random.Random(seed)
     if val is not None:
         val_shots = sample_per_class(val, validation_shots(shots), rng, canonical=False)
         return FewShotSplit(sample_per_class(train, shots, rng, canonical=False), val_shots)
     # CLIP-LoRA's ImageNet reader: ImageFolder's files, K + min(K, 4) of each class at once.
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    images = [item for item in train if item[0].lower().endswith(IMG_EXTENSIONS)]
+    # Samples that are not files (`<source>#<index>`, aTLAS's arrays and crops) are images by construction.
+    images = [item for item in train if "#" in item[0] or item[0].lower().endswith(IMG_EXTENSIONS)]
     per_class = shots + validation_shots(shots)
     train_shots: Samples = []
     val_shots: Samples = []
@@ -180,10 +191,21 @@ def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, rng: random
     return FewShotSplit(train_shots, val_shots)
 
 
-_DRAWS: dict[str, Callable[[Samples, Samples | None, int, random.Random], FewShotSplit]] = {
+def _draw_atlas(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+    generator = torch.Generator().manual_seed(seed)
+    train_shots, val_shots = atlas_shots(
+        train, shots, validation_shots(shots), generator, with_val=val is None
+    )
+    if val is not None:
+        val_shots = atlas_shots(val, validation_shots(shots), 0, generator, with_val=False)[0]
+    return FewShotSplit(train_shots, val_shots)
+
+
+_DRAWS: dict[str, Callable[[Samples, Samples | None, int, int], FewShotSplit]] = {
     "kr_vlm": _draw_kr_vlm,
     "coop": _draw_coop,
     "clip_lora": _draw_clip_lora,
+    "atlas": _draw_atlas,
 }
 
 
@@ -324,7 +346,7 @@ def _expected_counts(
     sampler: str, train: Samples, val: Samples | None, shots: int, train_shots: Samples
 ) -> tuple[dict[int, int], dict[int, int] | None]:
     """How many training and validation images of each label `sampler` draws from these lists."""
-    keep_short = sampler == "coop"  # CoOp's repeat=False: a short class gives what it has
+    keep_short = sampler in ("coop", "atlas")  # repeat=False: a short class gives what it has
     k, v = shots, validation_shots(shots)
     train_counts = _label_counts(train)
     want_train = {label: min(k, n) if keep_short else k for label, n in train_counts.items()}
@@ -334,6 +356,8 @@ def _expected_counts(
         return want_train, None
     if sampler == "clip_lora":
         return want_train, dict.fromkeys(train_counts, v)
+    if sampler == "atlas":  # the min(K, 4) before the training shots in each class's permutation
+        return want_train, {label: min(v, n - min(k, n)) for label, n in train_counts.items()}
     distinct_shots = _label_counts(sorted(set(train_shots)))
     return want_train, {label: min(v, n - distinct_shots.get(label, 0)) for label, n in train_counts.items()}
 
@@ -440,7 +464,7 @@ def few_shot_split(
             )
             return cached
 
-    split = _DRAWS[sampler](train, val, shots, random.Random(seed))
+    split = _DRAWS[sampler](train, val, shots, seed)
     if path is not None:
         _write_cache(path, dataset, shots, seed, sampler, split)
         log.info("Wrote the %d-shot split of %s (seed %d, %s) to %s", shots, dataset, seed, sampler, path)

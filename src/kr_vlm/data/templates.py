@@ -1,6 +1,6 @@
 """Prompt templates per dataset: one `{}` stands for the class name.
 
-Five kinds, chosen by `get_templates(dataset_name, kind)`:
+Seven kinds, chosen by `get_templates(dataset_name, kind)`:
 
 - `simple`: ``"a photo of a {}."``, CLIP-LoRA's training template.
 - `coop`: the one hand-written template per dataset of CoOp's zero-shot CLIP
@@ -13,6 +13,15 @@ Five kinds, chosen by `get_templates(dataset_name, kind)`:
 - `an_image_of`: ``"An image of {}"``, the caption the KRAdapter / RandLoRA authors train and test
   CLIP's two towers with (`CLIPVL` in PaulAlbert31/RandLoRA `vision_language/src/modeling.py`: no full
   stop; open_clip's tokenizer lowercases it).
+- `atlas`: aTLAS's templates of the dataset (`src/datasets/templates.py` of fredzzhang/atlas, which the
+  KRAdapter authors' RandLoRA code uses): the default of aTLAS's 22 datasets (`kr_vlm.data.atlas`);
+  every ImageNet variant gets ImageNet's, as RandLoRA's `get_templates` does.
+- `clip_benchmark`: LAION CLIP_benchmark's templates of the dataset (its
+  `en_zeroshot_classification_templates.json`, read from the installed package: `kr_vlm[benchmark]`);
+  ImageNet's for a dataset it lacks, as its builder does.
+
+A dataset CoOp or aTLAS has no template for gets its own single one: its CoOp twin's (`dtd_atlas`),
+kr_vlm's for digits and glyphs, else ``"a photo of a {}."``.
 
 Class names need no cleaning here: the readers already turn underscores into spaces, as CoOp and
 CLIP-LoRA do when they build prompts.
@@ -22,7 +31,8 @@ from __future__ import annotations
 
 from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
-from kr_vlm.data.registry import dataset_info
+from kr_vlm.data.atlas import atlas_templates
+from kr_vlm.data.registry import DATASETS, dataset_info
 from kr_vlm.errors import ConfigError
 
 SIMPLE_TEMPLATE = "a photo of a {}."
@@ -68,13 +78,27 @@ COOP_IMAGENET_TEMPLATES_SELECT: tuple[str, ...] = (
     "a photo of the small {}.",
 )
 
-TEMPLATE_KINDS = ("simple", "coop", "coop_ensemble", "clip80", "an_image_of")
+TEMPLATE_KINDS = ("simple", "coop", "coop_ensemble", "clip80", "an_image_of", "atlas", "clip_benchmark")
+
+
+def _own_template(info) -> str:
+    """The dataset's one template: CoOp's (for an aTLAS variant, its CoOp twin's), kr_vlm's for digits and
+    glyphs, else CLIP's plain ``"a photo of a {}."``."""
+    twin = DATASETS.get(info.name.removesuffix("_atlas"))
+    coop_name = info.coop_name or (twin.coop_name if twin is not None else None)
+    if coop_name:
+        return COOP_TEMPLATES[coop_name]
+    return OTHER_TEMPLATES.get(info.name, SIMPLE_TEMPLATE)
 
 
 def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
-    """The prompt templates of `kind` (one of `TEMPLATE_KINDS`) for dataset `dataset_name`."""
+    """The prompt templates of `kind` (one of `TEMPLATE_KINDS`) for dataset `dataset_name`.
+
+    A dataset a source has no templates for gets its own one (`_own_template`), except with
+    `clip_benchmark`, which gives ImageNet's, as CLIP_benchmark's builder does.
+    """
     info = dataset_info(dataset_name)
-    own = COOP_TEMPLATES[info.coop_name] if info.coop_name else OTHER_TEMPLATES[info.name]
+    own = _own_template(info)
     if kind == "simple":
         return (SIMPLE_TEMPLATE,)
     if kind == "coop":
@@ -85,4 +109,10 @@ def get_templates(dataset_name: str, kind: str = "coop") -> tuple[str, ...]:
         return CLIP_IMAGENET_TEMPLATES
     if kind == "an_image_of":
         return (AN_IMAGE_OF_TEMPLATE,)
+    if kind == "atlas":
+        return atlas_templates(info.atlas_name) if info.atlas_name else (own,)
+    if kind == "clip_benchmark":
+        from kr_vlm.data.clip_benchmark import benchmark_templates
+
+        return benchmark_templates(info)
     raise ConfigError(f"Unknown template kind {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}.")

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 RECIPE_KEYS = (
     "model",
     "data.sampler",
+    "data.fraction",
     "data.train_templates",
     "data.batch_size",
     "data.min_iterations_per_epoch",
@@ -30,7 +31,14 @@ RECIPE_KEYS = (
 # Entries of `model` that say where weights come from, not what they are.
 _NOT_RECIPE = ("cache_dir", "allow_download")
 # How a run was evaluated: part of a table's row (zero-shot CLIP with one template or seven is two rows).
-EVALUATION_KEYS = ("data.eval_templates",)
+EVALUATION_KEYS = ("data.eval_templates", "data.classnames")
+# Settings at these values are as good as absent: runs from before the setting existed, and data configs
+# without it (digits_ood), group with the runs that have it at its default.
+_DEFAULT_SETTINGS = {
+    "data.classnames": "default",
+    "data.min_iterations_per_epoch": 0,
+    "trainer.accumulate_grad_batches": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -133,7 +141,9 @@ def config_settings(config: Mapping[str, Any], keys: Sequence[str]) -> dict[str,
     return {
         key: value
         for key, value in settings.items()
-        if value is not None and key.rpartition(".")[2] not in _NOT_RECIPE
+        if value is not None
+        and key.rpartition(".")[2] not in _NOT_RECIPE
+        and _DEFAULT_SETTINGS.get(key) != value
     }
 
 

@@ -81,3 +81,33 @@ def test_the_readme_lines_compose(tmp_path):
     with run_state_restored():
         cfg = compose_config(tmp_path, ["experiment=clip_kr_fewshot", "data=cifar10", "data.fraction=0.5"])
     assert cfg.data.fraction == 0.5 and cfg.data.eval_templates == "atlas"
+
+
+def test_the_authors_protocol_lines_give_every_job_their_draw_and_schedule(tmp_path):
+    """The README's two sweeps of the authors' protocol, job by job: RandLoRA's draw and caption recipe, ten
+    epochs of repeated shots, or, on a fraction, their per-dataset epochs without repeats."""
+    from kr_vlm.data.atlas import FRACTION_EPOCHS
+
+    for dataset in ATLAS22:
+        with run_state_restored():
+            cfg = compose_config(tmp_path, ["experiment=clip_kr_randlora", "sweep=atlas22", f"data={dataset}"])
+        assert cfg.data.dataset == dataset and cfg.data.sampler == "atlas"
+        assert cfg.model.loss == "caption_contrastive" and cfg.data.eval_templates == "an_image_of"
+        assert cfg.trainer.max_epochs == 10 and cfg.data.min_iterations_per_epoch == 10
+        with run_state_restored():
+            cfg = compose_config(
+                tmp_path,
+                ["experiment=clip_kr_randlora_fraction", "sweep=atlas22", f"data={dataset}", "data.fraction=0.5"],
+            )
+        assert cfg.data.sampler == "atlas" and cfg.data.fraction == 0.5
+        assert cfg.data.min_iterations_per_epoch == 0
+        assert cfg.trainer.max_epochs == cfg.trainer.check_val_every_n_epoch == FRACTION_EPOCHS[dataset]
+
+
+def test_the_data_ratio_epochs_of_a_dataset_outside_the_22_are_a_clear_error(tmp_path):
+    from omegaconf.errors import InterpolationResolutionError
+
+    with run_state_restored():
+        cfg = compose_config(tmp_path, ["experiment=clip_kr_randlora_fraction", "data=dtd"])
+    with pytest.raises(InterpolationResolutionError, match=r"aTLAS's 22 datasets only, not 'dtd' \(data.dataset\)"):
+        _ = cfg.trainer.max_epochs

@@ -69,6 +69,7 @@ def test_config_groups_are_the_documented_ones():
         "clip_kr_fewshot",
         "clip_kr_ood",
         "clip_kr_randlora",
+        "clip_kr_randlora_fraction",
         "clip_kr_randlora_vision",
         "clip_lora_fewshot",
         "clip_lora_zeroshot",
@@ -206,6 +207,7 @@ EXPERIMENT_SETUPS = {
     "mini_kr_fewshot": ("train", [], []),
     "clip_kr_randlora": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
     "clip_kr_randlora_vision": ("train", ["oxford_pets"], [f"data.shots={SHOTS}"]),
+    "clip_kr_randlora_fraction": ("train", ["oxford_pets_atlas"], []),
     "mini_kr_randlora": ("train", [], []),
     "mini_zeroshot": ("eval", [], []),
     "atlas_zeroshot": ("eval", ["cifar10"], []),
@@ -229,6 +231,8 @@ SAMPLERS = {
     "clip_kr_base2new": "coop",
     "clip_kr_cross_dataset": "coop",
     "clip_kr_ood": "coop",
+    "clip_kr_randlora": "atlas",
+    "clip_kr_randlora_fraction": "atlas",
 }
 
 

@@ -1,4 +1,5 @@
-"""The OmegaConf resolvers the configs use: ``iterations``, ``auto_precision``, ``launch_dir``, ``run_suffix``."""
+"""The OmegaConf resolvers the configs use: ``iterations``, ``atlas_epochs``, ``auto_precision``, ``launch_dir``,
+``run_suffix``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,20 @@ ITERATIONS_PER_SHOT = 500
 
 def iterations(shots: int) -> int:
     return ITERATIONS_PER_SHOT * int(shots)
+
+
+def atlas_epochs(dataset: str) -> int:
+    """The epochs of the KRAdapter / RandLoRA authors' runs on a fraction of ``dataset``'s training data
+    (their per-dataset table, ``kr_vlm.data.atlas.FRACTION_EPOCHS``); only aTLAS's 22 datasets have one."""
+    from kr_vlm.data.atlas import FRACTION_EPOCHS
+    from kr_vlm.errors import ConfigError
+
+    if dataset not in FRACTION_EPOCHS:
+        raise ConfigError(
+            f"The authors' data-ratio runs have epochs for aTLAS's 22 datasets only, not {dataset!r} "
+            f"(data.dataset); choose one of {', '.join(FRACTION_EPOCHS)}, or set trainer.max_epochs yourself."
+        )
+    return FRACTION_EPOCHS[dataset]
 
 
 def auto_precision() -> str:
@@ -37,6 +52,7 @@ def register_resolvers() -> None:
     after a ``hydra.job.chdir``.
     """
     OmegaConf.register_new_resolver("iterations", iterations, replace=True)
+    OmegaConf.register_new_resolver("atlas_epochs", atlas_epochs, replace=True)
     OmegaConf.register_new_resolver("auto_precision", auto_precision, replace=True)
     OmegaConf.register_new_resolver("launch_dir", os.getcwd, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("run_suffix", lambda: secrets.token_hex(3), use_cache=True, replace=True)

@@ -768,6 +768,33 @@ def test_a_run_stopped_by_sigterm_exits_non_zero_and_claims_no_results(tmp_path)
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
 
 
+def test_a_run_stopped_by_sigterm_before_lightning_starts_says_so_too(tmp_path):
+    # While the data and the model are built (and between the zero-shot test and the fit) Lightning's own
+    # handler is not installed: the run must stop the same way, not die of the signal.
+    run_dir = tmp_path / "stopped"
+    paths = [override for override in path_overrides(tmp_path) if not override.startswith("paths.output_dir")]
+    command = [sys.executable, "train.py", "experiment=demo", *TINY_MODEL, f"hydra.run.dir={run_dir}", *paths]
+    process = subprocess.Popen(
+        command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        log_file = run_dir / "demo.log"
+        while process.poll() is None and "Building the data" not in (
+            log_file.read_text() if log_file.is_file() else ""
+        ):
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert "Stopped by SIGTERM" in output and "Traceback" not in output
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
+
+
 def test_the_demo_tests_zero_shot_first_and_leaves_the_fit_as_it_was(tmp_path):
     # LoRA's dropout draws from torch's global generator: the zero-shot test before the fit must not move it.
     lora = ("adapter=lora", "trainer.max_steps=6")

@@ -249,6 +249,14 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
 
     lightning_logs_through_the_run_log()
 
+    def stop_on_sigterm(signum: int, frame: Any) -> None:
+        # Outside a fit or test (building the model, between the zero-shot test and the fit) the run stops
+        # as Lightning stops one. Inside, Lightning's handler is installed and calls this one after its own:
+        # it then stops the run at its next step, so this one leaves it to Lightning.
+        if signal.getsignal(signal.SIGTERM) is stop_on_sigterm:
+            raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         with exit_on_user_error():
             return job(cfg)
@@ -262,6 +270,8 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
             cfg.paths.output_dir,
         )
         sys.exit(128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

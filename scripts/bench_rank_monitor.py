@@ -2,7 +2,8 @@
 
 The model: open_clip ``ViT-B-16`` (random init, nothing downloaded), attention converted to separate
 q/k/v/out linears, KRAdapter on ``attn.q_proj/k_proj/v_proj/out_proj`` and ``mlp.c_fc/c_proj`` of all 12
-blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048).
+blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048). ``--model-name``
+takes another open_clip model (a small one such as ``ViT-S-32`` for a quick check of the script).
 
 Measured in one run, on one device, reusing ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py``
 times) for the training step (forward of both towers, CLIP loss, backward, AdamW):
@@ -36,6 +37,7 @@ import torch
 from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers
 from kr_vlm.benchmarks.adapters import (
+    MODEL_NAME,
     TARGET_SETS,
     MethodRun,
     build_base_model,
@@ -96,6 +98,9 @@ def dense_svd_seconds(model: torch.nn.Module) -> float:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model-name", default=MODEL_NAME, help="open_clip model (random init); a small one for a dry run"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--repeats",
@@ -123,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     targets = TARGET_SETS["all"]
-    run = build_run("kradapter", build_base_model(targets, device), targets)
+    run = build_run("kradapter", build_base_model(targets, device, args.model_name), targets)
     layers = list(adapted_layers(run.model))
     batch = make_batch(run.model, args.batch_size, device)
     cpu_threads = args.cpu_threads or None
@@ -175,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     where = device_description(device)
     shapes = sorted({(layer.out_features, layer.in_features) for _, layer in layers})
     print(
-        f"ViT-B-16 (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "
+        f"{args.model_name} (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "
         f"of shapes {', '.join(f'{o}x{i}' for o, i in shapes)}; {where}, torch {torch.__version__}.\n"
         f"Training step (forward, CLIP loss, backward, AdamW; batch {args.batch_size}, 224 px): "
         f"median {step_time:.2f} s of {len(step_seconds)}.\n"

@@ -16,7 +16,7 @@ def test_benchmark_measures_both_ways_of_evaluating(tiny_clip, monkeypatch, caps
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, bench)
     spec.loader.exec_module(bench)
-    monkeypatch.setattr(bench, "build_base_model", lambda targets, device: convert_attention(tiny_clip))
+    monkeypatch.setattr(bench, "build_base_model", lambda targets, device, name: convert_attention(tiny_clip))
     figures = bench.main(
         ["--repeats", "2", "--warmup", "0", "--window-steps", "1", "--dense-svd", "--batch-size", "2"]
     )

@@ -120,7 +120,7 @@ def test_evaluation_under_inference_mode_then_training_reuses_the_scratch_buffer
     """The CPU scratch buffers are made outside inference mode, so training after an evaluation works."""
     layer = bf16_layer(20, 7, "linear")
     x = torch.randn(4, 7)
-    kradapter_kernel._SCRATCH.__dict__.clear()  # so that evaluation makes them
+    kradapter_kernel.free_scratch_buffers()  # so that evaluation makes them
     with torch.inference_mode():
         evaluated = layer(x)
     out = layer(x.requires_grad_())

@@ -84,6 +84,12 @@ def _scratch(shape: torch.Size, dtype: torch.dtype, device: torch.device, slot: 
     return buffer[:numel].view(shape)
 
 
+def free_scratch_buffers() -> None:
+    """Drop this thread's scratch buffers (at most two of each dtype, as large as the largest adapted layer's
+    weight); the next CPU call makes them again."""
+    _SCRATCH.__dict__.pop("buffers", None)
+
+
 # Scratch slots: the float32 (product dtype) form of a fused weight or of G, and a transient compute-dtype
 # fused weight or G. Backward reuses both once the fused weight it rebuilt has served the gradient of x.
 _WIDE, _NARROW = 0, 1

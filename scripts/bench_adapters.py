@@ -1,36 +1,45 @@
 """Step time and peak memory of one training step: KRAdapter against its floor, LoRA and the other methods.
 
-The benchmark is ``kr_vlm.benchmarks.adapters`` (what is measured and how: its docstring); this script
-runs it from the command line and prints a Markdown table:
+What is trained: ``kr_vlm.benchmarks.adapters``; how it is measured (one model at a time, interleaved rounds,
+median of per-round ratios): ``kr_vlm.benchmarks.adapters_sweep``. This script runs a sweep over batch sizes
+and precisions, prints a line a method and round on stderr and a Markdown table a sweep point on stdout:
 
-    python scripts/bench_adapters.py --steps 5 --warmup 1 [--targets all] [--methods kradapter lora floor]
+    python scripts/bench_adapters.py --targets all --methods kradapter lora floor --batch-sizes 1 8 32 \\
+        --precision fp32 bf16 [--markdown docs/bench_adapters.md]
     python scripts/bench_adapters.py --model llama-tiny [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from kr_vlm.benchmarks.adapters import (
     COMPILED_METHODS,
     METHODS,
+    PRECISIONS,
     WORKLOADS,
     build_base_model,
     build_llama,
-    compiled_vs_eager,
     device_description,
-    kr_vs_lora,
     make_batch,
     make_llama_batch,
-    markdown_table,
-    run_benchmark,
-    summarize,
 )
+from kr_vlm.benchmarks.adapters_sweep import (
+    compiled_vs_eager,
+    kradapter_verdict,
+    markdown_table,
+    measure,
+    summarize,
+    sweep_summary,
+    sweep_verdict,
+)
+from kr_vlm.benchmarks.provenance import Provenance, markdown_lines
+from kr_vlm.files import write_json_atomic, write_text_atomic
 
 STEP = {
     "clip": "forward of both towers, CLIP loss, backward, AdamW; 224 px images and captions",
@@ -42,10 +51,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="clip", choices=list(WORKLOADS), help="clip: ViT-B-16")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per method (median; at least 3)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method first")
+    parser.add_argument(
+        "--batch-sizes", "--batch-size", dest="batch_sizes", type=int, nargs="+", default=[8], metavar="N"
+    )
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["fp32"],
+        choices=list(PRECISIONS),
+        help="bf16: the forward pass under autocast, as Lightning's bf16-mixed",
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of every method (ratios: their median)")
+    parser.add_argument("--steps", type=int, default=1, help="timed steps per method and round")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps after each build")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--targets", default="mlp", choices=["mlp", "all"])
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -55,15 +73,67 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"also time {' and '.join(COMPILED_METHODS)} compiled with torch.compile (inductor)",
     )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument(
+        "--markdown", metavar="PATH", help="also write the tables, the command, date, machine and load here"
+    )
     args = parser.parse_args(argv)
-    if args.steps < 3:
-        parser.error("--steps must be at least 3 (the step time is a median)")
+    if args.rounds < 1 or args.steps < 1 or args.warmup < 0:
+        parser.error(
+            f"--rounds and --steps must be at least 1 and --warmup at least 0, got {args.rounds}, "
+            f"{args.steps} and {args.warmup}"
+        )
+    if min(args.batch_sizes) < 1:
+        parser.error(f"--batch-sizes must be positive, got {args.batch_sizes}")
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict]:
-    """Run the benchmark from command-line arguments; print a Markdown table; return the rows."""
+def header(args: argparse.Namespace, targets: Sequence[str], device: torch.device) -> str:
+    memory_source = "CUDA allocator peak" if device.type == "cuda" else "profiler allocation events"
+    cpu_time = ", CPU time = the process's user + system time (all threads)" if device.type == "cpu" else ""
+    return (
+        f"{WORKLOADS[args.model].name} (random init), one training step ({STEP[args.model]}), "
+        f"targets {args.targets} ({', '.join(targets)}), {device_description(device)}, torch {torch.__version__}; "
+        f"{args.rounds} rounds, each building every method's model afresh, {args.warmup} warm-up and "
+        f"{args.steps} timed step(s) a method, one model alive at a time; step time = median over rounds, "
+        f"x floor and x LoRA = median of the per-round ratios{cpu_time}.\n"
+        "floor = frozen + the dense weight gradient of every targeted linear (no optimizer state); "
+        "frozen = gradients to the input embeddings only.\n"
+        "Peak memory = parameters + buffers + optimizer state + peak of the step's allocations "
+        f"({memory_source}); the inputs are not counted."
+    )
+
+
+def markdown_page(report: dict) -> str:
+    """The docs page: what was run, where, how loaded the machine was, and the tables."""
+    lines = [
+        "# Training step: KRAdapter against its floor, LoRA and the other methods",
+        "",
+        "Generated by `scripts/bench_adapters.py` (what is measured and how: `kr_vlm.benchmarks.adapters` and "
+        "`kr_vlm.benchmarks.adapters_sweep`).",
+        "",
+        *markdown_lines(report["provenance"], report["device"]),
+        "",
+        report["header"],
+        "",
+    ]
+    for point in report["points"]:
+        lines += [
+            f"## {point['precision']}, batch {point['batch_size']}",
+            "",
+            markdown_table(point["rows"]),
+            "",
+        ]
+        lines += [line for line in (point["verdict"], point["compiled"]) if line] + [""]
+    if len(report["points"]) > 1:
+        lines += ["## KRAdapter at every point", "", sweep_summary(report["points"]), ""]
+        lines += [line for line in [sweep_verdict(report["points"])] if line] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the sweep from command-line arguments; print the tables; return the report."""
     args = parse_args(argv)
+    provenance = Provenance.start("scripts/bench_adapters.py", sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -71,48 +141,56 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     workload = WORKLOADS[args.model]
     targets = workload.target_sets[args.targets]
     if args.model == "llama-tiny":
-        base_model = build_llama(device)
-        batch = make_llama_batch(base_model, args.batch_size, device)
+        base_model, make = build_llama(device), make_llama_batch
     else:
-        base_model = build_base_model(targets, device)
-        batch = make_batch(base_model, args.batch_size, device)
+        base_model, make = build_base_model(targets, device), make_batch
     compiled_methods = [name for name in COMPILED_METHODS if name in args.methods] if args.compile else []
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    with torch.autocast(device.type, dtype=dtype, enabled=args.precision == "bf16"):
-        runs = run_benchmark(
-            base_model, args.methods, targets, batch, args.steps, args.warmup, workload, compiled_methods
-        )
-    rows = summarize(runs)
-
-    where = device_description(device)
-    memory_source = "CUDA allocator peak" if device.type == "cuda" else "profiler allocation events"
-    print(
-        f"{workload.name} (random init), one training step ({STEP[args.model]}), batch {args.batch_size}, "
-        f"{args.precision}, targets {args.targets} ({', '.join(targets)}), {where}, torch {torch.__version__}; "
-        f"median of {args.steps} steps after {args.warmup} warm-up, methods interleaved; "
-        f"time / LoRA and time / floor = median of the per-round ratios.\n"
-        f"floor = frozen + the dense weight gradient of every targeted linear (no optimizer state); "
-        f"frozen = gradients to the input embeddings only.\n"
-        f"Peak memory = parameters + buffers + optimizer state + peak of the step's allocations "
-        f"({memory_source}); the inputs are not counted.\n"
-    )
-    print(markdown_table(rows))
-    verdict = kr_vs_lora(rows)
-    if verdict:
-        print(f"\n{verdict}")
-    compiled = compiled_vs_eager(rows)
-    if compiled:
-        print(compiled)
-    if args.json:
-        meta = {key: value for key, value in vars(args).items() if key != "json"}
-        meta.update(device_name=where, torch=torch.__version__, target_layers=list(targets))
-        with open(args.json, "w") as file:
-            json.dump(
-                {"config": meta, "rows": rows, "kr_vs_lora": verdict, "compiled_vs_eager": compiled},
-                file,
-                indent=2,
+    on_cpu = device.type == "cpu"
+    print(header(args, targets, device) + "\n")
+    points = []
+    for precision in args.precision:
+        for batch_size in args.batch_sizes:
+            where = f"[{precision}, batch {batch_size}]"
+            measurements = measure(
+                base_model,
+                args.methods,
+                targets,
+                make(base_model, batch_size, device),
+                precision,
+                args.rounds,
+                args.steps,
+                args.warmup,
+                workload,
+                compiled_methods,
+                progress=lambda line, where=where: print(f"{where} {line}", file=sys.stderr, flush=True),
             )
-    return rows
+            rows = summarize(measurements, on_cpu)
+            point = {"precision": precision, "batch_size": batch_size, "rows": rows}
+            point.update(verdict=kradapter_verdict(rows), compiled=compiled_vs_eager(rows))
+            points.append(point)
+            print(f"### {precision}, batch {batch_size}\n\n{markdown_table(rows)}\n")
+            for line in (point["verdict"], point["compiled"]):
+                if line:
+                    print(line)
+            print(flush=True)
+    if len(points) > 1:
+        print(f"### KRAdapter at every point\n\n{sweep_summary(points)}\n")
+        verdict = sweep_verdict(points)
+        if verdict:
+            print(verdict)
+    report = {
+        "provenance": provenance.record(),
+        "device": device_description(device),
+        "header": header(args, targets, device),
+        "config": {key: value for key, value in vars(args).items() if key not in ("json", "markdown")},
+        "target_layers": list(targets),
+        "points": points,
+    }
+    if args.json:
+        write_json_atomic(Path(args.json), report)
+    if args.markdown:
+        write_text_atomic(Path(args.markdown), markdown_page(report))
+    return report
 
 
 if __name__ == "__main__":

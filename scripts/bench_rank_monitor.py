@@ -2,7 +2,8 @@
 
 The model: open_clip ``ViT-B-16`` (random init, nothing downloaded), attention converted to separate
 q/k/v/out linears, KRAdapter on ``attn.q_proj/k_proj/v_proj/out_proj`` and ``mlp.c_fc/c_proj`` of all 12
-blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048).
+blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048). ``--model-name``
+takes another open_clip model (a small one such as ``ViT-S-32`` for a quick check of the script).
 
 Measured in one run, on one device, reusing ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py``
 times) for the training step (forward of both towers, CLIP loss, backward, AdamW):
@@ -30,12 +31,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers
 from kr_vlm.benchmarks.adapters import (
+    MODEL_NAME,
     TARGET_SETS,
     MethodRun,
     build_base_model,
@@ -45,7 +48,9 @@ from kr_vlm.benchmarks.adapters import (
     synchronize,
     timed_step,
 )
+from kr_vlm.benchmarks.provenance import Provenance, markdown_lines
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, _intra_op_threads
+from kr_vlm.files import write_text_atomic
 
 INTERVALS = (50, 100, 200, 500)
 
@@ -96,6 +101,9 @@ def dense_svd_seconds(model: torch.nn.Module) -> float:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--model-name", default=MODEL_NAME, help="open_clip model (random init); a small one for a dry run"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument(
         "--repeats",
@@ -111,6 +119,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dense-svd", action="store_true", help="also time the previous dense-SVD evaluation"
     )
+    parser.add_argument(
+        "--markdown", metavar="PATH", help="also write the results, command, date and load here"
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.window_steps < 1:
         parser.error("--repeats and --window-steps must be at least 1, --warmup at least 0")
@@ -120,10 +131,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Run the benchmark, print the overhead table, return the measured figures."""
     args = parse_args(argv)
+    provenance = Provenance.start("scripts/bench_rank_monitor.py", sys.argv[1:] if argv is None else argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
     targets = TARGET_SETS["all"]
-    run = build_run("kradapter", build_base_model(targets, device), targets)
+    run = build_run("kradapter", build_base_model(targets, device, args.model_name), targets)
     layers = list(adapted_layers(run.model))
     batch = make_batch(run.model, args.batch_size, device)
     cpu_threads = args.cpu_threads or None
@@ -174,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     background_time = statistics.median(background)
     where = device_description(device)
     shapes = sorted({(layer.out_features, layer.in_features) for _, layer in layers})
-    print(
-        f"ViT-B-16 (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "
+    lines = [
+        f"{args.model_name} (random init), KRAdapter on {', '.join(targets)} of both towers: {len(layers)} updates "
         f"of shapes {', '.join(f'{o}x{i}' for o, i in shapes)}; {where}, torch {torch.__version__}.\n"
         f"Training step (forward, CLIP loss, backward, AdamW; batch {args.batch_size}, 224 px): "
         f"median {step_time:.2f} s of {len(step_seconds)}.\n"
@@ -191,10 +203,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             else ""
         )
         + f"Report at train end (2 plots + HTML), once per run: {report_seconds:.2f} s.\n"
-    )
+    ]
     dense_header = " previous: dense SVD |" if dense_seconds is not None else ""
-    print(f"| every_n_steps |{dense_header} in the training thread | background thread (default) |")
-    print("|---:|" + "---:|" * (3 if dense_seconds is not None else 2))
+    lines.append(f"| every_n_steps |{dense_header} in the training thread | background thread (default) |")
+    lines.append("|---:|" + "---:|" * (3 if dense_seconds is not None else 2))
     figures = {
         "step_seconds": step_time,
         "foreground_evaluation_seconds": foreground_time,
@@ -215,7 +227,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 100 * dense_seconds / (interval * step_time)
             )
             dense_cell = f" {dense_overhead:.2f} % |"
-        print(f"| {interval} |{dense_cell} {foreground_overhead:.2f} % | {background_overhead:.2f} % |")
+        lines.append(
+            f"| {interval} |{dense_cell} {foreground_overhead:.2f} % | {background_overhead:.2f} % |"
+        )
+    print("\n".join(lines))
+    if args.markdown:
+        page = ["# Effective-rank monitor overhead", "", "Generated by `scripts/bench_rank_monitor.py`.", ""]
+        page += markdown_lines(provenance.record(), where) + ["", *lines, ""]
+        write_text_atomic(Path(args.markdown), "\n".join(page))
     return figures
 
 

@@ -28,33 +28,21 @@ down``); ``all`` adds the attention projections (``q k v o``; CLIP's attention i
 linears first, ``kr_vlm.models.convert_attention``). Adding a method or a target set is one line in
 ``METHODS`` or a workload's ``target_sets``.
 
-``scripts/bench_adapters.py`` runs it from the command line; ``scripts/bench_rank_monitor.py`` and
-``scripts/bench_data.py`` time the same CLIP training step. With ``compiled_methods`` (the script's
-``--compile``), those methods run once more with their model compiled by ``torch.compile``
-(``nn.Module.compile``; the warm-up steps include the compilation).
+``kr_vlm.benchmarks.adapters_sweep`` measures them (step time and peak memory, one model at a time, in
+interleaved rounds) and ``scripts/bench_adapters.py`` runs it from the command line;
+``scripts/bench_rank_monitor.py`` and ``scripts/bench_data.py`` time the same CLIP training step.
 
-All models are built first, then the methods take steps in turn (round robin), so slow drifts of a shared
-machine hit every method alike. Step time = median wall time of the timed steps (after ``--warmup``).
-"time / LoRA" = median over rounds of (this method's step time / LoRA's step time in the same round): pairing
-steps that ran back to back cancels most of the load changes of a shared machine; "time / floor" likewise.
-
-Peak memory (MB, 2**20 bytes) = the most bytes of tensors alive at once for this model during one training
-step: its parameters and buffers, its optimizer state, and the peak of everything the step allocates
-(activations kept for backward, transient tensors, gradients). On CUDA the step part comes from the caching
-allocator (``max_memory_allocated`` minus what was allocated before the step, with the peak reset each
-step); on CPU, which has no allocator statistics, it comes from the allocation and free events the PyTorch
-profiler records during one extra, untimed step (the running maximum of allocated minus freed bytes). Both
-exclude the other methods' models, which live in the same process. The inputs are not counted.
+A training step runs the forward pass and the loss under autocast when the run's precision is ``bf16`` (as
+Lightning's ``bf16-mixed`` does: autocast entered for each step's forward, the backward and the optimizer
+step outside it), in float32 otherwise.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import open_clip
 import torch
@@ -228,17 +216,20 @@ COMPILED_METHODS = ("kradapter", "lora")
 COMPILED_SUFFIX = " (compiled)"
 
 
+# --precision choices: the dtype the forward pass runs in (None: no autocast, float32 throughout).
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
 @dataclass
 class MethodRun:
-    """One method's model, optimizer and measurements."""
+    """One method's model and optimizer, and the precision its steps run in."""
 
     name: str
     model: nn.Module
     optimizer: torch.optim.Optimizer | None
     trainable_params: int
     workload: Workload = CLIP
-    step_times_ms: list[float] = field(default_factory=list)
-    peak_bytes: int | None = None
+    precision: str = "fp32"
 
 
 def _require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -251,12 +242,16 @@ def build_run(
     targets: Sequence[str],
     workload: Workload = CLIP,
     compile_backend: str | None = None,
+    precision: str = "fp32",
 ) -> MethodRun:
     """A deep copy of ``base_model`` prepared for method ``name`` on the layer kinds ``targets``, with AdamW
-    on its trainable tensors; with ``compile_backend``, compiled in place by ``torch.compile`` with that
-    backend (run name ``"<name> (compiled)"``)."""
+    on its trainable tensors, whose steps run in ``precision`` (a ``PRECISIONS`` key); with
+    ``compile_backend``, compiled in place by ``torch.compile`` with that backend (run name
+    ``"<name> (compiled)"``)."""
     if name not in METHODS:
         raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHODS)}.")
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}.")
     model = copy.deepcopy(base_model)
     model = METHODS[name](model, workload.target_names(model, targets)).train()
     if not any(parameter.requires_grad for parameter in model.parameters()) or name in GRADIENTS_ONLY:
@@ -267,7 +262,7 @@ def build_run(
         name += COMPILED_SUFFIX
     trainable = [] if name in GRADIENTS_ONLY else [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4) if trainable else None
-    return MethodRun(name, model, optimizer, sum(param.numel() for param in trainable), workload)
+    return MethodRun(name, model, optimizer, sum(param.numel() for param in trainable), workload, precision)
 
 
 def make_batch(model: nn.Module, batch_size: int, device: torch.device) -> Batch:
@@ -288,9 +283,11 @@ def make_llama_batch(model: nn.Module, batch_size: int, device: torch.device) ->
 
 
 def train_step(run: MethodRun, batch: Batch) -> float:
-    """Forward, loss, backward, optimizer step. Returns the loss."""
+    """Forward and loss (under autocast in bf16), backward, optimizer step. Returns the loss."""
     run.model.zero_grad(set_to_none=True)
-    loss = run.workload.loss(run.model, batch)
+    dtype = PRECISIONS[run.precision]
+    with torch.autocast(batch[0].device.type, dtype=dtype, enabled=dtype is not None):
+        loss = run.workload.loss(run.model, batch)
     loss.backward()
     if run.optimizer is not None:
         run.optimizer.step()
@@ -319,153 +316,6 @@ def timed_step(run: MethodRun, batch: Batch) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _resident_bytes(run: MethodRun) -> int:
-    """Parameters, buffers and optimizer state of this run: what it holds between steps (grads are freed)."""
-    tensors = list(run.model.parameters()) + list(run.model.buffers())
-    if run.optimizer is not None:
-        tensors += [
-            value
-            for state in run.optimizer.state.values()
-            for value in state.values()
-            if torch.is_tensor(value)
-        ]
-    storages = {tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors}
-    return sum(storages.values())
-
-
-def _cpu_step_peak_bytes(run: MethodRun, batch: Batch) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        train_step(run, batch)
-    # Every CPU allocation (+bytes) and free (-bytes) in the step, in time order.
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    allocated = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        allocated += event.nbytes()
-        peak = max(peak, allocated)
-    return peak
-
-
-def _cuda_step_peak_bytes(run: MethodRun, batch: Batch) -> int:
-    device = batch[0].device
-    synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    train_step(run, batch)
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
-
-
-def peak_memory_bytes(run: MethodRun, batch: Batch) -> int:
-    """Peak bytes of this run's tensors during one training step (see the module docstring)."""
-    run.model.zero_grad(set_to_none=True)  # gradients of the previous step are not part of this one
-    if batch[0].device.type == "cuda":
-        step_peak = _cuda_step_peak_bytes(run, batch)
-    else:
-        step_peak = _cpu_step_peak_bytes(run, batch)
-    return _resident_bytes(run) + step_peak
-
-
-def run_benchmark(
-    base_model: nn.Module,
-    methods: Sequence[str],
-    targets: Sequence[str],
-    batch: Batch,
-    steps: int,
-    warmup: int,
-    workload: Workload = CLIP,
-    compiled_methods: Sequence[str] = (),
-    compile_backend: str = "inductor",
-) -> list[MethodRun]:
-    """Build every method (and a compiled run of each of ``compiled_methods``) from ``base_model``, time
-    ``steps`` round-robin steps after ``warmup``, then measure each run's peak memory in one more step."""
-    runs = [build_run(name, base_model, targets, workload) for name in methods]
-    runs += [build_run(name, base_model, targets, workload, compile_backend) for name in compiled_methods]
-    for step in range(warmup + steps):
-        for run in runs:
-            elapsed_ms = timed_step(run, batch)
-            if step >= warmup:
-                run.step_times_ms.append(elapsed_ms)
-    for run in runs:
-        run.peak_bytes = peak_memory_bytes(run, batch)
-    return runs
-
-
-def paired_ratio(row: dict, reference: dict) -> float:
-    """Median over rounds of this row's step time / the reference row's step time in the same round."""
-    paired = zip(row["step_times_ms"], reference["step_times_ms"], strict=True)
-    return statistics.median(time_ms / reference_ms for time_ms, reference_ms in paired)
-
-
-def summarize(runs: Sequence[MethodRun]) -> list[dict]:
-    """One dict per method: trainable params, median step time, peak memory, both relative to LoRA, and the
-    step time relative to the floor."""
-    rows = [
-        {
-            "method": run.name,
-            "trainable_params": run.trainable_params,
-            "step_time_ms": statistics.median(run.step_times_ms),
-            "step_times_ms": list(run.step_times_ms),
-            "peak_memory_mb": run.peak_bytes / 2**20,
-        }
-        for run in runs
-    ]
-    by_method = {row["method"]: row for row in rows}
-    lora, floor = by_method.get("lora"), by_method.get("floor")
-    for row in rows:
-        row["time_vs_lora"] = math.nan if lora is None else paired_ratio(row, lora)
-        row["memory_vs_lora"] = math.nan if lora is None else row["peak_memory_mb"] / lora["peak_memory_mb"]
-        row["time_vs_floor"] = math.nan if floor is None else paired_ratio(row, floor)
-    return rows
-
-
-def markdown_table(rows: Sequence[dict]) -> str:
-    lines = [
-        "| method | trainable params | step time median (ms) | peak memory (MB) | time / LoRA | memory / LoRA "
-        "| time / floor |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['method']} | {row['trainable_params']:,} | {row['step_time_ms']:.1f} | "
-            f"{row['peak_memory_mb']:.1f} | {row['time_vs_lora']:.2f} | {row['memory_vs_lora']:.2f} | "
-            f"{row['time_vs_floor']:.2f} |"
-        )
-    return "\n".join(lines)
-
-
-def kr_vs_lora(rows: Sequence[dict], time_bar: float = 1.3, memory_bar: float = 1.1) -> str | None:
-    """One line: KRAdapter's time and memory relative to LoRA against the acceptance bars."""
-    kr = next((row for row in rows if row["method"] == "kradapter"), None)
-    if kr is None or math.isnan(kr["time_vs_lora"]):
-        return None
-
-    def verdict(ratio: float, bar: float) -> str:
-        return f"{ratio:.2f}x (bar <= {bar}x: {'met' if ratio <= bar else 'MISSED'})"
-
-    return (
-        f"KRAdapter / LoRA: step time {verdict(kr['time_vs_lora'], time_bar)}, "
-        f"peak memory {verdict(kr['memory_vs_lora'], memory_bar)}"
-    )
-
-
-def compiled_vs_eager(rows: Sequence[dict]) -> str | None:
-    """One line: each compiled run's step time relative to the same method run eagerly."""
-    by_method = {row["method"]: row for row in rows}
-    ratios = [
-        f"{row['method'].removesuffix(COMPILED_SUFFIX)} {paired_ratio(row, by_method[eager]):.2f}x"
-        for row in rows
-        if row["method"].endswith(COMPILED_SUFFIX)
-        and (eager := row["method"].removesuffix(COMPILED_SUFFIX)) in by_method
-    ]
-    return f"torch.compile, step time compiled / eager: {', '.join(ratios)}" if ratios else None
-
-
 def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     """Give ``model`` separate q/k/v/out linears when ``targets`` name attention projections."""
     if not any(target in ATTENTION_TARGETS for target in targets):
@@ -473,9 +323,10 @@ def convert_for_targets(model: nn.Module, targets: Sequence[str]) -> nn.Module:
     return convert_attention(model)
 
 
-def build_base_model(targets: Sequence[str], device: torch.device) -> nn.Module:
-    """Random-init open_clip ViT-B-16 (nothing downloaded), converted as ``targets`` need."""
-    return convert_for_targets(open_clip.create_model(MODEL_NAME, pretrained=None), targets).to(device)
+def build_base_model(targets: Sequence[str], device: torch.device, model_name: str = MODEL_NAME) -> nn.Module:
+    """A random-init open_clip model (ViT-B-16 unless named; nothing downloaded), converted as ``targets``
+    need."""
+    return convert_for_targets(open_clip.create_model(model_name, pretrained=None), targets).to(device)
 
 
 def build_llama(device: torch.device, **config: int) -> nn.Module:

@@ -10,9 +10,10 @@ Every row of ``M`` is an independent rank-one outer product, so ``M`` is generic
 ``k * (r + r2)`` parameters (about ``2 k sqrt(K)``), unlike LoRA's ``B @ A``.
 
 The authors' snippet builds ``ΔW`` on every call and adds a second matmul ``x @ ΔWᵀ``; autograd then keeps
-the dense ``ΔW`` alive for backward. Here a custom autograd Function runs ONE matmul with the fused weight
-``W0 + s ΔW`` and, in backward, rebuilds that weight from the factors instead of storing it. The factor
-gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted against the factors:
+the dense ``ΔW`` alive for backward. Here ``kradapter_kernel.kradapter_linear`` runs ONE matmul with the
+fused weight ``W0 + s ΔW`` and never keeps ``ΔW``: backward rebuilds the fused weight from the factors (or,
+under autocast, uses the narrowed fused weight it kept, as autocast keeps every plain linear's cast weight).
+The factor gradients come from the dense weight gradient ``G = grad_yᵀ x`` contracted against the factors:
 ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``.
 Under ``torch.compile`` the same code runs inside two custom operators, so a compiled model has no graph
 break at these layers and keeps their memory behaviour.
@@ -31,7 +32,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 from kr_vlm.adapters.layer import (
     Method,
@@ -43,6 +43,7 @@ from kr_vlm.adapters.layer import (
     replace_layers,
     shared_parameters,
 )
+from kr_vlm.adapters.methods.kradapter_kernel import khatri_rao_update, kradapter_linear
 from kr_vlm.errors import ConfigError
 from kr_vlm.spectral import KhatriRaoFactors
 
@@ -68,233 +69,6 @@ def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[in
         )
     rank2 = -(-big_k // rank)
     return k, big_k, rank, rank2
-
-
-def _khatri_rao_update(u: torch.Tensor, v: torch.Tensor, big_k: int, transposed: bool) -> torch.Tensor:
-    """The unscaled update ``ΔW`` shaped ``(d_out, d_in)``, built with plain (differentiable) torch ops.
-
-    ``transposed`` means ``d_out > d_in`` (``ΔW = Mᵀ``). That case is built directly in the ``(r2, r, k)``
-    layout, so cutting to ``K`` rows keeps the result contiguous and no transposed copy is made.
-    """
-    if transposed:
-        return (v.t()[:, None, :] * u.t()[None, :, :]).flatten(0, 1)[:big_k]
-    return (v[:, :, None] * u[:, None, :]).flatten(1)[:, :big_k]
-
-
-def _blocks(matrix: torch.Tensor, rank: int, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of a ``(k, K)`` matrix (``(K, k)`` if ``transposed``) split along ``K`` into ``r``-blocks.
-
-    Returns the full blocks as a 3-D view, ``(k, q, r)`` (``(q, r, k)`` if transposed) with ``q = K // r``,
-    and the cut-off last block of ``K % r`` entries (empty when ``r`` divides ``K``). No copies.
-    """
-    block_dim = 0 if transposed else 1
-    full_blocks = matrix.shape[block_dim] // rank
-    cut = full_blocks * rank
-    full = matrix.narrow(block_dim, 0, cut).unflatten(block_dim, (full_blocks, rank))
-    return full, matrix.narrow(block_dim, cut, matrix.shape[block_dim] - cut)
-
-
-def _fused_weight(
-    base_weight: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    compute_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``W0 + s ΔW`` written straight into a new ``compute_dtype`` tensor in one pass over ``W0``.
-
-    ``addcmul`` forms ``W0[i, a r + b] + s V[i, a] U[i, b]`` in the promoted dtype of its inputs (float32
-    with float32 factors) and rounds once on the store, so neither ``ΔW`` nor an uncast sum is materialised.
-    """
-    rank = u.shape[1]
-    fused = torch.empty(base_weight.shape, dtype=compute_dtype, device=base_weight.device)
-    base_full, base_tail = _blocks(base_weight, rank, transposed)
-    fused_full, fused_tail = _blocks(fused, rank, transposed)
-    if transposed:  # row a r + b of W0 pairs with V[:, a] * U[:, b]; contiguous transposed factors
-        u, v = u.t().contiguous(), v.t().contiguous()  # keep the broadcast's inner (k) axis unit-stride
-        full_blocks, tail = base_full.shape[0], base_tail.shape[0]
-        torch.addcmul(base_full, v[:full_blocks, None, :], u[None, :, :], value=scaling, out=fused_full)
-        if tail:
-            torch.addcmul(base_tail, v[full_blocks], u[:tail], value=scaling, out=fused_tail)
-    else:  # column a r + b of W0 pairs with V[:, a] * U[:, b]
-        full_blocks, tail = base_full.shape[1], base_tail.shape[1]
-        torch.addcmul(base_full, v[:, :full_blocks, None], u[:, None, :], value=scaling, out=fused_full)
-        if tail:
-            torch.addcmul(base_tail, v[:, full_blocks, None], u[:, :tail], value=scaling, out=fused_tail)
-    return fused
-
-
-def _factor_grads(
-    weight_grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contract the ``(k, K)`` dense gradient of ``M`` against the factors.
-
-    ``G[i, a r + b]`` pairs with ``V[i, a] U[i, b]``: ``grad_U[i, b] = s Σ_a G[i, a r + b] V[i, a]`` and
-    ``grad_V[i, a] = s Σ_b G[i, a r + b] U[i, b]``. The full ``r``-blocks are a free ``(k, q, r)`` view (a
-    batched vector-matrix product each); the cut-off last block is added separately, so ``G`` is never padded.
-    """
-    full, tail = _blocks(weight_grad, u.shape[1], transposed=False)
-    full_blocks, tail_size = full.shape[1], tail.shape[1]
-    # Both as a batch of row vector x matrix products: far faster on CPU than einsum's (or bmm's
-    # matrix x column vector) choice, which costs several times one read of G.
-    grad_u = torch.bmm(v[:, None, :full_blocks], full).squeeze(1)
-    grad_v = torch.bmm(u[:, None, :], full.transpose(1, 2)).squeeze(1)
-    if tail_size:
-        grad_u[:, :tail_size] += tail * v[:, full_blocks, None]
-        grad_v = torch.cat([grad_v, (tail * u[:, :tail_size]).sum(1, keepdim=True)], dim=1)
-    return grad_u * scaling, grad_v * scaling
-
-
-def _linear(
-    x: torch.Tensor,
-    base_weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    compute_dtype: torch.dtype,
-) -> torch.Tensor:
-    """``F.linear(x, W0 + s ΔW, b)``: one matmul with the fused weight, which is freed right after it."""
-    with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x, _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype), bias)
-
-
-def _linear_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    base_weight: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    compute_dtype: torch.dtype,
-    needs: Sequence[bool],
-) -> list[torch.Tensor | None]:
-    """Gradients of ``_linear`` for ``(x, W0, b, U, V)``, each only if ``needs`` says so (else None).
-
-    The fused weight is rebuilt from the factors for the gradient of ``x``.
-    """
-    needs_x, needs_w, needs_b, needs_u, needs_v = needs
-    grad_x = grad_w = grad_b = grad_u = grad_v = None
-    with torch.autocast(grad_out.device.type, enabled=False):
-        grad_out = grad_out.to(compute_dtype)
-        if needs_x:
-            grad_x = grad_out @ _fused_weight(base_weight, u, v, scaling, transposed, compute_dtype)
-        grad_out_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        if needs_w or needs_u or needs_v:
-            x_2d = x.reshape(-1, x.shape[-1])
-            # The dense gradient of M (k, K): one matmul, in whichever orientation puts k first.
-            grad_m = x_2d.t() @ grad_out_2d if transposed else grad_out_2d.t() @ x_2d
-            if needs_w:
-                grad_w = (grad_m.t() if transposed else grad_m).to(base_weight.dtype)
-            if needs_u or needs_v:
-                grad_u, grad_v = _factor_grads(grad_m, u.to(compute_dtype), v.to(compute_dtype), scaling)
-                grad_u, grad_v = grad_u.to(u.dtype), grad_v.to(v.dtype)
-        if needs_b:
-            grad_b = grad_out_2d.sum(0)
-    return [grad_x, grad_w, grad_b, grad_u, grad_v]
-
-
-class _KRAdapterLinearFunction(torch.autograd.Function):
-    """``_linear`` with one matmul; backward rebuilds the fused weight from the factors.
-
-    Saved for backward: ``x`` (as the matmul saw it), the base weight parameter itself (no copy) and the
-    two factors; never the dense ``ΔW`` or the fused weight. Autocast is decided by the caller: every tensor
-    arrives in ``compute_dtype`` except the base weight and the factors, and the inner ops run with
-    autocast disabled, so the same code serves CPU and CUDA, fp32, fp16 and bf16.
-    """
-
-    @staticmethod
-    def forward(ctx, x, base_weight, bias, u, v, scaling, transposed, compute_dtype):
-        ctx.save_for_backward(x, base_weight, u, v)
-        ctx.scaling, ctx.transposed, ctx.compute_dtype = scaling, transposed, compute_dtype
-        return _linear(x, base_weight, bias, u, v, scaling, transposed, compute_dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
-        grads = _linear_backward(
-            grad_out,
-            *ctx.saved_tensors,
-            ctx.scaling,
-            ctx.transposed,
-            ctx.compute_dtype,
-            ctx.needs_input_grad[:5],
-        )
-        return *grads, None, None, None
-
-
-# Under torch.compile the layer calls these two custom operators instead of the Function: the compiler sees
-# each as one opaque step and runs the eager code inside, so the fused weight is still built with `out=`
-# into views of it (which dynamo cannot trace), freed after its matmul, and rebuilt in backward (a traced
-# version would let the compiler keep every layer's fused weight alive between forward and backward).
-@torch.library.custom_op("kr_vlm::kradapter_linear", mutates_args=())
-def _compiled_linear(
-    x: torch.Tensor,
-    base_weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    compute_dtype: torch.dtype,
-) -> torch.Tensor:
-    return _linear(x, base_weight, bias, u, v, scaling, transposed, compute_dtype)
-
-
-@_compiled_linear.register_fake
-def _(x, base_weight, bias, u, v, scaling, transposed, compute_dtype):
-    return x.new_empty((*x.shape[:-1], base_weight.shape[0]))
-
-
-@torch.library.custom_op("kr_vlm::kradapter_linear_backward", mutates_args=())
-def _compiled_linear_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    base_weight: torch.Tensor,
-    u: torch.Tensor,
-    v: torch.Tensor,
-    scaling: float,
-    transposed: bool,
-    compute_dtype: torch.dtype,
-    needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    grads = _linear_backward(grad_out, x, base_weight, u, v, scaling, transposed, compute_dtype, needs)
-    # An operator returns tensors only: an empty one stands for a gradient nobody needs.
-    return tuple(x.new_empty(0) if grad is None else grad for grad in grads)
-
-
-@_compiled_linear_backward.register_fake
-def _(grad_out, x, base_weight, u, v, scaling, transposed, compute_dtype, needs):
-    shapes = [
-        (x.shape, compute_dtype),
-        (base_weight.shape, base_weight.dtype),
-        (grad_out.shape[-1:], compute_dtype),
-        (u.shape, u.dtype),
-        (v.shape, v.dtype),
-    ]
-    return tuple(
-        x.new_empty(shape if need else (0,), dtype=dtype if need else x.dtype)
-        for need, (shape, dtype) in zip(needs, shapes, strict=True)
-    )
-
-
-def _save_for_compiled_backward(ctx, inputs, output) -> None:
-    x, base_weight, _, u, v, ctx.scaling, ctx.transposed, ctx.compute_dtype = inputs
-    ctx.save_for_backward(x, base_weight, u, v)
-
-
-def _compiled_backward(ctx, grad_out: torch.Tensor):
-    needs = list(ctx.needs_input_grad[:5])
-    grads = _compiled_linear_backward(
-        grad_out, *ctx.saved_tensors, ctx.scaling, ctx.transposed, ctx.compute_dtype, needs
-    )
-    return *(grad if need else None for grad, need in zip(grads, needs, strict=True)), None, None, None
-
-
-_compiled_linear.register_autograd(_compiled_backward, setup_context=_save_for_compiled_backward)
 
 
 class KRAdapterLinear(nn.Module):
@@ -390,7 +164,7 @@ class KRAdapterLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """``α s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
         big_k = max(self.out_features, self.in_features)
-        return self._applied_scaling * _khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
+        return self._applied_scaling * khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
 
     def spectral_factors(self) -> KhatriRaoFactors:
         """The update as its Khatri-Rao factors, for its singular values without the dense ``ΔW``."""
@@ -427,8 +201,7 @@ class KRAdapterLinear(nn.Module):
         bias: torch.Tensor | None,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        linear = _compiled_linear if torch.compiler.is_compiling() else _KRAdapterLinearFunction.apply
-        return linear(
+        return kradapter_linear(
             x, base_weight, bias, self.kr_u, self.kr_v, self._applied_scaling, self._transposed, compute_dtype
         )
 

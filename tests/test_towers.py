@@ -291,3 +291,14 @@ def test_finetuner_exports_timm_towers_for_stock_open_clip(name, tmp_path):
             base = model.encode_image(images)
     _assert_equal_outputs(exported, expected)
     assert (exported - base).abs().max() > 1e-3 * base.abs().max()  # the adapters changed the vision tower
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16", "pure_bf16"])
+def test_the_forward_check_runs_at_the_precision_of_the_weights(tiny_clip_cfg, precision):
+    from kr_vlm.models import CLIPFineTuner
+
+    module = CLIPFineTuner(
+        clip={"name": "kr-test-tiny-lp", "model_cfg": tiny_clip_cfg, "precision": precision},
+        adapter={"method": "kradapter"},
+    )
+    assert len(list(adapted_layers(module.clip_model))) == 2 * 2 * 6

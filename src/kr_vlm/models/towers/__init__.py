@@ -149,7 +149,8 @@ def example_inputs(
     """``(images, token ids)`` for ``model(images, text)``: ``batch`` random images at the model's size and
     dtype (blank ones without a ``generator``) and captions of token ids 3..99 (no padding or special
     token of any of the zoo's tokenizers) at the model's context length."""
-    parameter = next(model.visual.parameters())
+    # The dtype of the vision tower's first convolution or linear: what casting to fp16 or bf16 changed.
+    parameter = next(m.weight for m in model.visual.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
     size = model.visual.image_size
     size = (size, size) if isinstance(size, int) else tuple(size)
     shape = (batch, 3, *size)

@@ -135,3 +135,10 @@ def test_a_siglip_named_model_without_a_tokenizer_name_is_refused_offline(hub_ca
     del cfg["text_cfg"]["hf_tokenizer_name"]
     with pytest.raises(HubFilesNotFoundError, match="downloads SigLIP's tokenizer vocabulary"):
         load_clip("my-siglip", model_cfg=cfg)
+
+
+def test_a_missing_local_folder_is_named(hub_cache, tmp_path):
+    cfg = xlmr_cfg()
+    cfg["text_cfg"]["hf_model_name"] = str(tmp_path / "no" / "such" / "folder")
+    with pytest.raises(HubFilesNotFoundError, match=r"is neither a folder nor a Hugging Face hub name"):
+        load_clip("kr-test-xlmr-missing", model_cfg=cfg)

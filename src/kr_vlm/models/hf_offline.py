@@ -22,7 +22,9 @@ from typing import Any
 
 import huggingface_hub
 from huggingface_hub import snapshot_download, try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.file_download import repo_folder_name
+from huggingface_hub.utils import validate_repo_id
 
 from kr_vlm.errors import KrVlmError
 
@@ -82,6 +84,12 @@ def _local_folder(
         if any((folder / filename).is_file() for filename in files):
             return folder
         raise HubFilesNotFoundError(f"{what}: the folder {folder} holds none of {', '.join(files)}.")
+    try:
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise HubFilesNotFoundError(
+            f"{what}: {name!r} is neither a folder nor a Hugging Face hub name ({error})."
+        ) from error
     for filename in files:
         cached = try_to_load_from_cache(name, filename, cache_dir=cache_dir)
         if isinstance(cached, str):

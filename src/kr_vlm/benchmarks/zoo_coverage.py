@@ -118,7 +118,7 @@ def coverage_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -
         "",
         f"Every config of `open_clip.list_models()` ({len(records)} here) built with random weights at reduced "
         f"depth (2 blocks a transformer tower, 1 a stage of a staged timm tower) and {width}, vocabularies "
-        "capped, Hugging Face text towers from a `config.json` with the hub model's published shape written "
+        "of 1000 tokens, Hugging Face text towers from a `config.json` with the hub model's published shape written "
         "into a Hugging Face cache folder (`HF_HUB_OFFLINE=1`). For each: features before and after "
         "`convert_towers` (relative difference, fp32: *conversion*); every label of every tower selected "
         "(`clip_targets(model, towers='all')`); KRAdapter, then LoRA through peft, injected on all of them with "

@@ -2,7 +2,7 @@
 
 :func:`shrunk_config` turns any ``open_clip.list_models()`` config into one that builds fast with random
 weights: 2 blocks a transformer tower (1 a stage of a staged timm tower, a first stage of 2 for Swin's
-shifted windows), vocabularies capped, and with ``small=True`` narrow widths and small images too (the
+shifted windows), vocabularies of 1000 tokens, and with ``small=True`` narrow widths and small images too (the
 real widths otherwise). timm towers get their depth through a timm model registered under a new name
 (``timm.models.register_model``), Hugging Face text towers a ``config.json`` written into a Hugging Face
 cache folder (:func:`write_hf_text_config`) with the published shape of the hub model (depth and
@@ -61,10 +61,11 @@ __all__ = [
 
 #: Blocks of each transformer tower in the shrunk configs.
 DEPTH = 2
-#: Width, attention heads and vocabulary of every tower with ``small=True``.
-SMALL_WIDTH, SMALL_HEADS, SMALL_VOCAB = 64, 2, 1000
-#: The vocabularies of the shrunk configs at real width are capped here (they set only the embedding).
-VOCAB_CAP = 49408
+#: Width and attention heads of every tower with ``small=True``.
+SMALL_WIDTH, SMALL_HEADS = 64, 2
+#: The vocabularies of the shrunk configs, every width: they set only the size of the token embedding
+#: (and of CoCa's caption logits), and the zoo's reach 256k tokens.
+VOCAB = 1000
 #: Tolerances: conversion (relative, fp32), merge and export (relative).
 CONVERSION_TOLERANCE, MERGE_TOLERANCE = 1e-6, 1e-5
 
@@ -138,7 +139,7 @@ def write_hf_text_config(hub_cache: Path, hub_name: str, small: bool = False) ->
     model_type, shape = HF_TEXT_CONFIGS[hub_name]
     depth_field, fixed = _HF_FIELDS[model_type]
     fields = {**shape, **(_SMALL_HF[model_type] if small else {}), **fixed, depth_field: DEPTH}
-    fields["vocab_size"] = SMALL_VOCAB if small else VOCAB_CAP
+    fields["vocab_size"] = VOCAB
     revision = "0" * 40
     repo = hub_cache / f"models--{hub_name.replace('/', '--')}"
     snapshot = repo / "snapshots" / revision
@@ -214,7 +215,7 @@ def shrunk_config(name: str, small: bool = False) -> dict[str, Any]:
         if tower.get("hf_model_name"):
             continue
         tower["layers"] = DEPTH
-        tower["vocab_size"] = min(tower.get("vocab_size", 49408), SMALL_VOCAB if small else VOCAB_CAP)
+        tower["vocab_size"] = VOCAB
         if small:
             tower.update(width=SMALL_WIDTH, heads=SMALL_HEADS)
             if tower is not text:  # CoCa's decoder

@@ -93,7 +93,12 @@ def _family_table(family: str, records: Sequence[dict[str, Any]]) -> Table:
             record["name"],
             status,
             *(_labels_cell(record["labels"].get(tower, [])) for tower in towers),
-            _error(record["conversion_error"]),
+            _error(record["conversion_error"])
+            + (
+                f" (fp64 {_error(record['conversion_error_fp64'])})"
+                if record["conversion_error_fp64"]
+                else ""
+            ),
             _error(record["export_error"]),
             f"{record['seconds']:.0f}",
             f"{record['peak_mb']:.0f}",
@@ -120,7 +125,8 @@ def coverage_markdown(records: Sequence[dict[str, Any]], meta: dict[str, Any]) -
         f"depth (2 blocks a transformer tower, 1 a stage of a staged timm tower) and {width}, vocabularies "
         "of 1000 tokens, Hugging Face text towers from a `config.json` with the hub model's published shape written "
         "into a Hugging Face cache folder (`HF_HUB_OFFLINE=1`). For each: features before and after "
-        "`convert_towers` (relative difference, fp32: *conversion*); every label of every tower selected "
+        "`convert_towers` (relative difference in fp32, and in float64 where the fp32 one is above 1e-6, since "
+        "there the fp32 model differs from its own float64 self by as much: *conversion*); every label of every tower selected "
         "(`clip_targets(model, towers='all')`); KRAdapter, then LoRA through peft, injected on all of them with "
         "the forward check (every adapter called), one AdamW step with a gradient in every adapter, merged "
         "outputs equal to unmerged ones, and the merged export (`fuse_qkv_state_dict`) loaded strictly by a "

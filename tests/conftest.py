@@ -30,3 +30,20 @@ def tiny_clip(tiny_clip_cfg):
     torch.manual_seed(0)
     model = open_clip.CLIP(**tiny_clip_cfg)
     return model.eval()
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--zoo",
+        action="store_true",
+        help="also run the tests marked zoo: every open_clip model config at real width (hours)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--zoo"):
+        return
+    skip = pytest.mark.skip(reason="the whole zoo at real width: run with --zoo")
+    for item in items:
+        if item.get_closest_marker("zoo") is not None:
+            item.add_marker(skip)

@@ -18,7 +18,7 @@ from torchvision.transforms import RandomHorizontalFlip, RandomResizedCrop
 
 from kr_vlm.models.attention import SeparateQKVAttention, convert_attention
 from kr_vlm.models.clip import WeightsNotFoundError, load_clip
-from kr_vlm.models.targets import clip_target_modules
+from kr_vlm.models.targets import clip_target_modules, clip_targets
 
 TINY = "kr-test-tiny"  # custom architecture name used with model_cfg
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -387,7 +387,8 @@ def test_target_selection(converted_tiny, kwargs, expected):
     [
         ({"layers": ["q", "qkv"]}, r"subset of \['q', 'k', 'v', 'o', 'fc1', 'fc2'\]"),
         ({"layers": []}, "non-empty"),
-        ({"towers": "image"}, r"one of \('vision', 'text', 'both'\)"),
+        ({"towers": "image"}, r"one of \('vision', 'text', 'decoder', 'both', 'all'\)"),
+        ({"towers": "decoder"}, "CLIP has no decoder tower"),
         ({"blocks": [2]}, r"out of range for the vision tower, which has 2 blocks \(valid: -2..1"),
         ({"blocks": "last_3"}, "has 2 blocks"),
         ({"blocks": "middle"}, "'all', 'first_N', 'last_N'"),
@@ -400,8 +401,8 @@ def test_target_errors(converted_tiny, kwargs, message):
         clip_target_modules(converted_tiny, **kwargs)
 
 
-def test_targets_need_converted_attention(tiny_clip):
-    with pytest.raises(ValueError, match="convert_attention"):
+def test_targets_need_converted_towers(tiny_clip):
+    with pytest.raises(ValueError, match=r"not converted .*convert_towers"):
         clip_target_modules(tiny_clip, layers=["q"])
 
 
@@ -411,9 +412,14 @@ def test_targets_in_a_custom_text_clip(tiny_clip_cfg):
     assert names == ["text.transformer.resblocks.0.attn.q_proj", "text.transformer.resblocks.1.attn.q_proj"]
 
 
-def test_resnet_vision_tower_is_refused(tiny_clip_cfg):
+def test_resnet_vision_tower_is_labelled_at_its_attention_pool(tiny_clip_cfg):
     tiny_clip_cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 16, "head_width": 16}
     model = load_clip(TINY, model_cfg=tiny_clip_cfg)[0]
-    with pytest.raises(ValueError, match="ModifiedResNet.*towers='text'"):
-        clip_target_modules(model, towers="both")
-    assert len(clip_target_modules(model, towers="text")) == 2 * 6
+    pool = clip_targets(model, towers="vision")
+    assert pool == {
+        f"visual.attnpool.{proj}": {"tower": "vision", "layer": layer, "block": "pool"}
+        for layer, proj in zip(("q", "k", "v", "o"), ("q_proj", "k_proj", "v_proj", "c_proj"), strict=True)
+    }
+    assert len(clip_target_modules(model, towers="both")) == 4 + 2 * 6
+    # The pool has no blocks: a selection of blocks leaves the vision tower out (with a warning).
+    assert len(clip_target_modules(model, towers="both", blocks="last_1")) == 6

@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 from torch import nn
 
+from kr_vlm.adapters.calls import ForwardCheck, refuse_bypassed, refuse_uncalled
 from kr_vlm.adapters.config import ALL_LINEAR, AdapterConfig
 from kr_vlm.adapters.layer import AdaptedLayer, describe_shared, is_conv1d, is_linear, shared_parameters
 from kr_vlm.adapters.methods import REGISTRY
@@ -157,12 +158,20 @@ def _restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
-def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
+def inject_adapters(
+    model: nn.Module, cfg: AdapterConfig, forward_check: ForwardCheck | None = None
+) -> nn.Module:
     """Freeze ``model``, then put ``cfg.method``'s adapter on every linear layer that ``cfg.target_modules``
     selects; only the adapter tensors train. Returns the same (modified) model.
 
+    No silent adapters: a target whose parent module reads its weight in ``forward`` and never calls it
+    (``F.linear(x, self.qkv.weight)``) is refused before anything changes; and when ``forward_check`` is
+    given (a callable that runs one forward of ``model`` on an example input, e.g. one tiny batch), every
+    injected adapter must be called by it, or the injection is refused, naming the layers and why.
+
     All or nothing: if anything fails (a bad option for one layer, a refused layer half-way through the
-    list), the model is left exactly as it was, its layers and requires_grad flags included.
+    list, an adapter the forward check does not call), the model is left exactly as it was, its layers
+    and requires_grad flags included.
 
     ``kradapter`` replaces each layer with ``KRAdapterLinear``, ``full`` with ``FullFineTuneLinear`` (the
     layer's own weight and bias train), the peft methods with peft's layers; ``none`` only freezes (see
@@ -186,10 +195,13 @@ def inject_adapters(model: nn.Module, cfg: AdapterConfig) -> nn.Module:
         if method.adapts_layers:
             names = find_target_linears(model, cfg.target_modules)
             _check_conv1d(model, cfg.method, names)
+            refuse_bypassed(model, names, checked_by_forward=forward_check is not None)
             modes = {name: model.get_submodule(name).training for name in names}
             method.inject(model, names, cfg.method_options())
             for name, training in modes.items():  # new layers start in training mode; an eval model stays in eval
                 model.get_submodule(name).train(training)
+            if forward_check is not None:
+                refuse_uncalled(model, names, forward_check)
         setattr(model, CONFIG_ATTRIBUTE, cfg)
     return model
 

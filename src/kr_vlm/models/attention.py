@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from open_clip.transformer import Attention as OpenClipAttention
 from torch import nn
 
-__all__ = ["SeparateQKVAttention", "SeparateQKVCustomAttention", "convert_attention"]
+__all__ = ["SeparateQKVAttention", "SeparateQKVCustomAttention", "convert_attention", "linear_like"]
 
 
 def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -31,7 +31,7 @@ def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype)
 
 
-def _linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+def linear_like(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An ``nn.Linear`` holding copies of ``weight``/``bias`` (same device, dtype and requires_grad)."""
     out_features, in_features = weight.shape
     linear = nn.Linear(
@@ -119,10 +119,10 @@ class SeparateQKVAttention(nn.Module):
             batch_first=mha.batch_first,
             device="meta",  # placeholders only: the copies below replace them
         )
-        converted.q_proj = _linear_like(q_weight, q_bias)
-        converted.k_proj = _linear_like(k_weight, k_bias)
-        converted.v_proj = _linear_like(v_weight, v_bias)
-        converted.out_proj = _linear_like(mha.out_proj.weight, mha.out_proj.bias)
+        converted.q_proj = linear_like(q_weight, q_bias)
+        converted.k_proj = linear_like(k_weight, k_bias)
+        converted.v_proj = linear_like(v_weight, v_bias)
+        converted.out_proj = linear_like(mha.out_proj.weight, mha.out_proj.bias)
         converted.train(mha.training)
         return converted
 
@@ -200,6 +200,13 @@ class SeparateQKVAttention(nn.Module):
             out = out.transpose(0, 1)
         return out, None
 
+    def stock_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Replace ``{prefix}.{q,k,v}_proj.{weight,bias}`` in ``state`` by ``nn.MultiheadAttention``'s
+        parameters: one fused ``in_proj_weight``, or, when keys and values have another width than
+        queries (``kdim`` / ``vdim``, as in the attentional pooler), ``q_proj_weight``, ``k_proj_weight``
+        and ``v_proj_weight``; the biases are always one fused ``in_proj_bias``."""
+        _fuse_projections(self, state, prefix)
+
     def extra_repr(self) -> str:
         return (
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, dropout={self.dropout}, "
@@ -231,9 +238,9 @@ class SeparateQKVCustomAttention(nn.Module):
             q_bias, k_bias, v_bias = source.in_proj_bias.chunk(3, dim=0)
         else:
             q_bias = k_bias = v_bias = None
-        self.q_proj = _linear_like(q_weight, q_bias)
-        self.k_proj = _linear_like(k_weight, k_bias)
-        self.v_proj = _linear_like(v_weight, v_bias)
+        self.q_proj = linear_like(q_weight, q_bias)
+        self.k_proj = linear_like(k_weight, k_bias)
+        self.v_proj = linear_like(v_weight, v_bias)
         self.ln_q = source.ln_q
         self.ln_k = source.ln_k
         self.attn_drop = source.attn_drop
@@ -265,6 +272,10 @@ class SeparateQKVCustomAttention(nn.Module):
         out = self.ln_inner(out.transpose(1, 2).reshape(batch, length, channels))
         return self.out_drop(self.out_proj(out))
 
+    def stock_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        """Replace ``{prefix}.{q,k,v}_proj.*`` in ``state`` by open_clip's ``in_proj_weight`` / ``in_proj_bias``."""
+        _fuse_projections(self, state, prefix)
+
 
 def convert_attention(model: nn.Module) -> nn.Module:
     """Replace, in place, every ``nn.MultiheadAttention`` and open_clip ``Attention`` in ``model``.
@@ -294,11 +305,9 @@ def convert_attention(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fuse_qkv(state: dict[str, torch.Tensor], name: str, attention: nn.Module) -> None:
-    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by the parameters of open_clip's
-    ``nn.MultiheadAttention``: one fused ``in_proj_weight``, or, when keys and values have another width
-    than queries (``kdim`` / ``vdim``, as in the attentional pooler), ``q_proj_weight``, ``k_proj_weight``
-    and ``v_proj_weight``; the biases are always one fused ``in_proj_bias``."""
+def _fuse_projections(attention: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Replace ``{name}.{q,k,v}_proj.{weight,bias}`` in ``state`` by the fused layout of the attention
+    they came from (``SeparateQKVAttention.stock_state``)."""
     projections = ("q_proj", "k_proj", "v_proj")
     weights = [state.pop(f"{name}.{proj}.weight") for proj in projections]
     if len({attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features}) == 1:
@@ -309,12 +318,3 @@ def _fuse_qkv(state: dict[str, torch.Tensor], name: str, attention: nn.Module) -
     biases = [state.pop(f"{name}.{proj}.bias", None) for proj in projections]
     if all(bias is not None for bias in biases):
         state[f"{name}.in_proj_bias"] = torch.cat(biases)
-
-
-def fuse_qkv_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Undo the conversion in a state dict of ``model``: every converted attention's q/k/v projections
-    become open_clip's fused ``in_proj_weight`` / ``in_proj_bias`` again (in place; returned)."""
-    for name, module in model.named_modules():
-        if isinstance(module, (SeparateQKVAttention, SeparateQKVCustomAttention)):
-            _fuse_qkv(state, name, module)
-    return state

@@ -36,7 +36,8 @@ from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
 from kr_vlm.errors import ConfigError, KrVlmError
-from kr_vlm.models.attention import convert_attention
+from kr_vlm.models.hf_offline import hf_text_overrides, hf_tokenizer, open_clip_config
+from kr_vlm.models.towers import convert_towers, initialize_random_towers
 
 __all__ = ["PRECISIONS", "SHIPPED_WEIGHTS", "WeightsNotFoundError", "load_clip"]
 
@@ -364,7 +365,8 @@ def load_clip(
         name: an open_clip architecture (``"ViT-B-16"``; see ``open_clip.list_models()``), a new name
             for ``model_cfg``, ``"hf-hub:org/repo"`` (config and weights from the Hugging Face cache),
             or ``"local-dir:/path"`` (a folder with ``open_clip_config.json`` and a weights file).
-        pretrained: None (random init), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...;
+        pretrained: None (random init, of every tower: a Hugging Face text tower is built from its
+            ``config.json``, never from its hub weights), an open_clip tag (``"openai"``, ``"laion2b_s34b_b88k"``, ...;
             see ``open_clip.list_pretrained_tags_by_model(name)``), a tag of the weights kr_vlm ships
             (:data:`SHIPPED_WEIGHTS`: ``"kr-vlm-mini"`` for the model ``"kr-vlm-mini"``), or a local ``.safetensors``,
             ``.bin``, ``.pt`` or ``.pth`` file (an open_clip state dict, or OpenAI's TorchScript file).
@@ -384,15 +386,18 @@ def load_clip(
         train_crop_scale: the ``scale`` range of the train RandomResizedCrop.
         train_flip: whether the train transform flips images horizontally (CLIP-LoRA does); off for
             classes that a mirror image changes (digits, text).
-        allow_download: fetch missing weights from the internet (never when ``HF_HUB_OFFLINE`` is set).
+        allow_download: fetch missing weights, and the Hugging Face configs and tokenizers of Hugging
+            Face text towers, from the internet (never when ``HF_HUB_OFFLINE`` is set).
 
     Returns:
-        ``(model, preprocess_train, preprocess_val, tokenizer)``: the model in eval mode with every
-        attention converted (``...attn.q_proj`` etc. are ``nn.Linear``); the train transform
+        ``(model, preprocess_train, preprocess_val, tokenizer)``: the model in eval mode with its towers
+        converted (``kr_vlm.models.convert_towers``: ``...attn.q_proj`` etc. are ``nn.Linear``); the train transform
         (RandomResizedCrop + horizontal flip + normalisation); open_clip's eval transform; the tokenizer.
 
     Raises:
         WeightsNotFoundError: the pretrained weights are not available locally (and were not downloaded).
+        HubFilesNotFoundError: the Hugging Face config of a text tower (``text_cfg.hf_model_name``) or a
+            tokenizer (``text_cfg.hf_tokenizer_name``) is not available locally.
         ValueError: unknown model name or pretrained tag, bad precision, bad model_cfg.
     """
     if precision not in PRECISIONS:
@@ -440,6 +445,9 @@ def load_clip(
     if random_weights:
         log.info("%s: random weights, as configured (pretrained is None).", name)
     registered = _registered_name(name, model_cfg)
+    architecture = open_clip_config(registered)
+    # Hugging Face text towers and tokenizers come from local files (kr_vlm.models.hf_offline).
+    text_overrides = hf_text_overrides(name, architecture, cache_dir, allow_download)
     with _without_random_init_warning(random_weights):
         model = open_clip.create_model(
             registered,
@@ -452,10 +460,19 @@ def load_clip(
             # OpenAI's original checkpoint is a TorchScript archive, which torch.load refuses under
             # weights_only=True; everything else is loaded the safe way.
             weights_only=not (checkpoint is not None and _is_torchscript_archive(checkpoint)),
+            # A Hugging Face text tower's own pretrained weights are never fetched: random weights for
+            # pretrained=None, the CLIP checkpoint's otherwise.
+            pretrained_text=False,
+            **text_overrides,
         )
-    tokenizer = open_clip.get_tokenizer(registered)
+    # A local-dir model's tokenizer files sit in its folder, where open_clip reads them.
+    tokenizer = (schema is None and hf_tokenizer(name, architecture, cache_dir, allow_download)) or (
+        open_clip.get_tokenizer(registered)
+    )
 
-    convert_attention(model)
+    if random_weights:
+        initialize_random_towers(model)
+    convert_towers(model)
     model.eval()
     preprocess_cfg = PreprocessCfg(**model.visual.preprocess_cfg)
     preprocess_train = _train_transform(preprocess_cfg, crop_scale, train_flip)

@@ -35,11 +35,12 @@ from kr_vlm.adapters.io import AdapterMismatchError, state_dict_mismatches
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_file_atomic
-from kr_vlm.models.attention import fuse_qkv_state_dict
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import load_clip
+from kr_vlm.models.converted import fuse_qkv_state_dict
 from kr_vlm.models.losses import caption_contrastive_loss
 from kr_vlm.models.targets import select_targets
+from kr_vlm.models.towers import example_forward
 from kr_vlm.optim import OptimizerOptions, SchedulerOptions, TrainingLoss, warmup_cosine_factor
 
 #: The keys of an adapter config: the method, the layers it adapts, the method's options.
@@ -93,8 +94,9 @@ def _accuracy_metrics(num_classes: int) -> MetricCollection:
 
 def open_clip_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """A copy (on the CPU) of ``model``'s weights as stock open_clip names them, adapters merged in
-    (``kr_vlm.adapters.merged_state_dict``), with the q/k/v projections of converted attention fused back
-    into ``in_proj_weight`` / ``in_proj_bias``. ``model`` is left exactly as it was."""
+    (``kr_vlm.adapters.merged_state_dict``), every conversion undone (``fuse_qkv_state_dict``: q/k/v fused
+    back into ``in_proj_weight`` / timm's ``qkv``, pointwise linears back into 1x1 convolutions). ``model``
+    is left exactly as it was."""
     return fuse_qkv_state_dict(model, merged_state_dict(model))
 
 
@@ -201,7 +203,8 @@ class CLIPFineTuner(LightningModule):
             self.adapter_config = AdapterConfig(method, select_targets(model, targets), **options)
         else:
             self.adapter_config = AdapterConfig(method, targets, **options)  # targets must be left out
-        inject_adapters(model, self.adapter_config)
+        # One forward on a blank image and a short caption checks that every adapter is called.
+        inject_adapters(model, self.adapter_config, forward_check=example_forward(model, self.tokenizer))
         # load_clip returns eval mode and Lightning keeps submodules' modes: start in training mode like
         # any fresh nn.Module, or adapter dropout would stay off while training.
         model.train()

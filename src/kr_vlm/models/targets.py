@@ -1,14 +1,16 @@
-"""CLIP's module names, in one place: adapter targets with their labels, and which parameters form a tower.
+"""Adapter targets of a CLIP-style model with their labels, by tower, layer and block.
 
 ``clip_targets(model, layers=("q", "v"), towers="both", blocks="last_4")`` returns, for every selected
-linear of a converted open_clip CLIP, its full module name and its labels, e.g.
+linear of a converted open_clip model, its full module name and its labels, e.g.
 ``{"visual.transformer.resblocks.8.attn.q_proj": {"tower": "vision", "layer": "q", "block": 8}, ...}``,
 for ``kr_vlm.adapters.inject_adapters(model, AdapterConfig(method, targets))``: the adapters and the
-monitors then know each layer's tower, layer type and block without reading its name.
+monitors then know each layer's tower, layer type and block without reading its name. Which linears carry
+which label is each tower kind's business (``kr_vlm.models.towers``); this module selects among them.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -17,9 +19,10 @@ from torch import nn
 
 from kr_vlm.adapters import find_target_linears, path_labels
 from kr_vlm.errors import ConfigError
+from kr_vlm.models.towers import LAYERS, POOL, TOWER_ATTRIBUTES, Tower, clip_towers, tower_labels
 
 __all__ = [
-    "LAYER_MODULES",
+    "LAYERS",
     "TOWERS",
     "clip_layer_labels",
     "clip_target_modules",
@@ -28,18 +31,13 @@ __all__ = [
     "text_tower_parameters",
 ]
 
-#: Short layer names and the module they name inside each residual block.
-LAYER_MODULES = {
-    "q": "attn.q_proj",
-    "k": "attn.k_proj",
-    "v": "attn.v_proj",
-    "o": "attn.out_proj",
-    "fc1": "mlp.c_fc",
-    "fc2": "mlp.c_proj",
-}
-#: The two towers of a CLIP; a selection may also name ``both``.
-TOWERS = ("vision", "text")
-TOWER_CHOICES = (*TOWERS, "both")
+log = logging.getLogger(__name__)
+
+#: The towers a model may have (CoCa's multimodal text decoder is ``decoder``).
+TOWERS = tuple(TOWER_ATTRIBUTES)
+#: ``towers`` values that name several towers: ``both`` is vision and text, ``all`` every tower.
+TOWER_GROUPS = {"both": ("vision", "text"), "all": TOWERS}
+TOWER_CHOICES = (*TOWERS, *TOWER_GROUPS)
 #: The keys of the friendly selection (``clip_targets``' arguments).
 SELECTION_KEYS = ("layers", "towers", "blocks")
 # Parameters of an open_clip model that belong to neither tower.
@@ -47,43 +45,20 @@ _HEAD_PARAMETERS = ("logit_scale", "logit_bias")
 _FIRST_LAST = re.compile(r"(first|last)_(\d+)")
 
 
-def _tower_blocks(model: nn.Module, tower: str) -> tuple[str, nn.ModuleList]:
-    """``(module name, ModuleList)`` of the residual blocks of one tower of an open_clip CLIP."""
-    if tower == "vision":
-        visual = getattr(model, "visual", None)
-        if visual is None:
-            raise ConfigError(f"{type(model).__name__} has no vision tower (model.visual)")
-        if not hasattr(visual, "transformer"):
-            raise ConfigError(
-                f"the vision tower is a {type(visual).__name__}, not an open_clip VisionTransformer, so it has "
-                "no q/k/v/o/fc1/fc2 blocks to target (ResNet CLIPs such as RN50 included): use towers='text' "
-                "or a ViT model."
-            )
-        return "visual.transformer.resblocks", visual.transformer.resblocks
-    # CLIP keeps the text transformer at the top level; CustomTextCLIP (and CoCa) under `text`.
-    if hasattr(getattr(model, "transformer", None), "resblocks"):
-        return "transformer.resblocks", model.transformer.resblocks
-    text = getattr(model, "text", None)
-    if text is not None and hasattr(text, "transformer") and hasattr(text.transformer, "resblocks"):
-        return "text.transformer.resblocks", text.transformer.resblocks
-    found = type(text).__name__ if text is not None else "none"
-    raise ConfigError(
-        f"the text tower ({found}) is not an open_clip TextTransformer, so it has no q/k/v/o/fc1/fc2 blocks "
-        "to target (Hugging Face text towers included): use towers='vision'."
-    )
-
-
-def _block_indices(blocks: str | Sequence[int], depth: int, tower: str) -> list[int]:
-    """Sorted block indices of a tower with ``depth`` blocks selected by ``blocks``."""
+def _block_indices(blocks: str | Sequence[int | str], depth: int, tower: str) -> list[int | str]:
+    """The block labels (indices, sorted, and ``"pool"`` for the pooling heads) of a tower with ``depth``
+    blocks selected by ``blocks``."""
     if isinstance(blocks, str):
         if blocks == "all":
-            return list(range(depth))
+            return [*range(depth), POOL]
         match = _FIRST_LAST.fullmatch(blocks)
         if match is None:
             raise ConfigError(
-                f"blocks must be 'all', 'first_N', 'last_N' or a list of block indices, got {blocks!r}"
+                f"blocks must be 'all', 'first_N', 'last_N' or a list of block indices (and 'pool'), got {blocks!r}"
             )
         count = int(match.group(2))
+        if depth == 0:  # a tower without blocks (a ResNet) has only its pooling head
+            return []
         if not 1 <= count <= depth:
             raise ConfigError(
                 f"blocks={blocks!r}: the {tower} tower has {depth} blocks (N must be 1..{depth})"
@@ -94,74 +69,96 @@ def _block_indices(blocks: str | Sequence[int], depth: int, tower: str) -> list[
             f"blocks={blocks} is ambiguous: pass [{blocks}] for that one block or 'last_{blocks}' for the "
             f"last {blocks} blocks."
         )
-    indices = set()
+    indices, pool = set(), False
     for index in blocks:
-        if not isinstance(index, int) or not -depth <= index < depth:
+        if index == POOL:
+            pool = True
+        elif not isinstance(index, int) or not -depth <= index < depth:
             raise ConfigError(
                 f"block index {index!r} is out of range for the {tower} tower, which has {depth} blocks "
-                f"(valid: {-depth}..{depth - 1}; negative indices count from the end)"
+                f"(valid: {-depth}..{depth - 1}; negative indices count from the end; '{POOL}' for its "
+                "pooling head)"
             )
-        indices.add(index % depth)
-    if not indices:
+        else:
+            indices.add(index % depth)
+    if not indices and not pool:
         raise ConfigError("blocks is an empty list: select at least one block, or 'all'")
-    return sorted(indices)
+    return [*sorted(indices), *([POOL] if pool else [])]
+
+
+def _selected_towers(model: nn.Module, towers: str | Sequence[str]) -> list[Tower]:
+    names = [towers] if isinstance(towers, str) else list(towers)
+    unknown = [name for name in names if name not in TOWER_CHOICES]
+    if unknown or not names:
+        raise ConfigError(f"towers must be one of {TOWER_CHOICES} (or a list of towers), got {towers!r}")
+    wanted = {tower for name in names for tower in TOWER_GROUPS.get(name, (name,))}
+    present = clip_towers(model)
+    missing = sorted(wanted - {tower.label for tower in present} - ({"decoder"} if "all" in names else set()))
+    if missing:
+        raise ConfigError(
+            f"{type(model).__name__} has no {' or '.join(missing)} tower (it has: "
+            f"{', '.join(tower.label for tower in present) or 'none'})."
+        )
+    return [tower for tower in present if tower.label in wanted]
 
 
 def clip_targets(
     model: nn.Module,
-    layers: str | Sequence[str] = ("q", "k", "v", "o", "fc1", "fc2"),
-    towers: str = "both",
-    blocks: str | Sequence[int] = "all",
+    layers: str | Sequence[str] = LAYERS,
+    towers: str | Sequence[str] = "both",
+    blocks: str | Sequence[int | str] = "all",
 ) -> dict[str, dict[str, Any]]:
-    """The ``nn.Linear`` layers to adapt in a converted open_clip CLIP, with their labels.
+    """The ``nn.Linear`` layers to adapt in a converted open_clip model, with their labels.
 
     Args:
-        model: an open_clip CLIP whose attention was converted (``load_clip`` does it, or
-            ``convert_attention``), so q/k/v are separate linears.
-        layers: any of ``q k v o fc1 fc2`` (:data:`LAYER_MODULES`: ``attn.q_proj``, ``attn.k_proj``,
-            ``attn.v_proj``, ``attn.out_proj``, ``mlp.c_fc``, ``mlp.c_proj``); one name or a sequence.
-        towers: ``"vision"``, ``"text"`` or ``"both"``.
-        blocks: which residual blocks of each tower: ``"all"``, ``"first_N"``, ``"last_N"``, or a list
-            of indices (negative ones count from the end). Indices apply to each selected tower.
+        model: an open_clip model whose towers are converted (``load_clip`` does it, or
+            ``kr_vlm.models.convert_towers``), so q/k/v are separate linears.
+        layers: any of ``q k v o fc1 fc2`` (:data:`LAYERS`): attention query, key, value and output
+            projections, the MLP's input (both linears of a gated MLP) and output linears, as each tower
+            kind names them (``kr_vlm.models.towers``); one name or a sequence. A tower without some of
+            them (ConvNeXt has no attention) contributes the others.
+        towers: ``"vision"``, ``"text"``, ``"decoder"`` (CoCa's multimodal text decoder), ``"both"``
+            (vision and text), ``"all"`` (every tower the model has), or a list of towers.
+        blocks: which residual blocks of each tower: ``"all"`` (with the pooling heads: the attention pools
+            of CoCa, SigLIP, PE and ResNet CLIPs, labelled ``block: "pool"``), ``"first_N"``, ``"last_N"``,
+            or a list of indices (negative ones count from the end) and ``"pool"``. Indices apply to each
+            selected tower; blocks are numbered through the stages of staged towers (Swin, FastViT,
+            ConvNeXt), and CoCa's decoder alternates self- and cross-attention blocks.
 
     Returns:
-        ``{module name: {"tower", "layer", "block"}}``, vision tower first, then by block and in
-        ``LAYER_MODULES`` order, e.g. ``"visual.transformer.resblocks.0.attn.q_proj": {"tower": "vision",
-        "layer": "q", "block": 0}`` or ``"transformer.resblocks.11.mlp.c_proj": {"tower": "text", "layer":
-        "fc2", "block": 11}``.
+        ``{module name: {"tower", "layer", "block"}}``, vision tower first, then by block (pooling heads
+        last) and in ``LAYERS`` order, e.g. ``"visual.transformer.resblocks.0.attn.q_proj": {"tower":
+        "vision", "layer": "q", "block": 0}`` or ``"visual.trunk.blocks.11.attn.qkv.v_proj": {"tower":
+        "vision", "layer": "v", "block": 11}``.
     """
     selected_layers = [layers] if isinstance(layers, str) else list(layers)
-    unknown = [layer for layer in selected_layers if layer not in LAYER_MODULES]
+    unknown = [layer for layer in selected_layers if layer not in LAYERS]
     if unknown or not selected_layers:
-        raise ConfigError(
-            f"layers must be a non-empty subset of {list(LAYER_MODULES)}, got {selected_layers}"
-        )
-    if towers not in TOWER_CHOICES:
-        raise ConfigError(f"towers must be one of {TOWER_CHOICES}, got {towers!r}")
-
+        raise ConfigError(f"layers must be a non-empty subset of {list(LAYERS)}, got {selected_layers}")
     targets = {}
-    for tower in TOWERS:
-        if towers not in (tower, "both"):
-            continue
-        prefix, resblocks = _tower_blocks(model, tower)
-        for index in _block_indices(blocks, len(resblocks), tower):
-            block = resblocks[index]
-            for layer, relative in LAYER_MODULES.items():
-                if layer not in selected_layers:
-                    continue
-                try:
-                    module = block.get_submodule(relative)
-                except AttributeError:
-                    module = None
-                if not isinstance(module, nn.Linear):
-                    hint = (
-                        " Its attention is not converted: call kr_vlm.models.convert_attention(model) first "
-                        "(load_clip does)."
-                        if isinstance(block.get_submodule("attn"), nn.MultiheadAttention)
-                        else ""
-                    )
-                    raise ConfigError(f"{prefix}.{index}.{relative} is not an nn.Linear in this model.{hint}")
-                targets[f"{prefix}.{index}.{relative}"] = {"tower": tower, "layer": layer, "block": index}
+    for tower in _selected_towers(model, towers):
+        labels, depth = tower_labels(tower, selected_layers)
+        chosen = set(_block_indices(blocks, depth, tower.label))
+        found = {
+            name: label
+            for name, label in labels.items()
+            if label["layer"] in selected_layers and label["block"] in chosen
+        }
+        if not found:
+            has = sorted({label["layer"] for label in labels.values()}, key=LAYERS.index)
+            log.warning(
+                "%s has none of layers %s in blocks %r (its labelled layers: %s): it gets no adapter.",
+                tower.describe(),
+                selected_layers,
+                blocks,
+                ", ".join(has) or "none",
+            )
+        targets.update(found)
+    if not targets:
+        raise ConfigError(
+            f"layers={selected_layers}, towers={towers!r}, blocks={blocks!r} selects no linear layer of "
+            f"{type(model).__name__} (see the warnings above for what each tower has)."
+        )
     return targets
 
 
@@ -176,12 +173,13 @@ def clip_target_modules(
 
 
 def clip_layer_labels(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """The labels of every q/k/v/o/fc1/fc2 linear of the towers of ``model`` that have them."""
+    """The labels of every labelled linear of every tower of ``model`` that has them (towers of an unknown
+    kind, or not converted, have none)."""
     labels = {}
-    for tower in TOWERS:
+    for tower in clip_towers(model):
         try:
-            labels.update(clip_targets(model, towers=tower))
-        except ConfigError:  # a tower without such blocks (a ResNet or Hugging Face tower) has no labels
+            labels.update(tower_labels(tower)[0])
+        except ConfigError:
             continue
     return labels
 
@@ -192,9 +190,10 @@ def select_targets(
     """The modules an adapter config's ``targets`` selects in a converted CLIP, with their labels.
 
     ``targets`` is the friendly selection (a mapping with any of ``layers``, ``towers``, ``blocks``;
-    None or empty for all six layers of every block of both towers), a list of module names (suffixes
-    as in peft) or a regex. Names and regexes are matched by ``kr_vlm.adapters.find_target_linears``;
-    their labels are CLIP's where the layer is one of the six of a block, else read off the module path.
+    None or empty for all six layers of every block and pooling head of the vision and text towers), a
+    list of module names (suffixes as in peft) or a regex. Names and regexes are matched by
+    ``kr_vlm.adapters.find_target_linears``; their labels are the towers' where the layer carries one,
+    else read off the module path.
     """
     if targets is None or isinstance(targets, Mapping):
         given = dict(targets or {})

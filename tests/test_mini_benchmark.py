@@ -191,6 +191,7 @@ def test_the_fixed_and_authors_rates_are_the_recipes_own(tmp_path):
         fewshot.model.optimizer.lr == mini.FIXED_LR and fewshot.trainer.max_steps == 2 * mini.protocol.STEPS
     )
     assert mini.METHODS_BY_KEY["kradapter"].authors_lr == authors.model.optimizer.lr
+    assert [mini.max_steps(shots) for shots in (1, 4, 16)] == [7, 25, 100]  # CLIP-LoRA's 500 x shots, scaled
     assert authors.model.scheduler.min_lr == authors.model.optimizer.lr / 100
     assert pytest.approx(3e-5 * mini.FIXED_LR / 2e-4) == mini.FULL_FIXED_LR
 

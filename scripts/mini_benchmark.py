@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Arguments KEY=VALUE or ~KEY (anywhere, not after an option that takes values) are Hydra "
-        "overrides for every run, applied after the benchmark's own, e.g. trainer.max_steps=5.",
+        epilog="Arguments KEY=VALUE or ~KEY (anywhere on the line) are Hydra overrides for every run, applied "
+        "after the benchmark's own, e.g. trainer.max_steps=5.",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("outputs/mini_benchmark"), help="folder of the report"
@@ -63,7 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="shot counts (default 16; others run at the chosen and fixed rates)",
     )
-    parser.add_argument("--alphas", nargs="+", type=float, help=f"update scales (default: {defaults.alphas})")
+    parser.add_argument(
+        "--alphas",
+        nargs="+",
+        type=float,
+        help=f"update scales (default: {' '.join(f'{a:g}' for a in defaults.alphas)})",
+    )
     parser.add_argument(
         "--steps", type=int, help=f"CLIP-LoRA recipe's steps at 16 shots (default {defaults.steps})"
     )
@@ -74,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid",
         nargs="+",
         type=int,
-        help=f"exponents k of the grid fixed rate x 2**k (default {defaults.grid_exponents})",
+        help=f"exponents k of the grid fixed rate x 2**k (default {' '.join(map(str, defaults.grid_exponents))})",
     )
     parser.add_argument("--max-widening", type=int, help=f"default {defaults.max_widening}")
     parser.add_argument(

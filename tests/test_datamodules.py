@@ -12,6 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from coop_layout import make_coop_dataset, read_only
 from kr_vlm.data.base import DatasetNotFoundError
 from kr_vlm.data.datamodules import DIGIT_SHIFT_SETS, DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.digits import parse_digit_path, split_indices
 from kr_vlm.data.loading import shot_repeats
 from kr_vlm.data.templates import get_templates
 from kr_vlm.errors import ConfigError
@@ -57,6 +58,25 @@ def test_val_is_min_shots_4_and_last_batch_is_kept():
     assert len(dm.train_dataset) == 10 and len(dm.val_datasets[0]) == 10
     loader = dm.train_dataloader()
     assert not loader.drop_last and len(loader) == 1  # 10 images < one batch, still one batch
+
+
+def _digit_indices(dataset) -> list[int]:
+    """The `load_digits()` indices of a digits dataset's samples (their virtual paths' last part)."""
+    return [parse_digit_path(path)[1] for path, _ in dataset.samples]
+
+
+def test_val_shots_validates_on_more_digits_disjoint_from_the_shots_and_the_test_split():
+    default, larger = digits_module(shots=16), digits_module(shots=16, val_shots=16)
+    for dm in (default, larger):
+        dm.setup()
+    assert len(default.val_datasets[0]) == 4 * 10 and len(larger.val_datasets[0]) == 16 * 10
+    val = _digit_indices(larger.val_datasets[0])
+    train, test = _digit_indices(larger.train_dataset), _digit_indices(larger.test_datasets[0])
+    assert len(set(val)) == len(val) and set(val) <= set(split_indices()["val"])
+    assert not set(val) & set(train) and not set(val) & set(test)
+    assert [label for _, label in larger.val_datasets[0].samples].count(3) == 16
+    # The training shots are drawn first: a larger validation set leaves them as they were.
+    assert larger.train_dataset.samples == default.train_dataset.samples
 
 
 def test_setup_is_idempotent_and_builds_everything_for_any_stage():
@@ -304,6 +324,8 @@ def test_missing_source_is_an_error(tmp_path):
         ({"dataset": "digits", "min_iterations_per_epoch": -1}, r"data\.min_iterations_per_epoch must be"),
         ({"dataset": "digits", "min_iterations_per_epoch": 2.5}, r"data\.min_iterations_per_epoch must be"),
         ({"dataset": "digits", "sampler": "dassl"}, r"data\.sampler must be one of kr_vlm, coop, clip_lora"),
+        ({"dataset": "digits", "val_shots": 0}, r"data\.val_shots must be a whole number >= 1"),
+        ({"dataset": "digits", "val_shots": 2.5}, r"data\.val_shots must be a whole number >= 1"),
     ],
 )
 def test_bad_few_shot_arguments(options, message):

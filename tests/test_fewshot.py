@@ -118,6 +118,34 @@ def test_classes_with_too_few_images_are_sampled_with_replacement_and_named():
     assert len({path for path, label in split.train if label == 1}) == 3
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_val_shots_sets_the_validation_size(sampler):
+    split = few_shot_split("toy", TRAIN, VAL, shots=2, seed=3, sampler=sampler, val_shots=5)
+    assert counts(split.train) == dict.fromkeys(range(5), 2) and counts(split.val) == dict.fromkeys(range(5), 5)
+    assert len(set(split.val)) == len(split.val) and set(split.val) <= set(VAL)
+    assert validation_shots(2, 5) == 5 and validation_shots(2) == 2
+    # Without a validation split, they come from the training images the shots left (CoOp draws none).
+    if sampler != "coop":
+        leftover = few_shot_split("toy", TRAIN, None, shots=2, seed=3, sampler=sampler, val_shots=9)
+        assert counts(leftover.val) == dict.fromkeys(range(5), 9)
+        assert not set(leftover.val) & set(leftover.train) and set(leftover.val) <= set(TRAIN)
+    with pytest.raises(ValueError, match="val_shots must be at least 1"):
+        few_shot_split("toy", TRAIN, VAL, shots=2, seed=3, sampler=sampler, val_shots=0)
+
+
+def test_val_shots_has_its_own_cache_file_and_the_default_keeps_its_name(tmp_path):
+    default = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path)
+    larger = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, val_shots=6)
+    digest = source_hash(TRAIN, VAL)
+    assert cache_path(tmp_path, "toy", 2, 1, digest).is_file()
+    assert cache_path(tmp_path, "toy", 2, 1, digest, val_shots=6).name.startswith("shot_2-seed_1-kr_vlm-val_6-")
+    assert cache_path(tmp_path, "toy", 2, 1, digest, val_shots=2) == cache_path(tmp_path, "toy", 2, 1, digest)
+    # Read back, each is its own split.
+    assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path) == default
+    assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, val_shots=6) == larger
+    assert len(larger.val) == 30 and len(list((tmp_path / "toy").glob("*.json"))) == 2
+
+
 def test_no_warning_when_every_class_has_enough():
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -112,7 +112,8 @@ class FewShotDataModule(LightningDataModule):
     and tests on any further datasets (`test_sets`).
 
     Training uses `shots` images per class drawn with `seed` by `sampler` (`kr_vlm.data.fewshot`),
-    validation min(`shots`, 4) per class of the val split, testing the whole test split. With
+    validation min(`shots`, 4) per class of the val split (`val_shots` to validate on more), testing the
+    whole test split. With
     `shots=0` nothing is drawn: there is no training loader and validation uses the whole val split.
 
     The protocols of the field are options of this module: `subsample="base_to_new"` (CoCoOp's
@@ -138,6 +139,11 @@ class FewShotDataModule(LightningDataModule):
             optimiser steps (`kr_vlm.data.loading.shot_repeats`; the KRAdapter / RandLoRA authors: 10);
             0: every shot once an epoch. See `train_dataloader`.
         eval_batch_size: validation and test batch size of each process.
+        val_shots: validation images per class, drawn from the val split (disjoint from the training
+            shots and the test split; ImageNet: from the training images the shots left); None:
+            min(`shots`, 4), as CoOp and CLIP-LoRA. Four a class cannot tell learning rates apart
+            (one image is several points of accuracy); choosing a rate on the validation top-1 needs
+            more, e.g. 16. Ignored at `shots=0`, which validates on the whole val split.
         num_workers: DataLoader worker processes.
         train_templates: template kind of `train_task` (`kr_vlm.data.templates.TEMPLATE_KINDS`;
             CLIP-LoRA trains with the simple ``"a photo of a {}."``).
@@ -192,6 +198,7 @@ class FewShotDataModule(LightningDataModule):
         fraction: float | None = None,
         classnames: str = "default",
         download: bool = False,
+        val_shots: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -231,6 +238,11 @@ class FewShotDataModule(LightningDataModule):
                 raise ConfigError(f"data.{argument} must be at least 1, got {value}.")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
+        if val_shots is not None and (type(val_shots) is not int or val_shots < 1):
+            raise ConfigError(
+                "data.val_shots must be a whole number >= 1 (validation images per class), or null for "
+                f"min(data.shots, 4), got {val_shots!r}."
+            )
         if type(min_iterations_per_epoch) is not int or min_iterations_per_epoch < 0:
             raise ConfigError(
                 "data.min_iterations_per_epoch must be a whole number >= 0 (the KRAdapter / RandLoRA authors: "
@@ -243,6 +255,7 @@ class FewShotDataModule(LightningDataModule):
         self.seed = seed
         self.batch_size = batch_size
         self.min_iterations_per_epoch = min_iterations_per_epoch
+        self.val_shots = val_shots
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.train_templates = train_templates
@@ -331,6 +344,7 @@ class FewShotDataModule(LightningDataModule):
                 classnames=classnames,
                 sampler=self.sampler,
                 dataset_dir=dataset_folder(self.dataset, self.root),
+                val_shots=self.val_shots,
             )
             train_samples = split.train
             if split.val is None:  # CoOp's ImageNet: validate on the test set
@@ -585,6 +599,7 @@ class DistributionShiftDataModule(FewShotDataModule):
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
         min_iterations_per_epoch: int = 0,
+        val_shots: int | None = None,
     ) -> None:
         if shift_sets is None:
             if dataset not in SHIFT_SETS:
@@ -611,6 +626,7 @@ class DistributionShiftDataModule(FewShotDataModule):
             sampler=sampler,
             test_sets=shift_sets,
             min_iterations_per_epoch=min_iterations_per_epoch,
+            val_shots=val_shots,
         )
 
     @property

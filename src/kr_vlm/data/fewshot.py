@@ -1,6 +1,7 @@
 """Few-shot splits: kr_vlm's own draw and exact copies of CoOp's and CLIP-LoRA's, a JSON cache, base-to-new.
 
-Every sampler takes K training and min(K, 4) validation images per class; they differ in order,
+Every sampler takes K training and min(K, 4) validation images per class (or `val_shots`, where a
+caller asks for another validation size: `data.val_shots`); they differ in order,
 in what a class with fewer than K images gives, and in where ImageNet's validation shots come from:
 
 - `kr_vlm` (the default): each class's samples sorted by path, classes in label order, the training
@@ -86,9 +87,10 @@ class FewShotSplit:
     val: Samples | None
 
 
-def validation_shots(shots: int) -> int:
-    """Validation images per class for a `shots`-shot split: min(shots, 4), as CoOp and CLIP-LoRA."""
-    return min(shots, 4)
+def validation_shots(shots: int, val_shots: int | None = None) -> int:
+    """Validation images per class for a `shots`-shot split: `val_shots` when given, else min(shots, 4),
+    as CoOp and CLIP-LoRA."""
+    return min(shots, 4) if val_shots is None else val_shots
 
 
 def check_sampler(sampler: str) -> None:
@@ -141,49 +143,51 @@ def sample_per_class(
     return sampled
 
 
-def _draw_kr_vlm(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+# Each draw takes the source lists, the training shots, the validation images per class (`val_count`)
+# and the seed.
+def _draw_kr_vlm(train: Samples, val: Samples | None, shots: int, val_count: int, seed: int) -> FewShotSplit:
     rng = random.Random(seed)
     train_shots = sample_per_class(train, shots, rng)
     if val is not None:
-        return FewShotSplit(train_shots, sample_per_class(val, validation_shots(shots), rng))
+        return FewShotSplit(train_shots, sample_per_class(val, val_count, rng))
     # No validation split (ImageNet): validate on training images the training shots left over.
     taken = set(train_shots)
     val_shots: Samples = []
     for items in group_by_label(train).values():
         left = [item for item in items if item not in taken]
-        val_shots.extend(rng.sample(left, min(validation_shots(shots), len(left))))
+        val_shots.extend(rng.sample(left, min(val_count, len(left))))
     return FewShotSplit(train_shots, val_shots)
 
 
-def _draw_coop(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+def _draw_coop(train: Samples, val: Samples | None, shots: int, val_count: int, seed: int) -> FewShotSplit:
     rng = random.Random(seed)
     train_shots = sample_per_class(train, shots, rng, repeat=False, canonical=False)
     if val is None:  # CoOp's ImageNet validates on its test set
         return FewShotSplit(train_shots, None)
-    return FewShotSplit(
-        train_shots, sample_per_class(val, validation_shots(shots), rng, repeat=False, canonical=False)
-    )
+    return FewShotSplit(train_shots, sample_per_class(val, val_count, rng, repeat=False, canonical=False))
 
 
-def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, val_count: int, seed: int) -> FewShotSplit:
     rng = random.Random(seed)
     if val is not None:
-        val_shots = sample_per_class(val, validation_shots(shots), rng, canonical=False)
+        val_shots = sample_per_class(val, val_count, rng, canonical=False)
         return FewShotSplit(sample_per_class(train, shots, rng, canonical=False), val_shots)
-    # CLIP-LoRA's ImageNet reader: ImageFolder's files, K + min(K, 4) of each class at once.
+    # CLIP-LoRA's ImageNet reader: ImageFolder's files, K + min(K, 4) (the validation count) of each class
+    # at once.
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
     # Samples that are not files (`<source>#<index>`, aTLAS's arrays and crops) are images by construction.
     images = [item for item in train if "#" in item[0] or item[0].lower().endswith(IMG_EXTENSIONS)]
-    per_class = shots + validation_shots(shots)
+    per_class = shots + val_count
     train_shots: Samples = []
     val_shots: Samples = []
     for label, items in group_by_label(images, canonical=False).items():
         if len(items) < per_class:
             raise ConfigError(
                 f"data.sampler=clip_lora draws {per_class} different training images of every ImageNet class "
-                f"for {shots} shots (CLIP-LoRA's random.sample of K + min(K, 4)), but label {label} has only "
-                f"{len(items)}. Lower data.shots, or use data.sampler=kr_vlm."
+                f"for {shots} shots and {val_count} validation images (CLIP-LoRA's random.sample of K + "
+                f"min(K, 4)), but label {label} has only {len(items)}. Lower data.shots (or data.val_shots), or "
+                "use data.sampler=kr_vlm."
             )
         drawn = rng.sample(items, per_class)
         train_shots.extend(drawn[:shots])
@@ -191,17 +195,15 @@ def _draw_clip_lora(train: Samples, val: Samples | None, shots: int, seed: int) 
     return FewShotSplit(train_shots, val_shots)
 
 
-def _draw_atlas(train: Samples, val: Samples | None, shots: int, seed: int) -> FewShotSplit:
+def _draw_atlas(train: Samples, val: Samples | None, shots: int, val_count: int, seed: int) -> FewShotSplit:
     generator = torch.Generator().manual_seed(seed)
-    train_shots, val_shots = atlas_shots(
-        train, shots, validation_shots(shots), generator, with_val=val is None
-    )
+    train_shots, val_shots = atlas_shots(train, shots, val_count, generator, with_val=val is None)
     if val is not None:
-        val_shots = atlas_shots(val, validation_shots(shots), 0, generator, with_val=False)[0]
+        val_shots = atlas_shots(val, val_count, 0, generator, with_val=False)[0]
     return FewShotSplit(train_shots, val_shots)
 
 
-_DRAWS: dict[str, Callable[[Samples, Samples | None, int, int], FewShotSplit]] = {
+_DRAWS: dict[str, Callable[[Samples, Samples | None, int, int, int], FewShotSplit]] = {
     "kr_vlm": _draw_kr_vlm,
     "coop": _draw_coop,
     "clip_lora": _draw_clip_lora,
@@ -226,10 +228,20 @@ def source_hash(*sample_lists: Sequence[tuple[str, int]], ordered: bool = False)
 
 
 def cache_path(
-    cache_dir: str | Path, dataset: str, shots: int, seed: int, source_digest: str, sampler: str = "kr_vlm"
+    cache_dir: str | Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    source_digest: str,
+    sampler: str = "kr_vlm",
+    val_shots: int | None = None,
 ) -> Path:
-    """Where the split of `dataset` drawn by `sampler` with `shots` and `seed` is cached."""
-    return Path(cache_dir) / dataset / f"shot_{shots}-seed_{seed}-{sampler}-{source_digest[:16]}.json"
+    """Where the split of `dataset` drawn by `sampler` with `shots`, `seed` (and `val_shots` validation
+    images per class, where that is not the default min(shots, 4)) is cached."""
+    val = validation_shots(shots, val_shots)
+    other_val = "" if val == validation_shots(shots) else f"-val_{val}"
+    name = f"shot_{shots}-seed_{seed}-{sampler}{other_val}-{source_digest[:16]}.json"
+    return Path(cache_dir) / dataset / name
 
 
 def user_cache_dir() -> Path:
@@ -317,6 +329,7 @@ def _warn_about_short_classes(
     train: Samples,
     val: Samples | None,
     shots: int,
+    val_count: int,
     sampler: str,
     classnames: Sequence[str] | None,
 ) -> None:
@@ -327,11 +340,11 @@ def _warn_about_short_classes(
     )
     warn_short_classes(train, shots, f"{dataset} train", classnames, consequence)
     if val is not None:
-        warn_short_classes(val, validation_shots(shots), f"{dataset} val", classnames, consequence)
+        warn_short_classes(val, val_count, f"{dataset} val", classnames, consequence)
     elif sampler == "kr_vlm":
         warn_short_classes(
             train,
-            shots + validation_shots(shots),
+            shots + val_count,
             f"{dataset} train (validation shots are drawn from it)",
             classnames,
             "they get fewer validation images",
@@ -343,11 +356,11 @@ def _label_counts(samples: Sequence[tuple[str, int]]) -> dict[int, int]:
 
 
 def _expected_counts(
-    sampler: str, train: Samples, val: Samples | None, shots: int, train_shots: Samples
+    sampler: str, train: Samples, val: Samples | None, shots: int, val_count: int, train_shots: Samples
 ) -> tuple[dict[int, int], dict[int, int] | None]:
     """How many training and validation images of each label `sampler` draws from these lists."""
     keep_short = sampler in ("coop", "atlas")  # repeat=False: a short class gives what it has
-    k, v = shots, validation_shots(shots)
+    k, v = shots, val_count
     train_counts = _label_counts(train)
     want_train = {label: min(k, n) if keep_short else k for label, n in train_counts.items()}
     if val is not None:
@@ -368,8 +381,10 @@ def split_misfit(
     val_samples: Sequence[tuple[str, int]] | None,
     shots: int,
     sampler: str,
+    val_shots: int | None = None,
 ) -> str | None:
-    """Why `split` cannot be what `sampler` draws from these source lists with `shots` (None if it can).
+    """Why `split` cannot be what `sampler` draws from these source lists with `shots` and `val_shots`
+    (`validation_shots`) (None if it can).
 
     Every image must be one of its source list, with the same label, and every class must have as
     many images as the sampler draws of it; validation shots drawn from the training list (no
@@ -378,7 +393,9 @@ def split_misfit(
     """
     train = [(str(path), int(label)) for path, label in train_samples]
     val = None if val_samples is None else [(str(path), int(label)) for path, label in val_samples]
-    want_train, want_val = _expected_counts(sampler, train, val, shots, split.train)
+    want_train, want_val = _expected_counts(
+        sampler, train, val, shots, validation_shots(shots, val_shots), split.train
+    )
     if (split.val is None) != (want_val is None):
         return (
             "it has no validation list"
@@ -415,8 +432,9 @@ def few_shot_split(
     *,
     sampler: str = "kr_vlm",
     dataset_dir: str | Path | None = None,
+    val_shots: int | None = None,
 ) -> FewShotSplit:
-    """Draw `shots` training and min(`shots`, 4) validation images per class with `sampler`.
+    """Draw `shots` training and min(`shots`, 4) (or `val_shots`) validation images per class with `sampler`.
 
     Args:
         dataset: the dataset name; part of the cache key and of messages.
@@ -435,6 +453,10 @@ def few_shot_split(
         dataset_dir: the dataset's folder (CoOp's `dataset_dir`). With `sampler="coop"`, CoOp's own
             `split_fewshot/shot_K-seed_S.pkl` there is used as is, and for ImageNet CoOp's listing
             of the training images (its `preprocessed.pkl`, else `os.listdir` order).
+        val_shots: validation images per class; None: min(`shots`, 4), as CoOp and CLIP-LoRA. The
+            validation images come from the validation split (or, without one, from the training
+            images the training shots left), never from the test split. CoOp's stored splits hold
+            min(K, 4), so with another count `coop` draws its split instead of reading them.
 
     Returns:
         a `FewShotSplit`, each list in the order the sampler drew it.
@@ -442,12 +464,15 @@ def few_shot_split(
     check_sampler(sampler)
     if shots < 1:
         raise ValueError(f"shots must be at least 1 for a few-shot split, got {shots} (0 means zero-shot).")
+    if val_shots is not None and val_shots < 1:
+        raise ValueError(f"val_shots must be at least 1 (or None for min(shots, 4)), got {val_shots}.")
+    val_count = validation_shots(shots, val_shots)
     train = [(str(path), int(label)) for path, label in train_samples]
     val = None if val_samples is None else [(str(path), int(label)) for path, label in val_samples]
     # The warnings come from the source lists, so they also appear when the split is read from a file.
-    _warn_about_short_classes(dataset, train, val, shots, sampler, classnames)
+    _warn_about_short_classes(dataset, train, val, shots, val_count, sampler, classnames)
 
-    if sampler == "coop" and dataset_dir is not None:
+    if sampler == "coop" and dataset_dir is not None and val_count == validation_shots(shots):
         stored = _read_coop_split(Path(dataset_dir), shots, seed, train, val)
         if stored is not None:
             return stored
@@ -456,15 +481,15 @@ def few_shot_split(
     path = None
     if cache_dir is not None:
         digest = source_hash(train, val or [], ordered=sampler != "kr_vlm")
-        path = cache_path(cache_dir, dataset, shots, seed, digest, sampler)
-        cached = _read_cache(path, dataset, shots, seed, sampler, train, val)
+        path = cache_path(cache_dir, dataset, shots, seed, digest, sampler, val_count)
+        cached = _read_cache(path, dataset, shots, seed, sampler, train, val, val_count)
         if cached is not None:
             log.info(
                 "Read the %d-shot split of %s (seed %d, %s) from %s", shots, dataset, seed, sampler, path
             )
             return cached
 
-    split = _DRAWS[sampler](train, val, shots, seed)
+    split = _DRAWS[sampler](train, val, shots, val_count, seed)
     if path is not None:
         _write_cache(path, dataset, shots, seed, sampler, split)
         log.info("Wrote the %d-shot split of %s (seed %d, %s) to %s", shots, dataset, seed, sampler, path)
@@ -496,7 +521,14 @@ def _read_coop_split(
 
 
 def _read_cache(
-    path: Path, dataset: str, shots: int, seed: int, sampler: str, train: Samples, val: Samples | None
+    path: Path,
+    dataset: str,
+    shots: int,
+    seed: int,
+    sampler: str,
+    train: Samples,
+    val: Samples | None,
+    val_count: int,
 ) -> FewShotSplit | None:
     if not path.is_file():
         return None
@@ -518,7 +550,7 @@ def _read_cache(
     except (OSError, ValueError, KeyError, TypeError) as err:
         warnings.warn(f"Ignoring the unreadable few-shot cache {path} ({err}); sampling again.", stacklevel=3)
         return None
-    reason = split_misfit(split, train, val, shots, sampler)
+    reason = split_misfit(split, train, val, shots, sampler, val_count)
     if reason is not None:
         warnings.warn(
             f"Ignoring the few-shot cache {path}, which does not fit the dataset ({reason}); sampling again.",

@@ -16,18 +16,25 @@ TITLE = "ID / OOD frontier over the update scale α and the learning rate"
 COLUMNS = 2
 
 
-def frontier_figure(frontier_list: Sequence[Frontier]) -> Any:
-    """A matplotlib ``Figure`` of every frontier (``kr_vlm.rank_report.png`` renders it)."""
-    figure, panels = panel_grid(len(frontier_list), TITLE, columns=COLUMNS)
+def frontier_figure(
+    frontier_list: Sequence[Frontier],
+    titles: Sequence[str] | None = None,
+    columns: int = COLUMNS,
+    title: str = TITLE,
+) -> Any:
+    """A matplotlib ``Figure`` of every frontier (``kr_vlm.rank_report.png`` renders it), in rows of
+    `columns` plots, each titled by its panel's name or by `titles`."""
+    figure, panels = panel_grid(len(frontier_list), title, columns=columns)
     # Square-ish plots with room for the axis labels: the grid's default cells are for line plots.
-    columns = min(COLUMNS, len(frontier_list))
+    columns = min(columns, len(frontier_list))
     rows = -(-len(frontier_list) // columns)
     height = 4.6 * rows + 0.6
     figure.set_size_inches(5.5 * columns, height)
     figure.subplots_adjust(
         left=0.12 / columns, right=0.98, bottom=0.5 / height, top=1 - 0.8 / height, hspace=0.45, wspace=0.3
     )
-    for axes, frontier in zip(panels, frontier_list, strict=True):
+    titles = [frontier.panel.name for frontier in frontier_list] if titles is None else titles
+    for axes, frontier, panel_title in zip(panels, frontier_list, titles, strict=True):
         methods = frontier.methods()
         labels = _labels(methods)
         configurations = [(row, swept) for row in sorted(methods, key=labels.get) for swept in methods[row]]
@@ -52,7 +59,7 @@ def frontier_figure(frontier_list: Sequence[Frontier]) -> Any:
                 zorder=5,
             )
         id_axis, ood_axis = AXES[frontier.panel.protocol]
-        axes.set_title(frontier.panel.name, fontsize="small")
+        axes.set_title(panel_title, fontsize="small")
         axes.set_xlabel(f"ID top-1 % ({id_axis})", fontsize="x-small")
         axes.set_ylabel(f"OOD top-1 % ({ood_axis})", fontsize="x-small")
         axes.grid(alpha=0.3)

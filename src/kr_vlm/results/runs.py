@@ -20,6 +20,7 @@ RECIPE_KEYS = (
     "model",
     "data.sampler",
     "data.fraction",
+    "data.val_shots",
     "data.train_templates",
     "data.batch_size",
     "data.min_iterations_per_epoch",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kr_vlm import metric_names
-from kr_vlm.benchmarks.mini.machine import cpu_seconds, machine_description
+from kr_vlm.benchmarks.machine import cpu_seconds, machine_description
 from kr_vlm.benchmarks.mini.plan import BenchmarkPlan
 from kr_vlm.benchmarks.mini.protocol import CLIP_LORA, Job, Settings, job_overrides
 from kr_vlm.benchmarks.mini.selection import RateChoice

@@ -86,8 +86,8 @@ class AdapterConfig:
     """Which adapter ``method`` to put on which linear layers (``target_modules``), with ``options``.
 
     Args:
-        method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``kr_vlm.adapters.METHODS``). ``full`` trains the targeted
-            layers' own weights; ``none`` trains nothing.
+        method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``kr_vlm.adapters.METHODS``). ``full``
+            trains the targeted layers' own weights; ``none`` trains nothing.
         target_modules: as in peft, a list of module names, each matching a module whose name equals it or
             ends with ``"." + entry`` (``["q_proj", "v_proj"]``), or one string that must fully match a
             module name as a regular expression, or ``"all-linear"``: every ``nn.Linear`` and transformers

@@ -250,3 +250,12 @@ def test_the_readme_example_registers_trains_with_the_rank_monitor_and_shows_in_
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith("1 runs: rank_one")
     assert "rank_one" in (tmp_path / "dash" / "rank_dashboard_runs.csv").read_text()
+
+
+@pytest.mark.parametrize("name", [name for name, method in REGISTRY.items() if method.adapts_layers])
+def test_every_built_in_method_passes_the_registration_checks(name):
+    from kr_vlm.adapters.registry import _check_layer_class, _check_options
+
+    method = REGISTRY[name]
+    _check_layer_class(name, method.layer)
+    _check_options(name, method.options)

@@ -58,7 +58,11 @@ def checked_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` of ``method`` as plain JSON data (a dtype as its name), checked against the method's
     options dataclass: an unknown method or option is a ``ConfigError`` that lists the valid ones."""
     if method not in REGISTRY:
-        raise ConfigError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(REGISTRY)}.")
+        raise ConfigError(
+            f"Unknown adapter method {method!r}. Valid methods: {', '.join(REGISTRY)}. A method of your own is "
+            "registered with kr_vlm.adapters.register_method (import its module first; train.py and eval.py "
+            "import the modules of the kr_vlm.methods entry points)."
+        )
     spec = REGISTRY[method]
     allowed = sorted(field.name for field in dataclasses.fields(spec.options))
     for name in options:

@@ -3,7 +3,7 @@
 A ``Method`` is the whole of one adapter method as the library sees it: the dataclass of its options,
 the function that adapts the named ``nn.Linear`` layers of a model, and the function that recognises its
 layers in a model again (returning them as ``AdaptedLayer``). ``kr_vlm.adapters.methods.REGISTRY`` maps
-method names to them; everything else in the library (injection, merging, saving, counting) loops over
+method names to them (``kr_vlm.adapters.register_method`` adds one, checked); everything else in the library (injection, merging, saving, counting) loops over
 that registry and the protocol, and knows no method by name.
 
 Adapters go on linear layers: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's linears, whose weight

@@ -116,6 +116,14 @@ def test_a_layer_class_that_lacks_protocol_methods_is_refused_by_name():
     assert "incomplete" not in REGISTRY
 
 
+def test_an_adapter_layer_without_its_update_is_refused():
+    class NoUpdate(AdapterLayer):
+        pass
+
+    with pytest.raises(MethodRegistrationError, match=r"NoUpdate does not answer .*lacks update\(\)"):
+        register_method("no_update", NoUpdate)
+
+
 def test_names_options_and_duplicates_are_checked():
     with pytest.raises(MethodRegistrationError, match="lower case letters"):
         register_method("Rank-One", ShiftLinear, ShiftOptions)

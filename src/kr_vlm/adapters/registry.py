@@ -25,6 +25,7 @@ from typing import Any
 
 from torch import nn
 
+from kr_vlm.adapters.base import AdapterLayer
 from kr_vlm.adapters.layer import AdaptedLayer, Method, NoOptions, instances_of, replace_layers
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError, KrVlmError
@@ -68,6 +69,8 @@ def _check_layer_class(name: str, layer: type) -> None:
             f"register_method({name!r}): layer must be the class of the method's layers, got {layer!r}."
         )
     missing = [member for member in _CALLABLE_MEMBERS if not callable(getattr(layer, member, None))]
+    if issubclass(layer, AdapterLayer) and layer.update is AdapterLayer.update:
+        missing.append("update() (ΔW at update scale 1, which AdapterLayer's other members are built on)")
     if missing:
         raise MethodRegistrationError(
             f"register_method({name!r}): {layer.__name__} does not answer kr_vlm.adapters.AdaptedLayer: it lacks "

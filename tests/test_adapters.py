@@ -703,15 +703,6 @@ class ScaledLinear(nn.Module):
         return {"d": self.d}
 
 
-@pytest.fixture
-def registry_restored():
-    """Methods a test registers are gone after it."""
-    before = dict(REGISTRY)
-    yield
-    REGISTRY.clear()
-    REGISTRY.update(before)
-
-
 def test_a_new_method_is_a_layer_class_and_a_registration(registry_restored, tmp_path):
     def inject(model, names, options):
         replace_layers(model, names, lambda base: ScaledLinear(base, options.scale))

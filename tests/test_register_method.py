@@ -35,13 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 README_MARKER = "<!-- readme-example: adding-a-method"
 
 
-@pytest.fixture(autouse=True)
-def registry_restored():
-    """Every method a test registers is gone after it."""
-    before = dict(REGISTRY)
-    yield
-    REGISTRY.clear()
-    REGISTRY.update(before)
+pytestmark = pytest.mark.usefixtures("registry_restored")
 
 
 @dataclasses.dataclass

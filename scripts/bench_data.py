@@ -7,7 +7,7 @@ resized crop) and the evaluation transform (resize and centre crop), both decode
 row times one full pass over the images after a warm-up pass (the workers persist between passes, as in
 training), with 0, 2 and 4 DataLoader workers by default.
 
-The step rate comes from `kr_vlm.benchmarks.adapters` (what `scripts/bench_adapters.py` times: its
+The step rate comes from `kr_vlm.benchmarks.training_step` (what `scripts/bench_adapters.py` times: its
 `build_base_model`, `build_run`, `make_batch` and `timed_step`): a KRAdapter training step of open_clip ViT-B-16 (random init) at the same batch size, in
 images per second. If the data path delivers fewer images per second than the step consumes, training is
 input-bound at that worker count.
@@ -33,7 +33,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from kr_vlm.benchmarks import adapters as bench
+from kr_vlm.benchmarks import training_step as bench
 from kr_vlm.data.datamodules import FewShotDataModule
 
 
@@ -98,7 +98,7 @@ def data_rates(root: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def model_rate(args: argparse.Namespace) -> tuple[float, str]:
-    """Images per second of a KRAdapter training step (kr_vlm.benchmarks.adapters), and what was measured."""
+    """Images per second of a KRAdapter training step (kr_vlm.benchmarks.training_step), and what was measured."""
     device = torch.device(args.device)
     targets = bench.TARGET_SETS[args.model_targets]
     torch.manual_seed(0)
@@ -126,7 +126,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2, 4])
     parser.add_argument("--batch-size", type=int, default=32, help="CLIP-LoRA trains with 32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--model-targets", default="mlp", help="kr_vlm.benchmarks.adapters target set (mlp or all)")
+    parser.add_argument("--model-targets", default="mlp", help="kr_vlm.benchmarks.training_step target set (mlp or all)")
     parser.add_argument("--model-steps", type=int, default=3, help="timed model steps (after one warm-up)")
     parser.add_argument(
         "--model-batch-size",

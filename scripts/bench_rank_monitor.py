@@ -5,7 +5,7 @@ q/k/v/out linears, KRAdapter on ``attn.q_proj/k_proj/v_proj/out_proj`` and ``mlp
 blocks of both towers: 144 updates (vision 768x768 and 768x3072, text 512x512 and 512x2048). ``--model-name``
 takes another open_clip model (a small one such as ``ViT-S-32`` for a quick check of the script).
 
-Measured in one run, on one device, reusing ``kr_vlm.benchmarks.adapters`` (what ``scripts/bench_adapters.py``
+Measured in one run, on one device, reusing ``kr_vlm.benchmarks.training_step`` (what ``scripts/bench_adapters.py``
 times) for the training step (forward of both towers, CLIP loss, backward, AdamW):
 
 - in the training thread (``background=False``): the median time of one evaluation,
@@ -37,7 +37,8 @@ import torch
 
 from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers
-from kr_vlm.benchmarks.adapters import (
+from kr_vlm.benchmarks.provenance import Provenance, markdown_lines
+from kr_vlm.benchmarks.training_step import (
     MODEL_NAME,
     TARGET_SETS,
     MethodRun,
@@ -48,7 +49,6 @@ from kr_vlm.benchmarks.adapters import (
     synchronize,
     timed_step,
 )
-from kr_vlm.benchmarks.provenance import Provenance, markdown_lines
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, _intra_op_threads
 from kr_vlm.files import write_text_atomic
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 from kr_vlm.benchmarks.matrix_approx import (
+    COMPARED_METHODS,
     FAMILIES,
     METHOD_LABELS,
-    METHODS,
     QUICK_SETTINGS,
     BenchmarkSettings,
     check_methods,
@@ -48,7 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=size_argument, default=None, help="D_OUTxD_IN (default 1024x768)")
     parser.add_argument("--steps", type=int, default=None, help="AdamW steps per fit (default 300)")
     parser.add_argument("--lr", type=float, default=BenchmarkSettings.lr, help="AdamW learning rate (0.1)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), help=f"from: {' '.join(METHODS)}")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(COMPARED_METHODS), help=f"from: {' '.join(COMPARED_METHODS)}"
+    )
     parser.add_argument(
         "--families",
         nargs="+",

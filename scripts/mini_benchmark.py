@@ -25,7 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from kr_vlm.benchmarks.mini import METHODS, QUICK, RECIPES, Settings, run_benchmark, write_outputs
+from kr_vlm.benchmarks.mini import BENCHMARK_METHODS, QUICK, RECIPES, Settings, run_benchmark, write_outputs
 from kr_vlm.errors import KrVlmError
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="every mode, small: zero-shot, KRAdapter and LoRA, two rates, one seed, 10 steps, one authors' "
         "epoch (the options below change it further)",
     )
-    keys = [method.key for method in METHODS]
+    keys = [method.key for method in BENCHMARK_METHODS]
     parser.add_argument(
         "--methods", nargs="+", help=f"from: {' '.join(keys)} (default: {' '.join(defaults.methods)})"
     )

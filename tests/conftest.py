@@ -47,3 +47,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("zoo") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def registry_restored():
+    """The adapter methods a test registers (``kr_vlm.adapters.register_method``) are gone after it."""
+    from kr_vlm.adapters.methods import REGISTRY
+
+    before = dict(REGISTRY)
+    yield
+    REGISTRY.clear()
+    REGISTRY.update(before)

@@ -17,7 +17,7 @@ from kr_vlm.models.targets import clip_targets
 from kr_vlm.models.towers import convert_towers, example_forward
 from kr_vlm.models.zoo import build_model, shrunk_config
 
-METHODS = [name for name, method in REGISTRY.items() if method.adapts_layers]
+ADAPTING_METHODS = [name for name, method in REGISTRY.items() if method.adapts_layers]
 
 
 class ReadsWeight(nn.Module):
@@ -65,7 +65,7 @@ def _unchanged(model: nn.Module, before: dict[str, torch.Tensor]) -> None:
     assert all(parameter.requires_grad for parameter in model.parameters())
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
 def test_a_layer_whose_weight_is_read_but_never_called_is_refused(method):
     model = nn.Sequential(ReadsWeight())
     before = model.state_dict()
@@ -77,7 +77,7 @@ def test_a_layer_whose_weight_is_read_but_never_called_is_refused(method):
     _unchanged(model, before)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ADAPTING_METHODS)
 def test_the_forward_check_refuses_layers_it_does_not_call(method):
     model = DeadBranch()
     before = model.state_dict()

@@ -8,19 +8,18 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters import (
-    AdapterConfig,
+    MethodRegistrationError,
     adapted_layers,
-    inject_adapters,
     load_adapters,
     merge_adapters,
     merge_and_unload,
     merged_state_dict,
+    register_method,
     save_adapters,
     scaled_adapters,
     set_adapter_scale,
     unmerge_adapters,
 )
-from kr_vlm.adapters.layer import Method, instances_of, replace_layers
 from kr_vlm.adapters.methods import REGISTRY
 from test_adapters import ScaledLinear, ScaleOptions, adapted, build_model, inputs
 
@@ -118,11 +117,10 @@ def test_scales_are_checked_and_put_back_after_an_error():
         set_adapter_scale(build_model(), 0.5)
 
 
-def test_a_method_whose_layers_cannot_scale_is_named(monkeypatch):
-    def inject(model, names, options):
-        replace_layers(model, names, lambda base: ScaledLinear(base, options.scale))
+def test_a_method_whose_layers_cannot_scale_is_refused_when_it_is_registered():
+    class Unscalable(ScaledLinear):
+        set_update_scale = None
 
-    monkeypatch.setitem(REGISTRY, "scaled", Method(ScaleOptions, inject, find=instances_of(ScaledLinear)))
-    model = inject_adapters(build_model(), AdapterConfig("scaled", ["fc1"]))
-    with pytest.raises(TypeError, match="ScaledLinear.*set_update_scale"):
-        set_adapter_scale(model, 0.5)
+    with pytest.raises(MethodRegistrationError, match="Unscalable .*lacks set_update_scale"):
+        register_method("unscalable", Unscalable, ScaleOptions)
+    assert "unscalable" not in REGISTRY

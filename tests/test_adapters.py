@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,21 +34,25 @@ from kr_vlm.adapters import (
     merged_state_dict,
     path_labels,
     print_trainable_parameters,
+    register_method,
     save_adapters,
+    scaled_adapters,
     unload,
     unmerge_adapters,
 )
 from kr_vlm.adapters.inject import count_parameters
-from kr_vlm.adapters.layer import Method, instances_of, replace_layers
+from kr_vlm.adapters.layer import check_scale_settable, replace_layers
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.adapters.methods.full import FullFineTuneLinear
 from kr_vlm.adapters.methods.peft import PEFT_TYPES
 from kr_vlm.adapters.methods.peft_layer import PeftLayerView
+from kr_vlm.spectral import DenseUpdate
 
 WIDTH, HIDDEN = 16, 24
 
-# Small options for every method that adapts layers (peft defaults where they are small enough).
-METHOD_OPTIONS: dict[str, dict] = {
+# Options smaller than the defaults, for the methods whose defaults are large for these tiny layers; every
+# other method (one registered later included) is tested with its schema's defaults.
+SMALL_OPTIONS: dict[str, dict] = {
     "kradapter": {"rank": 3, "scaling": 2.0},
     "lora": {"r": 2, "lora_alpha": 4},
     "dora": {"r": 2, "lora_alpha": 4},
@@ -55,9 +60,16 @@ METHOD_OPTIONS: dict[str, dict] = {
     "lokr": {"r": 2},
     "loha": {"r": 2},
     "randlora": {"r": 4},
-    "full": {},
 }
-ADAPTING_METHODS = list(METHOD_OPTIONS)
+# Every registered method that adapts layers: the protocol tests follow the live registry.
+ADAPTING_METHODS = [name for name, method in REGISTRY.items() if method.adapts_layers]
+
+
+def method_options(method: str) -> dict:
+    """The options a test gives ``method``: ``SMALL_OPTIONS``, else its options dataclass's defaults."""
+    if method in SMALL_OPTIONS:
+        return SMALL_OPTIONS[method]
+    return dataclasses.asdict(REGISTRY[method].options())
 TARGETS = ["q_proj", "v_proj", "fc1", "fc2"]  # square and both rectangular orientations
 
 
@@ -112,7 +124,7 @@ def adapted(method: str, seed: int = 0, adapter_seed: int = 1) -> TinyTransforme
     """A model with ``method`` injected and its adapters moved away from their (often zero-update) init."""
     model = build_model(seed)
     torch.manual_seed(adapter_seed)
-    inject_adapters(model, AdapterConfig(method, TARGETS, **METHOD_OPTIONS.get(method, {})))
+    inject_adapters(model, AdapterConfig(method, TARGETS, **method_options(method)))
     # RandLoRA's default scaling (alpha / r = 160) makes its update large per unit of its parameters.
     scale = 1e-4 if method == "randlora" else 0.05
     with torch.no_grad():
@@ -134,8 +146,12 @@ def base_weight(layer) -> torch.Tensor:
 # ---------------------------------------------------------------- config
 
 
-def test_methods_are_the_documented_ones():
-    assert METHODS == ("kradapter", "lora", "dora", "vera", "lokr", "loha", "randlora", "full", "none")
+def test_every_method_has_a_command_line_config():
+    from kr_vlm.cli import CONFIG_DIR
+
+    assert tuple(REGISTRY) == METHODS
+    missing = [name for name in METHODS if not (Path(CONFIG_DIR) / "adapter" / f"{name}.yaml").is_file()]
+    assert not missing, f"configs/adapter/<name>.yaml missing for {missing}"
 
 
 def test_unknown_method_lists_valid_methods():
@@ -230,7 +246,7 @@ def test_injection_replaces_exactly_the_targets(method):
     expected += [f"model.layers.{i}.{part}" for i in range(2) for part in ("fc1", "fc2")]
     assert sorted(names) == sorted(expected)
     assert names == [name for name, _ in model.named_modules() if name in set(expected)]  # module order
-    assert model.kr_vlm_adapter_config == AdapterConfig(method, TARGETS, **METHOD_OPTIONS[method])
+    assert model.kr_vlm_adapter_config == AdapterConfig(method, TARGETS, **method_options(method))
     for _, layer in adapted_layers(model):
         assert hasattr(layer, "delta_weight") and hasattr(layer, "merge") and hasattr(layer, "unmerge")
         assert layer.merged is False
@@ -319,7 +335,7 @@ def test_merge_and_unmerge(method):
     unmerge_adapters(model)  # unmerging an unmerged model changes nothing
 
 
-# The rank caps of the TARGETS' updates (16x16, 24x16 and 16x24: min(d_out, d_in) = 16) with METHOD_OPTIONS.
+# The rank caps of the TARGETS' updates (16x16, 24x16 and 16x24: min(d_out, d_in) = 16) with SMALL_OPTIONS.
 RANK_CAPS = {
     "kradapter": 16,  # generically full rank
     "lora": 2,  # r
@@ -338,7 +354,8 @@ def test_rank_cap_is_the_rank_a_generic_update_reaches(method):
     for name, layer in adapted_layers(adapted(method)):
         # Singular values below 1e-4 of the largest are float32 round-off of a lower-rank product.
         rank = int(torch.linalg.matrix_rank(layer.delta_weight().detach(), rtol=1e-4))
-        cap = RANK_CAPS[method]
+        # A method without a known cap here must at least cap at min(d_out, d_in).
+        cap = RANK_CAPS.get(method, min(layer.out_features, layer.in_features))
         cap = cap[name.rsplit(".", 1)[-1]] if isinstance(cap, dict) else cap
         assert layer.rank_cap == cap and rank <= cap, name
         # RandLoRA's random bases are so badly conditioned at this size that float32 cannot tell its
@@ -411,7 +428,7 @@ def test_transformers_llama():
     for method in ("kradapter", "dora"):
         model = tiny_llama()
         inject_adapters(
-            model, AdapterConfig(method, ["q_proj", "v_proj", "down_proj"], **METHOD_OPTIONS[method])
+            model, AdapterConfig(method, ["q_proj", "v_proj", "down_proj"], **method_options(method))
         )
         assert len(list(adapted_layers(model))) == 6
         torch.testing.assert_close(model(tokens).logits, base_logits)  # both start as the identity update
@@ -640,16 +657,34 @@ class ScaleOptions:
 
 
 class ScaledLinear(nn.Module):
-    """A method made up for the test: ΔW = scale * diag(d) @ W0 with a trainable vector d."""
+    """A method made up for the test, written against the protocol alone (no ``AdapterLayer`` base):
+    ΔW = α scale diag(d) W0 with a trainable vector d."""
 
     def __init__(self, base: nn.Linear, scale: float) -> None:
         super().__init__()
-        self.base_layer, self.scale, self.merged = base, scale, False
+        self.base_layer, self.scale, self.merged, self.update_scale = base, scale, False, 1.0
         self.d = nn.Parameter(torch.zeros(base.out_features))
         self.in_features, self.out_features = base.in_features, base.out_features
 
+    @property
+    def rank_cap(self) -> int:
+        return min(self.in_features, self.out_features)
+
+    def set_update_scale(self, alpha: float) -> None:
+        self.update_scale = check_scale_settable(self, alpha)
+
+    def _row_factors(self) -> torch.Tensor:
+        return self.update_scale * self.scale * self.d[:, None]
+
+    def base_weight(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight / (1 + self._row_factors()) if self.merged else weight
+
     def delta_weight(self) -> torch.Tensor:
-        return self.scale * self.d[:, None] * self.base_layer.weight
+        return self._row_factors() * self.base_weight()
+
+    def spectral_factors(self) -> DenseUpdate:
+        return DenseUpdate(self.delta_weight().detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(x) if self.merged else self.base_layer(x) + x @ self.delta_weight().T
@@ -661,18 +696,18 @@ class ScaledLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self.base_layer.weight /= 1 + self._row_factors()
         self.merged = False
-        self.base_layer.weight /= 1 + self.scale * self.d[:, None]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         return {"d": self.d}
 
 
-def test_a_new_method_is_a_module_and_a_registry_line(monkeypatch, tmp_path):
+def test_a_new_method_is_a_layer_class_and_a_registration(registry_restored, tmp_path):
     def inject(model, names, options):
         replace_layers(model, names, lambda base: ScaledLinear(base, options.scale))
 
-    monkeypatch.setitem(REGISTRY, "scaled", Method(ScaleOptions, inject, find=instances_of(ScaledLinear)))
+    register_method("scaled", ScaledLinear, ScaleOptions, inject=inject)
     with pytest.raises(ValueError, match="Unknown option 'scal' for method 'scaled'. Valid options: scale"):
         AdapterConfig("scaled", ["fc1"], scal=2.0)
     model = inject_adapters(build_model(), AdapterConfig("scaled", ["fc1", "fc2"], scale=0.5))
@@ -684,11 +719,18 @@ def test_a_new_method_is_a_module_and_a_registry_line(monkeypatch, tmp_path):
     assert [name for name, _ in adapted_layers(model)] == [
         f"model.layers.{i}.{n}" for i in range(2) for n in ("fc1", "fc2")
     ]
+    assert all(isinstance(layer, AdaptedLayer) for _, layer in adapted_layers(model))
     assert {name for name, p in model.named_parameters() if p.requires_grad} == set(adapter_state_dict(model))
     save_adapters(model, tmp_path)
     torch.testing.assert_close(load_adapters(build_model(), tmp_path)(x), expected, rtol=0, atol=0)
+    originals = {name: layer.base_weight().detach().clone() for name, layer in adapted_layers(model)}
     merge_adapters(model)
     torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-6)
+    for name, layer in adapted_layers(model):
+        torch.testing.assert_close(layer.base_weight(), originals[name])
+    unmerge_adapters(model)
+    with scaled_adapters(model, 0.0):
+        torch.testing.assert_close(model(x), build_model()(x))
 
 
 @pytest.mark.parametrize(
@@ -845,7 +887,7 @@ def test_kradapter_refuses_tied_weights_unless_allowed():
 
 @pytest.mark.parametrize("method", ["lora", "vera"])
 def test_merging_peft_adapters_into_tied_weights_is_refused(method):
-    model = inject_adapters(TiedHead(), AdapterConfig(method, ["head"], **METHOD_OPTIONS[method]))
+    model = inject_adapters(TiedHead(), AdapterConfig(method, ["head"], **method_options(method)))
     with pytest.raises(RuntimeError, match="head shares its weight with embed.weight"):
         merge_adapters(model)
 

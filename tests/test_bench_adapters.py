@@ -1,4 +1,4 @@
-"""The training-step benchmark (kr_vlm.benchmarks.adapters and adapters_sweep, run by scripts/bench_adapters.py)
+"""The training-step benchmark (kr_vlm.benchmarks.training_step and training_step_sweep, run by scripts/bench_adapters.py)
 on the tiny CLIP: what each row trains, how the sweep measures (one model alive at a time, rounds, paired
 ratios), and the script's output."""
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters import KRAdapterLinear
-from kr_vlm.benchmarks import adapters, adapters_sweep
+from kr_vlm.benchmarks import training_step, training_step_sweep
 from kr_vlm.models.targets import clip_target_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,11 +37,11 @@ def script(monkeypatch, tiny_clip):
 
 
 def test_every_method_steps_the_tiny_clip_and_moves_its_trainable_tensors(tiny_clip):
-    batch = adapters.make_batch(tiny_clip, batch_size=2, device=CPU)
-    for name in adapters.METHODS:
-        run = adapters.build_run(name, tiny_clip, adapters.TARGET_SETS["mlp"])
+    batch = training_step.make_batch(tiny_clip, batch_size=2, device=CPU)
+    for name in training_step.METHOD_BUILDERS:
+        run = training_step.build_run(name, tiny_clip, training_step.TARGET_SETS["mlp"])
         before = {key: value.clone() for key, value in run.model.named_parameters() if value.requires_grad}
-        adapters.train_step(run, batch)
+        training_step.train_step(run, batch)
         after = dict(run.model.named_parameters())
         if name in ("frozen", "floor"):
             assert run.trainable_params == 0 and run.optimizer is None
@@ -52,13 +52,16 @@ def test_every_method_steps_the_tiny_clip_and_moves_its_trainable_tensors(tiny_c
 
 
 def test_the_floor_computes_every_targeted_weight_gradient_and_steps_nothing(tiny_clip):
-    for precision in adapters.PRECISIONS:
-        run = adapters.build_run("floor", tiny_clip, adapters.TARGET_SETS["mlp"], precision=precision)
+    for precision in training_step.PRECISIONS:
+        run = training_step.build_run(
+            "floor", tiny_clip, training_step.TARGET_SETS["mlp"], precision=precision
+        )
         assert run.optimizer is None and run.trainable_params == 0
         before = {name: parameter.clone() for name, parameter in run.model.named_parameters()}
-        adapters.train_step(run, adapters.make_batch(run.model, batch_size=2, device=CPU))
+        training_step.train_step(run, training_step.make_batch(run.model, batch_size=2, device=CPU))
         targeted = {
-            f"{name}.weight" for name in clip_target_modules(run.model, layers=adapters.TARGET_SETS["mlp"])
+            f"{name}.weight"
+            for name in clip_target_modules(run.model, layers=training_step.TARGET_SETS["mlp"])
         }
         with_grads = {name for name, parameter in run.model.named_parameters() if parameter.grad is not None}
         assert with_grads == targeted
@@ -69,7 +72,7 @@ def test_the_floor_computes_every_targeted_weight_gradient_and_steps_nothing(tin
 
 def test_bf16_runs_the_forward_under_autocast_and_backward_outside_it(tiny_clip):
     seen = {}
-    run = adapters.build_run("kradapter", tiny_clip, adapters.TARGET_SETS["mlp"], precision="bf16")
+    run = training_step.build_run("kradapter", tiny_clip, training_step.TARGET_SETS["mlp"], precision="bf16")
     layer = next(module for module in run.model.modules() if isinstance(module, KRAdapterLinear))
 
     def forward_hook(module, inputs, output):
@@ -77,13 +80,13 @@ def test_bf16_runs_the_forward_under_autocast_and_backward_outside_it(tiny_clip)
         output.register_hook(lambda grad: seen.update(backward_autocast=torch.is_autocast_enabled("cpu")))
 
     layer.register_forward_hook(forward_hook)
-    adapters.train_step(run, adapters.make_batch(run.model, batch_size=2, device=CPU))
+    training_step.train_step(run, training_step.make_batch(run.model, batch_size=2, device=CPU))
     assert seen == {"forward": torch.bfloat16, "backward_autocast": False}
-    fp32_run = adapters.build_run("kradapter", tiny_clip, adapters.TARGET_SETS["mlp"])
+    fp32_run = training_step.build_run("kradapter", tiny_clip, training_step.TARGET_SETS["mlp"])
     next(m for m in fp32_run.model.modules() if isinstance(m, KRAdapterLinear)).register_forward_hook(
         forward_hook
     )
-    adapters.train_step(fp32_run, adapters.make_batch(fp32_run.model, batch_size=2, device=CPU))
+    training_step.train_step(fp32_run, training_step.make_batch(fp32_run.model, batch_size=2, device=CPU))
     assert seen["forward"] == torch.float32
 
 
@@ -92,14 +95,14 @@ def test_the_sweep_keeps_one_model_alive_at_a_time(tiny_clip, monkeypatch):
 
     def tracking_build_run(*args, **kwargs):
         assert all(model() is None for model in built), "a previous method's model is still alive"
-        run = adapters.build_run(*args, **kwargs)
+        run = training_step.build_run(*args, **kwargs)
         built.append(weakref.ref(run.model))
         return run
 
-    monkeypatch.setattr(adapters_sweep, "build_run", tracking_build_run)
+    monkeypatch.setattr(training_step_sweep, "build_run", tracking_build_run)
     methods = ["kradapter", "lora"]
-    batch = adapters.make_batch(tiny_clip, batch_size=2, device=CPU)
-    measurements = adapters_sweep.measure(tiny_clip, methods, ["fc1"], batch, rounds=2, warmup=0)
+    batch = training_step.make_batch(tiny_clip, batch_size=2, device=CPU)
+    measurements = training_step_sweep.measure(tiny_clip, methods, ["fc1"], batch, rounds=2, warmup=0)
     assert len(built) == 2 * len(methods)  # rebuilt every round
     gc.collect()
     assert all(model() is None for model in built)
@@ -109,33 +112,33 @@ def test_the_sweep_keeps_one_model_alive_at_a_time(tiny_clip, monkeypatch):
 
 def test_the_order_of_the_methods_rotates_between_rounds(tiny_clip, monkeypatch):
     order = []
-    real_build_run = adapters_sweep.build_run
+    real_build_run = training_step_sweep.build_run
     # Only the order is looked at here: no steps.
-    monkeypatch.setattr(adapters_sweep, "train_step", lambda run, batch: None)
-    monkeypatch.setattr(adapters_sweep, "peak_memory_bytes", lambda run, batch: 1)
+    monkeypatch.setattr(training_step_sweep, "train_step", lambda run, batch: None)
+    monkeypatch.setattr(training_step_sweep, "peak_memory_bytes", lambda run, batch: 1)
     monkeypatch.setattr(
-        adapters_sweep,
+        training_step_sweep,
         "build_run",
         lambda name, *args, **kwargs: order.append(name) or real_build_run(name, *args, **kwargs),
     )
-    batch = adapters.make_batch(tiny_clip, batch_size=2, device=CPU)
-    adapters_sweep.measure(tiny_clip, ["kradapter", "lora", "floor"], ["fc1"], batch, rounds=3, warmup=0)
+    batch = training_step.make_batch(tiny_clip, batch_size=2, device=CPU)
+    training_step_sweep.measure(tiny_clip, ["kradapter", "lora", "floor"], ["fc1"], batch, rounds=3, warmup=0)
     assert order == ["kradapter", "lora", "floor", "lora", "floor", "kradapter", "floor", "kradapter", "lora"]
 
 
 def test_ratios_pair_each_round_with_the_same_round_of_the_reference():
     # Per-round ratios 2, 3 and 0.5: their median is 2, while the ratio of the medians would be 1.
-    assert adapters_sweep.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 6.0]) == 2.0
+    assert training_step_sweep.paired_ratio([2.0, 9.0, 3.0], [1.0, 3.0, 6.0]) == 2.0
     records = [
-        adapters_sweep.Measurement("kradapter", 10, [2.0, 9.0, 3.0], [2.0, 9.0, 3.0], 3 * 2**20),
-        adapters_sweep.Measurement("lora", 10, [4.0, 9.0, 3.0], [1.0, 1.0, 1.0], 4 * 2**20),
-        adapters_sweep.Measurement("floor", 0, [1.0, 3.0, 6.0], [1.0, 3.0, 6.0], 2**20),
+        training_step_sweep.Measurement("kradapter", 10, [2.0, 9.0, 3.0], [2.0, 9.0, 3.0], 3 * 2**20),
+        training_step_sweep.Measurement("lora", 10, [4.0, 9.0, 3.0], [1.0, 1.0, 1.0], 4 * 2**20),
+        training_step_sweep.Measurement("floor", 0, [1.0, 3.0, 6.0], [1.0, 3.0, 6.0], 2**20),
     ]
-    kr, lora, floor = adapters_sweep.summarize(records, on_cpu=True)
+    kr, lora, floor = training_step_sweep.summarize(records, on_cpu=True)
     assert (kr["time_vs_floor"], kr["cpu_vs_floor"], kr["step_time_ms"]) == (2.0, 2.0, 3.0)
     assert kr["time_vs_lora"] == 1.0 and kr["memory_vs_lora"] == 0.75
-    assert "cpu_time_ms" not in adapters_sweep.summarize(records, on_cpu=False)[0]
-    verdict = adapters_sweep.kradapter_verdict([kr, lora, floor])
+    assert "cpu_time_ms" not in training_step_sweep.summarize(records, on_cpu=False)[0]
+    verdict = training_step_sweep.kradapter_verdict([kr, lora, floor])
     assert verdict == (
         "KRAdapter / floor: step time 2.00x (bar <= 1.1x: MISSED), CPU time 2.00x; "
         "KRAdapter / LoRA: peak memory 0.75x (bar <= 1.0x: met)"
@@ -143,17 +146,21 @@ def test_ratios_pair_each_round_with_the_same_round_of_the_reference():
 
 
 def test_peak_memory_grows_with_the_batch_and_counts_the_optimizer_state(tiny_clip):
-    targets = adapters.TARGET_SETS["mlp"]
+    targets = training_step.TARGET_SETS["mlp"]
     small, large = (
-        adapters_sweep.measure(
-            tiny_clip, ["kradapter", "floor"], targets, adapters.make_batch(tiny_clip, size, CPU), rounds=1
+        training_step_sweep.measure(
+            tiny_clip,
+            ["kradapter", "floor"],
+            targets,
+            training_step.make_batch(tiny_clip, size, CPU),
+            rounds=1,
         )
         for size in (1, 8)
     )
     assert all(big.peak_bytes > little.peak_bytes for big, little in zip(large, small, strict=True))
-    kradapter = adapters.build_run("kradapter", tiny_clip, targets)
-    adapters.train_step(kradapter, adapters.make_batch(tiny_clip, 1, CPU))
-    resident = adapters_sweep._resident_bytes(kradapter)
+    kradapter = training_step.build_run("kradapter", tiny_clip, targets)
+    training_step.train_step(kradapter, training_step.make_batch(tiny_clip, 1, CPU))
+    resident = training_step_sweep._resident_bytes(kradapter)
     model_bytes = sum(p.numel() * p.element_size() for p in kradapter.model.parameters())
     model_bytes += sum(b.numel() * b.element_size() for b in kradapter.model.buffers())
     assert resident == model_bytes + 2 * 4 * kradapter.trainable_params + 4 * len(kradapter.optimizer.state)
@@ -211,18 +218,18 @@ def test_the_script_rejects_bad_settings_with_a_message(script, argv, message, c
 
 
 def test_attention_targets_convert_the_attention_first(tiny_clip):
-    targets = adapters.TARGET_SETS["all"]
-    model = adapters.convert_for_targets(tiny_clip, targets)
-    run = adapters.build_run("kradapter", model, targets)
+    targets = training_step.TARGET_SETS["all"]
+    model = training_step.convert_for_targets(tiny_clip, targets)
+    run = training_step.build_run("kradapter", model, targets)
     adapted = [name for name, module in run.model.named_modules() if isinstance(module, KRAdapterLinear)]
     assert len(adapted) == 2 * 2 * len(targets)  # 2 towers x 2 blocks x 6 linears
-    adapters.train_step(run, adapters.make_batch(model, batch_size=2, device=CPU))
+    training_step.train_step(run, training_step.make_batch(model, batch_size=2, device=CPU))
 
 
 def test_every_method_steps_a_tiny_llama():
     pytest.importorskip("transformers")
     torch.manual_seed(0)
-    model = adapters.build_llama(
+    model = training_step.build_llama(
         CPU,
         hidden_size=32,
         intermediate_size=64,
@@ -231,15 +238,21 @@ def test_every_method_steps_a_tiny_llama():
         num_key_value_heads=4,
         vocab_size=64,
     )
-    batch = adapters.make_llama_batch(model, batch_size=2, device=CPU)
-    targets = adapters.LLAMA.target_sets["all"]
-    records = adapters_sweep.measure(
-        model, list(adapters.METHODS), targets, batch, rounds=1, warmup=0, workload=adapters.LLAMA
+    batch = training_step.make_llama_batch(model, batch_size=2, device=CPU)
+    targets = training_step.LLAMA.target_sets["all"]
+    records = training_step_sweep.measure(
+        model,
+        list(training_step.METHOD_BUILDERS),
+        targets,
+        batch,
+        rounds=1,
+        warmup=0,
+        workload=training_step.LLAMA,
     )
-    rows = {row["method"]: row for row in adapters_sweep.summarize(records, on_cpu=True)}
-    assert set(rows) == set(adapters.METHODS)
+    rows = {row["method"]: row for row in training_step_sweep.summarize(records, on_cpu=True)}
+    assert set(rows) == set(training_step.METHOD_BUILDERS)
     assert rows["kradapter"]["trainable_params"] == rows["authors"]["trainable_params"] > 0
-    run = adapters.build_run("kradapter", model, targets, adapters.LLAMA)
+    run = training_step.build_run("kradapter", model, targets, training_step.LLAMA)
     assert len([m for m in run.model.modules() if isinstance(m, KRAdapterLinear)]) == 7  # 1 layer x 7 linears
 
 
@@ -247,7 +260,7 @@ def test_authors_reference_layer_computes_the_same_update():
     torch.manual_seed(0)
     for d_out, d_in in [(20, 7), (7, 20), (16, 16)]:
         base = nn.Linear(d_in, d_out)
-        ours, authors = KRAdapterLinear(base), adapters.AuthorsKRAdapter(base)
+        ours, authors = KRAdapterLinear(base), training_step.AuthorsKRAdapter(base)
         with torch.no_grad():
             ours.kr_u.normal_()
             authors.kr_u.copy_(ours.kr_u)
@@ -260,19 +273,19 @@ def test_authors_reference_layer_computes_the_same_update():
 @pytest.mark.slow
 def test_compiled_runs_are_timed_beside_the_eager_ones(tiny_clip):
     torch._dynamo.reset()
-    batch = adapters.make_batch(tiny_clip, batch_size=2, device=CPU)
-    records = adapters_sweep.measure(
+    batch = training_step.make_batch(tiny_clip, batch_size=2, device=CPU)
+    records = training_step_sweep.measure(
         tiny_clip,
         ["kradapter", "lora"],
-        adapters.TARGET_SETS["mlp"],
+        training_step.TARGET_SETS["mlp"],
         batch,
         rounds=2,
         compiled_methods=["kradapter", "lora"],
         compile_backend="aot_eager",
     )
-    rows = adapters_sweep.summarize(records, on_cpu=True)
+    rows = training_step_sweep.summarize(records, on_cpu=True)
     assert [row["method"] for row in rows] == ["kradapter", "lora", "kradapter (compiled)", "lora (compiled)"]
-    line = adapters_sweep.compiled_vs_eager(rows)
+    line = training_step_sweep.compiled_vs_eager(rows)
     assert line.startswith("torch.compile") and "kradapter " in line and "lora " in line
     torch._dynamo.reset()
 

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.benchmarks.matrix_approx import (
+    COMPARED_METHODS,
     FAMILIES,
-    METHODS,
     QUICK_SETTINGS,
     BenchmarkSettings,
     make_target,
@@ -98,7 +98,7 @@ def test_same_seed_same_numbers(quick_results):
 def test_paper_budget_and_real_trainable_counts():
     settings = BenchmarkSettings()  # 1024x768
     assert (settings.parameter_budget, settings.lora_rank) == (49_152, 28)
-    for method in METHODS:
+    for method in COMPARED_METHODS:
         setup = method_setup(method, settings)
         if method != "svd":
             model = one_layer_model(setup, settings.d_out, settings.d_in, torch.device("cpu"))
@@ -111,9 +111,9 @@ def test_paper_budget_and_real_trainable_counts():
 
 def test_every_method_runs_on_a_small_target():
     settings = BenchmarkSettings(d_out=48, d_in=32, steps=3)
-    results = run_benchmark(settings, make_targets(["lowfreq"], settings), METHODS)
+    results = run_benchmark(settings, make_targets(["lowfreq"], settings), COMPARED_METHODS)
     methods = results["families"]["lowfreq"]["methods"]
-    assert list(methods) == list(METHODS)
+    assert list(methods) == list(COMPARED_METHODS)
     for method, metrics in methods.items():
         assert all(math.isfinite(v) for v in metrics.values()), method
         assert metrics["trainable_parameters"] == results["methods"][method]["expected_parameters"], method

@@ -231,7 +231,7 @@ def test_methods_adapt_the_same_six_linears_at_about_kradapter_s_budget(tmp_path
     """Every method but CLIP-LoRA's placement adapts q k v o fc1 fc2 of both towers; the low-rank ones
     train within 12 % of KRAdapter's count on the miniature CLIP (VeRA cannot, full fine-tuning trains all)."""
     counts, layers = {}, {}
-    for method in mini.METHODS:
+    for method in mini.BENCHMARK_METHODS:
         if not method.trains:
             continue
         cfg = compose_config(tmp_path, ["experiment=mini_kr_fewshot", *method.overrides])

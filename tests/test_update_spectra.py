@@ -13,7 +13,7 @@ from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters
 SHAPES = {"square": (12, 12), "wide": (7, 20), "tall": (20, 7), "ragged": (10, 26), "ragged_tall": (26, 10)}
 
 # method -> (options, the description its layers give: the fast path the monitor takes)
-METHODS = {
+VARIANTS = {
     "kradapter": ({}, spectral.KhatriRaoFactors),
     "lora": ({"r": 2, "lora_alpha": 4}, spectral.LowRankFactors),
     "lora-rslora": ({"r": 3, "lora_alpha": 4, "use_rslora": True}, spectral.LowRankFactors),
@@ -34,9 +34,9 @@ class Layers(nn.Module):
             self.add_module(name, nn.Linear(d_in, d_out))
 
 
-@pytest.mark.parametrize("variant", list(METHODS))
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_method_gives_its_exact_fast_path(variant):
-    options, description = METHODS[variant]
+    options, description = VARIANTS[variant]
     torch.manual_seed(0)
     model = inject_adapters(Layers(), AdapterConfig(variant.split("-")[0], list(SHAPES), **options))
     with torch.no_grad():  # move every update away from its (often zero) start

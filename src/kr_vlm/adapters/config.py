@@ -19,8 +19,14 @@ import torch
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError
 
-#: The built-in methods (``REGISTRY`` in ``kr_vlm.adapters.methods``), in the order the docs list them.
-METHODS = tuple(REGISTRY)
+
+def __getattr__(name: str) -> Any:
+    # ``METHODS``: the names of the registered methods now (``REGISTRY``, built-ins first, then those added
+    # by ``register_method``), never a copy taken at import.
+    if name == "METHODS":
+        return tuple(REGISTRY)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: ``target_modules`` value that selects every linear layer but the output head, as in peft.
 ALL_LINEAR = "all-linear"
@@ -52,7 +58,11 @@ def checked_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` of ``method`` as plain JSON data (a dtype as its name), checked against the method's
     options dataclass: an unknown method or option is a ``ConfigError`` that lists the valid ones."""
     if method not in REGISTRY:
-        raise ConfigError(f"Unknown adapter method {method!r}. Valid methods: {', '.join(REGISTRY)}.")
+        raise ConfigError(
+            f"Unknown adapter method {method!r}. Valid methods: {', '.join(REGISTRY)}. A method of your own is "
+            "registered with kr_vlm.adapters.register_method (import its module first; train.py and eval.py "
+            "import the modules of the kr_vlm.methods entry points)."
+        )
     spec = REGISTRY[method]
     allowed = sorted(field.name for field in dataclasses.fields(spec.options))
     for name in options:
@@ -80,8 +90,8 @@ class AdapterConfig:
     """Which adapter ``method`` to put on which linear layers (``target_modules``), with ``options``.
 
     Args:
-        method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``METHODS``). ``full`` trains the targeted
-            layers' own weights; ``none`` trains nothing.
+        method: a name in ``kr_vlm.adapters.methods.REGISTRY`` (``kr_vlm.adapters.METHODS``). ``full``
+            trains the targeted layers' own weights; ``none`` trains nothing.
         target_modules: as in peft, a list of module names, each matching a module whose name equals it or
             ends with ``"." + entry`` (``["q_proj", "v_proj"]``), or one string that must fully match a
             module name as a regular expression, or ``"all-linear"``: every ``nn.Linear`` and transformers

@@ -16,7 +16,8 @@ from kr_vlm.adapters.calls import ForwardCheck, refuse_bypassed, refuse_uncalled
 from kr_vlm.adapters.config import ALL_LINEAR, AdapterConfig
 from kr_vlm.adapters.layer import AdaptedLayer, describe_shared, is_conv1d, is_linear, shared_parameters
 from kr_vlm.adapters.methods import REGISTRY
-from kr_vlm.errors import ConfigError
+from kr_vlm.adapters.registry import check_adapted_layers
+from kr_vlm.errors import ConfigError, KrVlmError
 
 # The attribute inject_adapters sets on the model it injected into; save_adapters writes this config.
 CONFIG_ATTRIBUTE = "kr_vlm_adapter_config"
@@ -158,6 +159,26 @@ def _restored_on_error(model: nn.Module) -> Iterator[None]:
         raise
 
 
+def _check_injected(model: nn.Module, method: str, names: Sequence[str]) -> None:
+    """Refuse the layers ``method`` put at ``names`` that its ``find`` does not see as its own, or that do not
+    answer ``AdaptedLayer`` (a ``ConfigError`` naming the method, the layer and what it lacks)."""
+    find = REGISTRY[method].find
+    layers = {}
+    for name in names:
+        module = model.get_submodule(name)
+        try:
+            layer = find(module)
+        except KrVlmError as error:
+            raise ConfigError(f"Method {method!r} cannot adapt {name}: {error}") from error
+        if layer is None:
+            raise ConfigError(
+                f"Method {method!r} left {name} as a {type(module).__name__}, which its find() does not see as "
+                "one of its layers: its inject() must replace every named layer with one of its layers."
+            )
+        layers[name] = layer
+    check_adapted_layers(method, layers)
+
+
 def inject_adapters(
     model: nn.Module, cfg: AdapterConfig, forward_check: ForwardCheck | None = None
 ) -> nn.Module:
@@ -198,6 +219,7 @@ def inject_adapters(
             refuse_bypassed(model, names, checked_by_forward=forward_check is not None)
             modes = {name: model.get_submodule(name).training for name in names}
             method.inject(model, names, cfg.method_options())
+            _check_injected(model, cfg.method, names)
             for name, training in modes.items():  # new layers start in training mode; an eval model stays in eval
                 model.get_submodule(name).train(training)
             if forward_check is not None:

@@ -3,7 +3,7 @@
 A ``Method`` is the whole of one adapter method as the library sees it: the dataclass of its options,
 the function that adapts the named ``nn.Linear`` layers of a model, and the function that recognises its
 layers in a model again (returning them as ``AdaptedLayer``). ``kr_vlm.adapters.methods.REGISTRY`` maps
-method names to them; everything else in the library (injection, merging, saving, counting) loops over
+method names to them (``kr_vlm.adapters.register_method`` adds one, checked); everything else in the library (injection, merging, saving, counting) loops over
 that registry and the protocol, and knows no method by name.
 
 Adapters go on linear layers: ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2's linears, whose weight
@@ -35,8 +35,10 @@ class AdaptedLayer(Protocol):
     ``base_weight()`` that weight, ``W0``, without the update (merged or not). ``rank_cap`` is the highest
     rank the method's update can reach on this layer (LoRA's ``r``, KRAdapter's ``min(d_out, d_in)``), which
     the rank monitor and its reports compare the effective rank with. ``spectral_factors()`` describes the
-    update by its factors (``kr_vlm.spectral.UpdateFactors``), so its singular values come through the
-    method's exact shortcut without the dense matrix. ``adapter_state_dict()`` is exactly
+    update by the factors it is built from (a ``kr_vlm.spectral.UpdateFactors``: ``LowRankFactors``,
+    ``KhatriRaoFactors``, ``KroneckerFactors``), so its singular values come through the method's exact
+    shortcut without the dense matrix; an update without such a structure is its own single factor,
+    ``DenseUpdate(delta_weight())`` (full fine-tuning, DoRA, ``kr_vlm.adapters.AdapterLayer``'s default). ``adapter_state_dict()`` is exactly
     the adapter: the tensors that are trained, saved and counted,
     named relative to the layer (``kr_u``, ``lora_A.default.weight``, ...).
 
@@ -119,6 +121,10 @@ class Method:
         adapts_conv1d: whether its layers also adapt transformers' ``Conv1D``.
         file_format: how ``save_adapters`` writes and ``load_adapters`` reads this method's folders when
             it is not kr_vlm's own format (peft's methods are saved in peft's, ``PeftFileFormat``).
+        layer: the class of the method's layers (``register_method`` checks it against ``AdaptedLayer``);
+            None for a method that adapts nothing.
+
+    Register a method with ``kr_vlm.adapters.register_method``, which builds this record after checking it.
     """
 
     options: type
@@ -128,6 +134,7 @@ class Method:
     adapts_layers: bool = True
     adapts_conv1d: bool = False
     file_format: Any = None
+    layer: type | None = None
 
 
 def replace_layers(model: nn.Module, names: Sequence[str], build: Callable[[nn.Module], nn.Module]) -> None:

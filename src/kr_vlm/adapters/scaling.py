@@ -23,19 +23,12 @@ from kr_vlm.adapters.layer import AdaptedLayer
 
 
 def _scalable_layers(model: nn.Module, what: str) -> dict[str, AdaptedLayer]:
-    """The adapted layers of ``model`` by name; a model without any, or a layer (of a method registered
-    elsewhere) that cannot scale its update, is an error that says so."""
+    """The adapted layers of ``model`` by name (every one can scale: ``register_method`` and
+    ``inject_adapters`` check ``set_update_scale``); a model without any is an error that says so."""
     layers = dict(adapted_layers(model))
     if not layers:
         raise ValueError(
             f"{what}: the model holds no adapters to scale (inject_adapters or load_adapters first)."
-        )
-    unable = [name for name, layer in layers.items() if not hasattr(layer, "set_update_scale")]
-    if unable:
-        kinds = ", ".join(sorted({type(layers[name]).__name__ for name in unable}))
-        raise TypeError(
-            f"{what}: the layers {truncated_list(unable)} ({kinds}) cannot scale their update: their method's "
-            "layer has no set_update_scale (see kr_vlm.adapters.layer.AdaptedLayer)."
         )
     return layers
 

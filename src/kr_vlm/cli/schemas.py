@@ -1,8 +1,8 @@
 """Hydra structured configs: the schemas that make a wrong key or type fail when a config is composed.
 
 Each adapter method's schema is ``{method, targets, options}`` with ``options`` typed by the method's
-options dataclass (``kr_vlm.adapters.methods.REGISTRY``), so ``adapter.options.rnak=4`` stops at
-composition with Hydra's message naming ``adapter.options.rnak``. The model's schema types the optimizer
+options dataclass (``kr_vlm.adapters.schema``, one for every method of ``kr_vlm.adapters.methods.REGISTRY``),
+so ``adapter.options.rnak=4`` stops at composition with Hydra's message naming ``adapter.options.rnak``. The model's schema types the optimizer
 and scheduler options of ``CLIPFineTuner``. ``configs/adapter/<method>.yaml`` and ``configs/model/clip.yaml``
 use them through their defaults lists (``/schema/adapter/<method>@_here_``, ``/schema/model/clip@_here_``).
 """
@@ -14,26 +14,10 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from kr_vlm.adapters.methods import REGISTRY, Method
+from kr_vlm.adapters.methods import REGISTRY
+from kr_vlm.adapters.registry import load_method_plugins
+from kr_vlm.adapters.schema import SCHEMA_GROUP, store_adapter_schema
 from kr_vlm.optim import OptimizerOptions, SchedulerOptions, TrainingLoss
-
-SCHEMA_GROUP = "schema"
-
-
-def adapter_schema(name: str, method: Method) -> type:
-    """The dataclass ``{method, targets, options}`` of one adapter method.
-
-    ``targets`` is untyped: it is CLIP's friendly selection ``{layers, towers, blocks}``, a list of module
-    names or a regex (``kr_vlm.models.targets.select_targets`` checks it).
-    """
-    return dataclasses.make_dataclass(
-        f"{name}_adapter",
-        [
-            ("method", str, dataclasses.field(default=name)),
-            ("targets", Any, dataclasses.field(default=None)),
-            ("options", method.options, dataclasses.field(default_factory=method.options)),
-        ],
-    )
 
 
 @dataclasses.dataclass
@@ -56,8 +40,13 @@ class CLIPFineTunerSchema:
 
 
 def register_schemas() -> None:
-    """Store the schemas in Hydra's ConfigStore (idempotent); importing kr_vlm.cli does it."""
-    store = ConfigStore.instance()
+    """Store the schemas in Hydra's ConfigStore (idempotent); importing kr_vlm.cli does it.
+
+    First the modules of the ``kr_vlm.methods`` entry points are imported (``load_method_plugins``): the
+    methods they register (``kr_vlm.adapters.register_method``, which stores their schemas itself) are then
+    available to ``train.py`` and ``eval.py``.
+    """
+    load_method_plugins()
     for name, method in REGISTRY.items():
-        store.store(group=f"{SCHEMA_GROUP}/adapter", name=name, node=adapter_schema(name, method))
-    store.store(group=f"{SCHEMA_GROUP}/model", name="clip", node=CLIPFineTunerSchema)
+        store_adapter_schema(name, method)
+    ConfigStore.instance().store(group=f"{SCHEMA_GROUP}/model", name="clip", node=CLIPFineTunerSchema)

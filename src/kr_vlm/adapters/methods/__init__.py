@@ -1,8 +1,9 @@
 """The adapter methods: one module a method family, one registry line a method.
 
 Each module gives its options dataclass, its layers (answering ``kr_vlm.adapters.layer.AdaptedLayer``)
-and a ``Method`` record; ``REGISTRY`` maps the method names to those records. Adding a method is a module
-that builds a ``Method`` and a line here (see the README's adapter-library section).
+and a ``Method`` record; ``REGISTRY`` maps the method names to those records. The built-in methods are listed
+here; a method of your own is added with ``kr_vlm.adapters.register_method``, which checks it against the
+protocol and stores its Hydra schema (see the README's "Adding a method").
 """
 
 from __future__ import annotations

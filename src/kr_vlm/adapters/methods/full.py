@@ -128,4 +128,4 @@ def inject_full(model: nn.Module, names: Sequence[str], options: NoOptions) -> N
     replace_layers(model, names, FullFineTuneLinear)
 
 
-FULL = Method(NoOptions, inject_full, find=instances_of(FullFineTuneLinear))
+FULL = Method(NoOptions, inject_full, find=instances_of(FullFineTuneLinear), layer=FullFineTuneLinear)

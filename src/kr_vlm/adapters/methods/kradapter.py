@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kr_vlm.adapters.base import AdapterLayer
 from kr_vlm.adapters.layer import (
     Method,
-    check_scale_settable,
     dense_weight,
     describe_shared,
     instances_of,
-    is_linear,
     replace_layers,
     shared_parameters,
 )
@@ -71,7 +70,7 @@ def kradapter_shapes(d_out: int, d_in: int, rank: int | None = None) -> tuple[in
     return k, big_k, rank, rank2
 
 
-class KRAdapterLinear(nn.Module):
+class KRAdapterLinear(AdapterLayer):
     """A linear layer (``nn.Linear`` or transformers' ``Conv1D``) plus a trainable Khatri-Rao update ``s ΔW``
     (see the module docstring).
 
@@ -95,22 +94,12 @@ class KRAdapterLinear(nn.Module):
         factor_dtype: torch.dtype = torch.float32,
         dropout: float = 0.0,
     ) -> None:
-        super().__init__()
-        if not is_linear(base):
-            raise TypeError(
-                f"KRAdapterLinear adapts torch.nn.Linear and transformers Conv1D layers only, got "
-                f"{type(base).__name__}. Target the Linear submodules by name instead."
-            )
         if not factor_dtype.is_floating_point:
             raise TypeError(f"factor_dtype must be a floating point dtype, got {factor_dtype}.")
         check_dropout(dropout)
-        self.base_layer = base
-        for param in base.parameters():
-            param.requires_grad_(False)
+        super().__init__(base)  # the frozen base_layer, merged, update_scale
         k, big_k, rank, rank2 = kradapter_shapes(self.out_features, self.in_features, rank)
         self.rank, self.rank2, self.scaling, self.dropout = rank, rank2, float(scaling), float(dropout)
-        self.merged = False
-        self.update_scale = 1.0
         device = base.weight.device
         self.kr_u = nn.Parameter(torch.zeros(k, rank, device=device, dtype=factor_dtype))
         self.kr_v = nn.Parameter(torch.empty(k, rank2, device=device, dtype=factor_dtype))
@@ -118,48 +107,22 @@ class KRAdapterLinear(nn.Module):
         nn.init.kaiming_uniform_(self.kr_v, a=5)
 
     @property
-    def in_features(self) -> int:
-        return dense_weight(self.base_layer).shape[1]
-
-    @property
-    def out_features(self) -> int:
-        return dense_weight(self.base_layer).shape[0]
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (without the update unless merged), so code reading ``.weight`` works;
-        stored as the base layer stores it (``(in, out)`` for a ``Conv1D``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.base_layer.bias
-
-    @property
     def _transposed(self) -> bool:
         # The k axis is the smaller side; ΔW = Mᵀ when the outputs are the larger side.
         return self.out_features > self.in_features
 
-    @property
-    def rank_cap(self) -> int:
-        """The highest rank the update can reach, ``min(d_out, d_in)``: every row of ΔW is a Khatri-Rao
-        product of its own, so the update is generically full rank."""
-        return min(self.out_features, self.in_features)
-
-    def base_weight(self) -> torch.Tensor:
-        """``W0``, the weight the update is added to (the base layer's, less the update while merged), shaped
-        ``(out_features, in_features)`` (a ``Conv1D``'s transposed view)."""
-        weight = dense_weight(self.base_layer)
-        return weight - self.delta_weight().to(weight.dtype) if self.merged else weight
-
-    def set_update_scale(self, alpha: float) -> None:
-        """Apply ``alpha`` times the trained update (``kr_vlm.adapters.layer.AdaptedLayer``)."""
-        self.update_scale = check_scale_settable(self, alpha)
+    # rank_cap is AdapterLayer's min(d_out, d_in): every row of ΔW is a Khatri-Rao product of its own, so
+    # the update is generically full rank.
 
     @property
     def _applied_scaling(self) -> float:
         """``α s``: the factor on ``ΔW`` that the layer applies now."""
         return self.scaling * self.update_scale
+
+    def update(self) -> torch.Tensor:
+        """``s ΔW``, the update at the update scale α = 1."""
+        big_k = max(self.out_features, self.in_features)
+        return self.scaling * khatri_rao_update(self.kr_u, self.kr_v, big_k, self._transposed)
 
     def delta_weight(self) -> torch.Tensor:
         """``α s ΔW`` shaped ``(out_features, in_features)`` in the factors' dtype, differentiable."""
@@ -309,4 +272,10 @@ def inject_kradapter(model: nn.Module, names: Sequence[str], options: KRAdapterO
     )
 
 
-KRADAPTER = Method(KRAdapterOptions, inject_kradapter, find=instances_of(KRAdapterLinear), adapts_conv1d=True)
+KRADAPTER = Method(
+    KRAdapterOptions,
+    inject_kradapter,
+    find=instances_of(KRAdapterLinear),
+    adapts_conv1d=True,
+    layer=KRAdapterLinear,
+)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters.layer import AdaptedLayer, Method, is_conv1d
-from kr_vlm.adapters.methods.peft_layer import ADAPTER_NAME, find_peft_layer
+from kr_vlm.adapters.methods.peft_layer import ADAPTER_NAME, PeftLayerView, find_peft_layer
 from kr_vlm.errors import ConfigError
 
 
@@ -337,6 +337,7 @@ def _peft_method(method: str) -> Method:
         unavailable_options=UNAVAILABLE_OPTIONS,
         adapts_conv1d=method in CONV1D_METHODS,
         file_format=PEFT_FILES,
+        layer=PeftLayerView,
     )
 
 

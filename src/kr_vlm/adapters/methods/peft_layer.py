@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kr_vlm.adapters.layer import AdaptedLayer, check_scale_settable, dense_weight
+from kr_vlm.errors import ConfigError
 from kr_vlm.spectral import DenseUpdate, KroneckerFactors, LowRankFactors, UpdateFactors
 
 # kr_vlm puts one adapter per model, under peft's default name.
@@ -35,8 +36,40 @@ def is_peft_layer(module: nn.Module) -> bool:
 
 
 def find_peft_layer(module: nn.Module) -> AdaptedLayer | None:
-    """A peft layer seen as an ``AdaptedLayer`` (a ``PeftLayerView``), or None for any other module."""
+    """A peft layer seen as an ``AdaptedLayer`` (a ``PeftLayerView``), or None for any other module; a peft
+    layer whose update is not additive is an ``UnsupportedPeftLayerError`` (``check_additive``)."""
     return PeftLayerView(module) if is_peft_layer(module) else None
+
+
+class UnsupportedPeftLayerError(ConfigError):
+    """A peft layer whose method kr_vlm cannot show as an additive update ``W0 + ΔW``."""
+
+
+def additive_peft_layers() -> tuple[type, ...]:
+    """peft's layer classes whose update is added to the base weight, ``W0 + ΔW``, with ``get_delta_weight``
+    that ``ΔW`` (DoRA's true update is computed here): LoRA (and DoRA), VeRA, LoHa, LoKr, RandLoRA."""
+    from peft.tuners.loha.layer import LoHaLayer
+    from peft.tuners.lokr.layer import LoKrLayer
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.tuners.randlora.layer import RandLoraLayer
+    from peft.tuners.vera.layer import VeraLayer
+
+    return LoraLayer, VeraLayer, LoHaLayer, LoKrLayer, RandLoraLayer
+
+
+def check_additive(module: nn.Module) -> None:
+    """Refuse a peft layer whose update is not additive. Multiplicative methods (peft's OFT and BOFT
+    rotate ``W0``, IA3 scales it, ...) give no ``ΔW`` through ``get_delta_weight``, so ``delta_weight()``,
+    ``base_weight()``, the spectra, the rank monitor and update scaling would all be wrong."""
+    if isinstance(module, additive_peft_layers()):
+        return
+    kind = type(module).__module__.removeprefix("peft.tuners.").split(".")[0]
+    raise UnsupportedPeftLayerError(
+        f"peft's {kind} layer ({type(module).__module__}.{type(module).__name__}) is not supported: its update "
+        "is not added to the base weight (W0 + ΔW) but multiplies or rotates it, so its delta weight, spectra, "
+        "rank monitor and update scaling cannot be read from peft's get_delta_weight. kr_vlm supports peft's "
+        "lora, dora, vera, lokr, loha and randlora; train this method with peft itself."
+    )
 
 
 class PeftLayerView:
@@ -49,6 +82,7 @@ class PeftLayerView:
     def __init__(self, module: nn.Module) -> None:
         if not is_peft_layer(module):
             raise TypeError(f"PeftLayerView needs a peft adapter layer, got {type(module).__name__}.")
+        check_additive(module)
         self.module = module
 
     @property

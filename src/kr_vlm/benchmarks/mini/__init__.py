@@ -9,7 +9,7 @@ under the runs folder; the tables and frontiers are ``kr_vlm.results``' own, rea
 
 The protocol (the numbers: ``protocol``):
 
-- methods (`METHODS`): zero-shot, KRAdapter, LoRA, DoRA, VeRA, LoKr, LoHa, RandLoRA and full
+- methods (`BENCHMARK_METHODS`): zero-shot, KRAdapter, LoRA, DoRA, VeRA, LoKr, LoHa, RandLoRA and full
   fine-tuning on the same six linears (q k v o fc1 fc2) of every block of both towers, and LoRA as
   CLIP-LoRA places it (q k v, r=2). Each low-rank method's size is the one whose trainable count is
   closest to KRAdapter's; VeRA cannot reach it (two vectors a layer) and keeps peft's r=256; full
@@ -50,6 +50,7 @@ from kr_vlm.benchmarks.mini.protocol import (
     AUTHORS,
     BASE_OVERRIDES,
     BASE_TO_NEW,
+    BENCHMARK_METHODS,
     CLIP_LORA,
     CROSS_SETS,
     DEFAULT_METHODS,
@@ -57,7 +58,6 @@ from kr_vlm.benchmarks.mini.protocol import (
     FIXED_LR,
     FULL_FIXED_LR,
     MAX_WIDENING,
-    METHODS,
     METHODS_BY_KEY,
     QUICK,
     RECIPES,
@@ -85,7 +85,7 @@ __all__ = [
     "FIXED_LR",
     "FULL_FIXED_LR",
     "MAX_WIDENING",
-    "METHODS",
+    "BENCHMARK_METHODS",
     "METHODS_BY_KEY",
     "QUICK",
     "RECIPES",

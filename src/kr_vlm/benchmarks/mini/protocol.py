@@ -92,7 +92,7 @@ def grid_rate(fixed_lr: float, exponent: int) -> float:
     return float(f"{fixed_lr * GRID_RATIO**exponent:.6g}")
 
 
-METHODS: tuple[BenchmarkMethod, ...] = (
+BENCHMARK_METHODS: tuple[BenchmarkMethod, ...] = (
     BenchmarkMethod("zero_shot", "zero-shot", "-", ("adapter=none",), "-", None, None),
     BenchmarkMethod(
         "kradapter", "KRAdapter", SIX_LINEARS, ("adapter=kradapter",), "r = floor(sqrt(k)), s = 2"
@@ -156,7 +156,7 @@ METHODS: tuple[BenchmarkMethod, ...] = (
         "full", "full fine-tuning", SIX_LINEARS, ("adapter=full",), "every weight", fixed_lr=FULL_FIXED_LR
     ),
 )
-METHODS_BY_KEY = {method.key: method for method in METHODS}
+METHODS_BY_KEY = {method.key: method for method in BENCHMARK_METHODS}
 # The default run: the budget leaves out DoRA, LoKr and LoHa (low-rank like LoRA; --methods adds them).
 DEFAULT_METHODS = ("zero_shot", "kradapter", "lora", "lora_qkv", "vera", "randlora", "full")
 

@@ -1,4 +1,4 @@
-"""Measuring the training-step benchmark (``kr_vlm.benchmarks.adapters``): every method at every precision and
+"""Measuring the training-step benchmark (``kr_vlm.benchmarks.training_step``): every method at every precision and
 batch size, one model at a time, in interleaved rounds; and its tables.
 
 For each sweep point (a precision and a batch size) the methods take turns in rounds. In every round each
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kr_vlm.benchmarks.adapters import (
+from kr_vlm.benchmarks.training_step import (
     CLIP,
     COMPILED_SUFFIX,
     Batch,

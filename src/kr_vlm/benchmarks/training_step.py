@@ -7,7 +7,7 @@ One training step = forward, loss, backward, AdamW step of a model with random w
 - ``llama-tiny``: a small ``transformers`` Llama (``LLAMA_TINY``: 2 decoder layers of width 1024) on random
   token ids, its causal language-model loss; needs the ``hf`` extra.
 
-Methods (``METHODS``; the options are chosen for comparable budgets, about KRAdapter's trainable parameters per
+Methods (``METHOD_BUILDERS``; the options are chosen for comparable budgets, about KRAdapter's trainable parameters per
 layer, except VeRA whose update has only ``r + d_out`` trainable numbers by construction):
 
 - ``kradapter``: ``KRAdapterLinear`` (one matmul with the fused weight, backward recomputes it).
@@ -26,9 +26,9 @@ layer, except VeRA whose update has only ``r + d_out`` trainable numbers by cons
 Targets (``--targets``): ``mlp`` = the MLP linears of every block (CLIP's ``fc1 fc2``, Llama's ``gate up
 down``); ``all`` adds the attention projections (``q k v o``; CLIP's attention is converted to separate
 linears first, ``kr_vlm.models.convert_attention``). Adding a method or a target set is one line in
-``METHODS`` or a workload's ``target_sets``.
+``METHOD_BUILDERS`` or a workload's ``target_sets``.
 
-``kr_vlm.benchmarks.adapters_sweep`` measures them (step time and peak memory, one model at a time, in
+``kr_vlm.benchmarks.training_step_sweep`` measures them (step time and peak memory, one model at a time, in
 interleaved rounds) and ``scripts/bench_adapters.py`` runs it from the command line;
 ``scripts/bench_rank_monitor.py`` and ``scripts/bench_data.py`` time the same CLIP training step.
 
@@ -178,7 +178,7 @@ def _authors_adapters(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
 
 def _adapted(method: str, **options) -> Callable[[nn.Module, Sequence[str]], nn.Module]:
-    """A METHODS entry: ``method`` with ``options`` on the named linears."""
+    """A METHOD_BUILDERS entry: ``method`` with ``options`` on the named linears."""
     return lambda model, names: inject_adapters(model, AdapterConfig(method, list(names), **options))
 
 
@@ -196,7 +196,7 @@ def _frozen_with_weight_gradients(model: nn.Module, names: Sequence[str]) -> nn.
 
 
 # name -> function(model, target module names) that prepares the model in place and returns it.
-METHODS: dict[str, Callable[[nn.Module, Sequence[str]], nn.Module]] = {
+METHOD_BUILDERS: dict[str, Callable[[nn.Module, Sequence[str]], nn.Module]] = {
     "kradapter": _adapted("kradapter"),
     "lora": _adapted("lora", r=32, lora_alpha=32),
     "dora": _adapted("dora", r=32, lora_alpha=32),
@@ -248,12 +248,12 @@ def build_run(
     on its trainable tensors, whose steps run in ``precision`` (a ``PRECISIONS`` key); with
     ``compile_backend``, compiled in place by ``torch.compile`` with that backend (run name
     ``"<name> (compiled)"``)."""
-    if name not in METHODS:
-        raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHODS)}.")
+    if name not in METHOD_BUILDERS:
+        raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHOD_BUILDERS)}.")
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}.")
     model = copy.deepcopy(base_model)
-    model = METHODS[name](model, workload.target_names(model, targets)).train()
+    model = METHOD_BUILDERS[name](model, workload.target_names(model, targets)).train()
     if not any(parameter.requires_grad for parameter in model.parameters()) or name in GRADIENTS_ONLY:
         for module in workload.input_modules(model):
             module.register_forward_hook(_require_grad)

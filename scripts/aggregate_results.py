@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from kr_vlm import atlas_results, metric_names, published, results
+from kr_vlm.errors import command_boundary
 
 FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
@@ -142,4 +143,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with command_boundary():
+        sys.exit(main())

@@ -34,6 +34,7 @@ from kr_vlm.benchmarks.matrix_approx import (
     run_benchmark,
     write_outputs,
 )
+from kr_vlm.errors import command_boundary
 
 
 def size_argument(text: str) -> tuple[int, int]:
@@ -122,4 +123,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

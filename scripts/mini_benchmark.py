@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from kr_vlm.benchmarks.mini import METHODS, QUICK, RECIPES, Settings, run_benchmark, write_outputs
-from kr_vlm.errors import KrVlmError
+from kr_vlm.errors import command_boundary
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,13 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = args.runs_dir or Path("logs/mini_benchmark") / datetime.datetime.now().strftime(
         "%Y-%m-%d_%H-%M-%S"
     )
-    try:
-        settings.check()
-        print(f"Runs go to {runs_dir}", flush=True)
-        benchmark = run_benchmark(settings, runs_dir, log=lambda line: print(line, flush=True))
-    except KrVlmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings.check()
+    print(f"Runs go to {runs_dir}", flush=True)
+    benchmark = run_benchmark(settings, runs_dir, log=lambda line: print(line, flush=True))
     paths = write_outputs(benchmark, runs_dir, args.out, command)
     timing = benchmark["timing"]
     print(
@@ -140,4 +136,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from kr_vlm.benchmarks.zoo_coverage import finish_meta, run_walk, status_of, walk_meta, write_outputs
+from kr_vlm.errors import command_boundary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,4 +48,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

@@ -19,9 +19,9 @@ from omegaconf import OmegaConf
 from compose_helpers import QUICK, TINY_MODEL, compose_config, path_overrides, run_state_restored
 from kr_vlm import cli
 from kr_vlm.cli.schemas import TrainerSchema
-from kr_vlm.cli.tasks import FAILED_FILE
 from kr_vlm.errors import BUG_EXIT, USER_ERROR_EXIT, ConfigError, KrVlmError, user_error_message
 from kr_vlm.files import FileWriteError, write_text_atomic
+from kr_vlm.run_folder import FAILED_FILE
 from metrics_files import write_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,3 +250,22 @@ def test_eval_checks_the_same_values(tmp_path):
     cfg = compose_config(tmp_path, ["experiment=mini_zeroshot", *TINY_MODEL, "seed=one"], "eval")
     with pytest.raises(ConfigError, match="seed must be a whole number, got 'one'"):
         cli.evaluate(cfg)
+
+
+def test_errors_of_the_libraries_that_build_a_part_name_its_settings(tmp_path):
+    from torchvision.datasets import MNIST
+
+    from kr_vlm.cli.build import DATA_LIBRARIES, MODEL_LIBRARIES, settings_of
+
+    with (
+        pytest.raises(
+            ConfigError, match=r"torchvision cannot build what data\.\* configure: RuntimeError: Dataset"
+        ),
+        settings_of("data.*", DATA_LIBRARIES),
+    ):
+        MNIST(str(tmp_path), download=False)
+    # The same error, raised by another library than those named, or by kr_vlm itself, goes on as it is.
+    with pytest.raises(RuntimeError, match="Dataset not found"), settings_of("model.*", MODEL_LIBRARIES):
+        MNIST(str(tmp_path), download=False)
+    with pytest.raises(KeyError), settings_of("data.*", DATA_LIBRARIES):
+        {}["a bug"]

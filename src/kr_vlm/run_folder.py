@@ -29,6 +29,9 @@ from omegaconf import DictConfig
 from kr_vlm.errors import KrVlmError, command_boundary
 
 LOCK_FILE = ".kr_vlm.lock"
+#: What a run that stopped before it finished leaves in its folder (with no metrics.json): its status
+#: (``failed`` or ``stopped``) and the error's line, so a folder of runs tells failed runs from finished ones.
+FAILED_FILE = "failed.json"
 # Set for the processes of the other ranks: by Lightning's DDP launcher (LOCAL_RANK, NODE_RANK), torchrun
 # (RANK, LOCAL_RANK) and SLURM (SLURM_PROCID); the launching process of rank zero has none or zeros.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")

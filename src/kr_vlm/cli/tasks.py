@@ -48,6 +48,7 @@ from kr_vlm.cli.summary import (
 )
 from kr_vlm.errors import ConfigError, command_boundary
 from kr_vlm.files import write_json_atomic
+from kr_vlm.run_folder import FAILED_FILE
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -239,11 +240,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-#: What a run that stopped before it finished leaves in its folder (with no metrics.json): its status
-#: (``failed`` or ``stopped``) and the error's line, so a folder of runs tells failed runs from finished ones.
-FAILED_FILE = "failed.json"
-
-
 def _mark_failed(output_dir: Path, error: BaseException) -> None:
     """Write ``FAILED_FILE`` into the run folder; a failure to write it never hides ``error``."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -262,9 +258,9 @@ def _mark_failed(output_dir: Path, error: BaseException) -> None:
 
 
 def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
-    """Run ``job(cfg)`` for a command line: any error ends the command at the boundary around it
-    (``hydra_command``: one message, no traceback), and a run that does not finish is marked so in its
-    folder (``FAILED_FILE``); a stale mark of an earlier try in the same folder (a resumed run) goes."""
+    """Run ``job(cfg)`` for a command line: any error ends the command with one message, no traceback
+    (``command_boundary``), and a run that does not finish is marked so in its folder (``FAILED_FILE``);
+    a stale mark of an earlier try in the same folder (a resumed run) goes."""
     # Lightning 2.6 still uses torch's LeafSpec, which this torch flags as deprecated at every fit:
     # noise for users, nothing they can act on.
     warnings.filterwarnings(
@@ -284,12 +280,20 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
             raise SIGTERMException
 
     output_dir = Path(cfg.paths.output_dir)
-    (output_dir / FAILED_FILE).unlink(missing_ok=True)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        return job(cfg)
-    except SIGTERMException as error:
-        _mark_failed(output_dir, error)
+        # In the job, so that a failed job of a sweep stops the sweep, and the traceback of a bug goes to
+        # its own run's log file.
+        with command_boundary():
+            try:
+                (output_dir / FAILED_FILE).unlink(missing_ok=True)
+                return job(cfg)
+            except BaseException as error:
+                finished = isinstance(error, SystemExit) and not error.code
+                if isinstance(error, SIGTERMException) or not finished:
+                    _mark_failed(output_dir, error)
+                raise
+    except SIGTERMException:
         # Lightning stops a fit on SIGTERM (cluster preemption, `kill`) with a SystemExit that carries
         # no code, which would end the command with status 0 as if the run had finished.
         log.error(
@@ -299,10 +303,6 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
             cfg.paths.output_dir,
         )
         sys.exit(128 + signal.SIGTERM)
-    except BaseException as error:
-        if not (isinstance(error, SystemExit) and not error.code):
-            _mark_failed(output_dir, error)
-        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -269,3 +269,23 @@ def test_errors_of_the_libraries_that_build_a_part_name_its_settings(tmp_path):
         MNIST(str(tmp_path), download=False)
     with pytest.raises(KeyError), settings_of("data.*", DATA_LIBRARIES):
         {}["a bug"]
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("adapter_scales=abc", "adapter_scales"),  # update scales
+        ("data.sampler=bogus", "data.sampler"),  # the few-shot draws of this round
+        ("data.fraction=2.0", "data.fraction"),  # the authors' data-ratio recipe
+        ("data.val_shots=-1", "data.val_shots"),
+        ("data.test_sets=[dtdd]", "data.test_sets"),
+        ("model.loss=bogus", "full_key: model.loss"),  # the authors' caption loss
+        ("trainer.devices=0", "Trainer(devices=0)"),  # Lightning's own checks
+        ("trainer.val_check_interval=abc", "val_check_interval"),
+    ],
+)
+def test_bad_inputs_of_this_rounds_features_are_user_errors_that_name_them(override, named, tmp_path):
+    with pytest.raises(Exception) as raised:  # noqa: PT011 (the boundary decides what it is)
+        cli.train(compose_config(tmp_path, [*QUICK, override]))
+    message = user_error_message(raised.value)
+    assert message is not None and named in message, message

@@ -36,8 +36,8 @@ def _clear_hydra():
 
 def start(tmp_path: Path, *arguments: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     """`python <arguments>` from the repository root, every path under `tmp_path`, output captured."""
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(env or {})}
-    environment.pop("HYDRA_FULL_ERROR", None)
+    environment = {name: value for name, value in os.environ.items() if name != "HYDRA_FULL_ERROR"}
+    environment.update({"OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), **(env or {})})
     return subprocess.Popen(
         [sys.executable, *arguments],
         cwd=REPO,
@@ -96,6 +96,8 @@ def test_bad_values_and_run_folders_end_train_py_with_one_message(tmp_path):
         )
         for override in cases
     }
+    # HYDRA_FULL_ERROR=1 lets the traceback through, as for Hydra's own errors.
+    full = start(tmp_path, "train.py", "trainer.max_steps=abc", env={"HYDRA_FULL_ERROR": "1"})
     for override, process in processes.items():
         status, output = finish(process)
         assert status == USER_ERROR_EXIT and "Traceback" not in output, (override, output[-3000:])
@@ -111,6 +113,8 @@ def test_bad_values_and_run_folders_end_train_py_with_one_message(tmp_path):
         else:
             assert not runs, override
     assert a_file.read_text() == "not a folder"
+    status, output = finish(full)
+    assert status == USER_ERROR_EXIT and "Traceback (most recent call last)" in output
 
 
 # Runs a command with one function of kr_vlm replaced by one that raises: a bug, as far as the boundary knows.

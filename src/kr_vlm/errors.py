@@ -45,7 +45,6 @@ class CorruptFileError(KrVlmError, ValueError):
     """A file exists but cannot be read as what it should be: empty, truncated, or of another kind."""
 
 
-
 #: Exit status of a command stopped by a user error, and by a bug in kr_vlm.
 USER_ERROR_EXIT, BUG_EXIT = 1, 2
 
@@ -92,7 +91,9 @@ def user_error_message(error: BaseException) -> str | None:
         # Hydra's composition errors (a bad override, an unknown config name), as Hydra prints them.
         cause = error.__cause__
         detail = f"\n{cause}" if _is_a(cause, "OmegaConfBaseException", "omegaconf") else ""
-        return f"{error}{detail}\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+        return (
+            f"{error}{detail}\n\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
+        )
     if _is_a(error, "OmegaConfBaseException", "omegaconf") or _is_a(error, "HydraException", "hydra"):
         # A value of the wrong type or a missing one, found when the config is read: the message names the key.
         return f"{type(error).__name__}: {error}"
@@ -114,13 +115,21 @@ def _save_traceback(error: BaseException) -> str:
     files = [handler for handler in logging.getLogger().handlers if isinstance(handler, logging.FileHandler)]
     if files:
         record = log.makeRecord(
-            log.name, logging.ERROR, __file__, 0, "Bug in kr_vlm:", (), (type(error), error, error.__traceback__)
+            log.name,
+            logging.ERROR,
+            __file__,
+            0,
+            "Bug in kr_vlm:",
+            (),
+            (type(error), error, error.__traceback__),
         )
         for handler in files:
             handler.handle(record)
             handler.flush()
         return " and ".join(handler.baseFilename for handler in files)
-    handle, path = tempfile.mkstemp(prefix=f"kr_vlm_traceback_{time.strftime('%Y%m%d-%H%M%S')}_", suffix=".txt")
+    handle, path = tempfile.mkstemp(
+        prefix=f"kr_vlm_traceback_{time.strftime('%Y%m%d-%H%M%S')}_", suffix=".txt"
+    )
     with os.fdopen(handle, "w") as file:
         file.write(f"{' '.join(sys.argv)}\n\n")
         file.write("".join(traceback.format_exception(type(error), error, error.__traceback__)))

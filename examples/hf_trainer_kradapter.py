@@ -30,6 +30,7 @@ from kr_vlm.adapters import (
     print_trainable_parameters,
     save_adapters,
 )
+from kr_vlm.errors import command_boundary
 
 # A character vocabulary: index 0 pads.
 PAD = "_"
@@ -139,4 +140,5 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_boundary():
+        main()

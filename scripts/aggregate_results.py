@@ -27,6 +27,8 @@ import sys
 from pathlib import Path
 
 from kr_vlm import atlas_results, metric_names, published, results
+from kr_vlm.errors import command_boundary
+from kr_vlm.run_folder import FAILED_FILE
 
 FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         else ""
     )
     summary = f"\n{len(runs)} runs{recounted}."
+    failed = [path.parent for folder in args.folders for path in sorted(folder.rglob(FAILED_FILE))]
+    if failed:
+        summary += f" Left out {len(failed)} runs that did not finish ({FAILED_FILE}): {', '.join(map(str, failed))}."
 
     output_dir = args.output_dir or (args.folders[0] if len(args.folders) == 1 else None)
     if output_dir is not None:
@@ -142,4 +147,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    with command_boundary():
+        sys.exit(main())

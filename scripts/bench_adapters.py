@@ -39,6 +39,7 @@ from kr_vlm.benchmarks.training_step_sweep import (
     sweep_summary,
     sweep_verdict,
 )
+from kr_vlm.errors import command_boundary
 from kr_vlm.files import write_json_atomic, write_text_atomic
 
 STEP = {
@@ -194,4 +195,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with command_boundary():
+        main(sys.argv[1:])

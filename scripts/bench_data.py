@@ -35,6 +35,7 @@ from PIL import Image
 
 from kr_vlm.benchmarks import training_step as bench
 from kr_vlm.data.datamodules import FewShotDataModule
+from kr_vlm.errors import command_boundary
 
 
 def write_synthetic_coop_set(root: Path, images: int, classes: int, width: int, height: int) -> None:
@@ -173,4 +174,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with command_boundary():
+        main(sys.argv[1:])

@@ -38,6 +38,7 @@ from omegaconf import open_dict
 
 from kr_vlm.adapters import KRAdapterLinear, adapted_layers
 from kr_vlm.cli import CONFIG_DIR, train
+from kr_vlm.errors import command_boundary
 
 ROUNDINGS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MEASURED_STEPS = (1, 2, 5, 10, 20, 50, 100, 200)
@@ -182,4 +183,5 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with command_boundary():
+        main(sys.argv[1:])

@@ -50,6 +50,7 @@ from kr_vlm.benchmarks.training_step import (
     timed_step,
 )
 from kr_vlm.callbacks.rank_monitor import EffectiveRankMonitor, _intra_op_threads
+from kr_vlm.errors import command_boundary
 from kr_vlm.files import write_text_atomic
 
 INTERVALS = (50, 100, 200, 500)
@@ -239,4 +240,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    with command_boundary():
+        main(sys.argv[1:])

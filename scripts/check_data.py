@@ -21,6 +21,7 @@ from rich.table import Table
 from kr_vlm.console import print_table, stdout_console
 from kr_vlm.data.base import DatasetNotFoundError, MalformedDatasetError
 from kr_vlm.data.registry import DATASETS, SPLITS, build_dataset
+from kr_vlm.errors import command_boundary
 
 
 def check_dataset(root: Path, name: str) -> tuple[str, dict[str, int], int, str]:
@@ -88,4 +89,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

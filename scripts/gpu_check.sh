@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared run on a CUDA machine, at most 9 minutes, that writes its figures to one file.
 #
-#   bash scripts/gpu_check.sh [SUMMARY_FILE]        # default: gpu_check_summary.md in the repository root
+#   bash scripts/gpu_check.sh [SUMMARY_FILE]        # default: logs/gpu_check/<date>_<time>/gpu_check_summary.md
 #
 # Steps, each under its own time limit (seconds on a GPU / in the CPU dry run), each one's output kept in the
 # summary file and one line a step printed at the end:
@@ -23,8 +23,16 @@
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# A summary file named on the command line is relative to where the command was started; by default a new
+# folder under the repository's logs/ (never a file the repository ships, nor an earlier check's).
+if [[ $# -ge 1 ]]; then
+    SUMMARY=$(realpath -m "$1")
+else
+    SUMMARY="$ROOT/logs/gpu_check/$(date +%Y-%m-%d_%H-%M-%S)/gpu_check_summary.md"
+fi
+mkdir -p "$(dirname "$SUMMARY")"
+echo "The summary goes to $SUMMARY"
 cd "$ROOT"
-SUMMARY=$(realpath -m "${1:-gpu_check_summary.md}")
 PYTHON=${PYTHON:-python}
 DEVICE=${KR_VLM_GPU_CHECK_DEVICE:-cuda}
 LOGS=$(mktemp -d)

@@ -4,12 +4,13 @@ Every method fits each target matrix with its own adapter layer at a matched tra
 see kr_vlm.benchmarks.matrix_approx for the targets and the choices made.
 
     python scripts/matrix_approx.py                      # the paper's settings: 1024x768, 300 steps
-    python scripts/matrix_approx.py --out docs           # the README's table and plot
+    python scripts/matrix_approx.py --out docs           # refresh the README's table and plot in docs/
     python scripts/matrix_approx.py --threads 1          # on a busy shared CPU: avoids thread contention
     python scripts/matrix_approx.py --quick --families gaussian lowrank
     python scripts/matrix_approx.py --families checkpoint:model.pt:transformer.resblocks.0.attn.in_proj_weight
 
-Writes matrix_approx.json, matrix_approx.md (errors relative to LoRA) and matrix_approx.png to --out.
+Writes matrix_approx.json, matrix_approx.md (errors relative to LoRA) and matrix_approx.png to --out
+(default: a new folder, logs/matrix_approx/<date>_<time>, printed).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from kr_vlm.benchmarks.matrix_approx import (
     run_benchmark,
     write_outputs,
 )
+from kr_vlm.errors import command_boundary
+from kr_vlm.files import new_output_folder
 
 
 def size_argument(text: str) -> tuple[int, int]:
@@ -68,7 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=int, default=None, help="trainable parameters (default 2*min*sqrt(max))"
     )
-    parser.add_argument("--out", type=Path, default=Path("outputs/matrix_approx"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: logs/matrix_approx/<date>_<time>; --out docs refreshes docs/)",
+    )
     parser.add_argument(
         "--quick", action="store_true", help="256x192 and 100 steps unless --size / --steps say otherwise"
     )
@@ -115,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         setup = method_setup(method, settings)
         options = ", ".join(f"{key}={value}" for key, value in setup.options.items()) or "-"
         print(f"  {METHOD_LABELS[method]:>12}: {setup.expected_parameters:>9,} trainable ({options})")
+    out = args.out or new_output_folder("matrix_approx")
+    print(f"The outputs go to {out}", flush=True)
     results = run_benchmark(settings, targets, args.methods, log=lambda line: print(line, flush=True))
-    paths = write_outputs(results, args.out)
+    paths = write_outputs(results, out)
     print()
     print(results_markdown(results))
     print("Wrote " + ", ".join(str(path) for path in paths.values()))
@@ -124,4 +134,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

@@ -7,26 +7,27 @@ several update scales α. Three modes: CLIP-LoRA's recipe at every rate of each 
 rate chosen on 16 validation digits a class and at one fixed rate; and the KRAdapter authors' recipe at their
 rates. The protocol and every choice: kr_vlm.benchmarks.mini.
 
-    python scripts/mini_benchmark.py --out docs                 # the report in docs/mini_benchmark.md
+    python scripts/mini_benchmark.py                            # the report beside the runs, logs/mini_benchmark/<time>
+    python scripts/mini_benchmark.py --out docs                 # the same, refreshing docs/mini_benchmark.md
     python scripts/mini_benchmark.py --quick --out /tmp/mini    # every mode, small: a few minutes
     python scripts/mini_benchmark.py --methods zero_shot kradapter lora --recipes clip_lora
     python scripts/mini_benchmark.py --workers 1 trainer.max_steps=5   # Hydra overrides, every run
 
 Writes mini_benchmark.md, .csv, .json, .png and the frontier figures (mini_benchmark_frontier.png,
-mini_benchmark_frontier_authors.png) to --out; the runs' folders go to --runs-dir.
+mini_benchmark_frontier_authors.png) to --out (default: beside the runs); the runs' folders go to --runs-dir.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import shlex
 import sys
 from pathlib import Path
 
 from kr_vlm.benchmarks.mini import BENCHMARK_METHODS, QUICK, RECIPES, Settings, run_benchmark, write_outputs
-from kr_vlm.errors import KrVlmError
+from kr_vlm.errors import command_boundary
+from kr_vlm.files import new_output_folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         "after the benchmark's own, e.g. trainer.max_steps=5.",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("outputs/mini_benchmark"), help="folder of the report"
+        "--out",
+        type=Path,
+        default=None,
+        help="folder of the report (default: the runs' folder; --out docs refreshes docs/)",
     )
     parser.add_argument(
         "--runs-dir",
@@ -118,17 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, settings = parse_args(argv)
     command = shlex.join(["python", "scripts/mini_benchmark.py", *argv])
-    runs_dir = args.runs_dir or Path("logs/mini_benchmark") / datetime.datetime.now().strftime(
-        "%Y-%m-%d_%H-%M-%S"
-    )
-    try:
-        settings.check()
-        print(f"Runs go to {runs_dir}", flush=True)
-        benchmark = run_benchmark(settings, runs_dir, log=lambda line: print(line, flush=True))
-    except KrVlmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    paths = write_outputs(benchmark, runs_dir, args.out, command)
+    runs_dir = args.runs_dir or new_output_folder("mini_benchmark")
+    settings.check()
+    print(f"Runs go to {runs_dir}", flush=True)
+    benchmark = run_benchmark(settings, runs_dir, log=lambda line: print(line, flush=True))
+    paths = write_outputs(benchmark, runs_dir, args.out or runs_dir, command)
     timing = benchmark["timing"]
     print(
         f"\n{timing['wall_time_s'] / 60:.1f} min of wall time, {timing['cpu_time_s'] / 60:.1f} min of CPU time for "
@@ -140,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with command_boundary():
+        sys.exit(main())

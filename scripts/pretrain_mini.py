@@ -19,6 +19,7 @@ import logging
 import shlex
 import sys
 
+from kr_vlm.errors import command_boundary
 from kr_vlm.pretrain import PretrainConfig, pretrain
 
 
@@ -64,4 +65,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with command_boundary():
+        main()

@@ -141,3 +141,12 @@ def test_every_option_has_help_text(aggregate):
         [sys.executable, str(SCRIPT), "--help"], capture_output=True, text=True, timeout=120
     )
     assert helped.returncode == 0 and "harmonic mean" in helped.stdout
+
+
+def test_runs_that_did_not_finish_are_left_out_and_named(aggregate, sweep_dir, capsys):
+    failed = sweep_dir / "99"
+    failed.mkdir()
+    (failed / "failed.json").write_text('{"status": "failed", "error": "ConfigError: seed"}')
+    assert aggregate.main([str(sweep_dir)]) == 0
+    assert (sweep_dir / "results.md").read_text().splitlines() == FEW_SHOT
+    assert f"Left out 1 runs that did not finish (failed.json): {failed}." in capsys.readouterr().out

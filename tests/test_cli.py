@@ -793,6 +793,8 @@ def test_a_run_stopped_by_sigterm_before_lightning_starts_says_so_too(tmp_path):
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert "Stopped by SIGTERM" in output and "Traceback" not in output
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "adapters").exists()
+    # The folder says the run stopped, so it does not pass for a finished or a running one.
+    assert json.loads((run_dir / "failed.json").read_text())["status"] == "stopped"
 
 
 def test_the_demo_tests_zero_shot_first_and_leaves_the_fit_as_it_was(tmp_path):

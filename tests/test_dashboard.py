@@ -211,6 +211,18 @@ def test_the_script_and_its_help(dashboard, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("2 runs: kradapter, lora") and (tmp_path / PAGE_FILE).is_file()
+    # Without -o, runs of several folders go to a new folder, never into the working directory.
+    by_default = subprocess.run(
+        [sys.executable, "scripts/rank_dashboard.py", str(dashboard / "0"), str(dashboard / "1")],
+        cwd=REPO,
+        env={**os.environ, "KR_VLM_ROOT": str(tmp_path / "root")},
+        capture_output=True,
+        text=True,
+    )
+    assert by_default.returncode == 0, by_default.stderr
+    (written,) = (tmp_path / "root" / "logs" / "rank_dashboard").iterdir()
+    assert (written / PAGE_FILE).is_file() and f"written to {written}" in by_default.stdout
+    assert not (REPO / PAGE_FILE).exists()
     helped = subprocess.run(
         [sys.executable, "scripts/rank_dashboard.py", "--help"], cwd=REPO, capture_output=True, text=True
     )

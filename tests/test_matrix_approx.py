@@ -216,3 +216,14 @@ def test_cli_runs_and_reports_bad_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(["--size", "big"])
     assert "D_OUTxD_IN" in capsys.readouterr().err
+
+
+def test_by_default_the_outputs_go_to_a_new_folder_not_docs(tmp_path, monkeypatch, capsys):
+    """A rerun never replaces the shipped docs/ files or an earlier run's: --out docs is asked for by name."""
+    monkeypatch.setenv("KR_VLM_ROOT", str(tmp_path))
+    script = load_script()
+    argv = ["--quick", "--steps", "2", "--families", "gaussian", "--methods", "lora"]
+    assert script.main(argv) == 0
+    (written,) = (tmp_path / "logs" / "matrix_approx").iterdir()
+    assert (written / "matrix_approx.md").is_file()
+    assert f"The outputs go to {written}" in capsys.readouterr().out

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from kr_vlm import results
-from kr_vlm.errors import CorruptFileError, MissingFileError, exit_on_user_error
-from kr_vlm.files import write_text_atomic
+from kr_vlm.errors import CorruptFileError, MissingFileError, command_boundary
+from kr_vlm.files import new_output_folder, write_text_atomic
 from kr_vlm.rank_report import (
     DELTA_NORM_HTML,
     EFFECTIVE_RANK_EXPLANATION,
@@ -659,19 +659,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output-dir",
         type=Path,
         help="where to write the page and the CSV files (default: the folder given, when there is one, "
-        "else the current folder)",
+        "else a new folder, logs/rank_dashboard/<date>_<time>)",
     )
     parser.add_argument("--title", default="Effective rank across runs", help="the page's title")
     args = parser.parse_args(argv)
-    with exit_on_user_error():
+    with command_boundary():
         runs = find_runs(args.folders)
-        output_dir = args.output_dir or (args.folders[0] if len(args.folders) == 1 else Path.cwd())
+        output_dir = args.output_dir or (
+            args.folders[0] if len(args.folders) == 1 else new_output_folder("rank_dashboard")
+        )
         tested = [run for folder in args.folders for run in results.load_runs(folder)]
         scaled = any("test_by_scale" in run.metrics for run in tested)
         written = write_dashboard(runs, output_dir, args.title, results.frontiers(tested) if scaled else ())
-    print(f"{len(runs)} runs: {', '.join(run.label for run in runs)}")
-    for path in written:
-        print(f"  {path}")
+        print(f"{len(runs)} runs: {', '.join(run.label for run in runs)}; written to {output_dir}:")
+        for path in written:
+            print(f"  {path}")
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -18,11 +20,19 @@ NON_FINITE_KEY = "non_finite"
 
 
 class FileWriteError(KrVlmError, OSError):
-    """A checkpoint or adapter file could not be written (full disk, no permission, read-only folder).
+    """A file kr_vlm writes (checkpoint, adapters, JSON record, page) could not be written (full disk, no permission, read-only folder).
 
     ``errno`` is the failed write's (``errno.ENOSPC``, ``errno.EACCES``, ...); the message names the
     file and what to do.
     """
+
+
+def new_output_folder(name: str) -> Path:
+    """``logs/<name>/<date>_<time>`` under ``$KR_VLM_ROOT`` (else the working directory), as Hydra runs are
+    named: where a script writes by default, so that a rerun never replaces what the repository ships
+    (``docs/``) or an earlier run wrote. The folder is not made here."""
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    return Path(os.environ.get("KR_VLM_ROOT", ".")) / "logs" / name / stamp
 
 
 def _temporary_name(name: str, unique: str) -> str:
@@ -50,23 +60,25 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """
     path = Path(path)
     temporary = path.with_name(_temporary_name(path.name, uuid.uuid4().hex))
+    # Opened before the clean-up's try: when the folder refuses the file there is nothing to clean up.
+    handle = open(temporary, "xb")  # noqa: SIM115 (closed by the `with` below)
     try:
-        with open(temporary, "xb") as handle:
+        with handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        # The clean-up never raises: its error (the same full or read-only disk) would hide the first.
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
         raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through `atomic_write`, creating the folders it needs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as handle:
-        handle.write(text.encode("utf-8"))
+    """Write ``text`` (UTF-8) to ``path`` through `write_file_atomic`, creating the folders it needs (a failed
+    write raises `FileWriteError` naming ``path``)."""
+    write_file_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _os_error_behind(error: BaseException) -> OSError | None:

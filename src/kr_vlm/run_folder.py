@@ -18,15 +18,20 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from kr_vlm.errors import KrVlmError, exit_on_user_error
+from kr_vlm.errors import KrVlmError, command_boundary
 
 LOCK_FILE = ".kr_vlm.lock"
+#: What a run that stopped before it finished leaves in its folder (with no metrics.json): its status
+#: (``failed`` or ``stopped``) and the error's line, so a folder of runs tells failed runs from finished ones.
+FAILED_FILE = "failed.json"
 # Set for the processes of the other ranks: by Lightning's DDP launcher (LOCAL_RANK, NODE_RANK), torchrun
 # (RANK, LOCAL_RANK) and SLURM (SLURM_PROCID); the launching process of rank zero has none or zeros.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
@@ -34,6 +39,11 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
 
 class RunFolderInUseError(KrVlmError, FileExistsError):
     """The run folder (or sweep folder) already holds a run, or a running process works in it."""
+
+
+class RunFolderError(KrVlmError, OSError):
+    """The run folder (or sweep folder) cannot be made or written: a file in its place, a read-only or full
+    disk, a name too long."""
 
 
 def launched_as_rank_zero() -> bool:
@@ -89,6 +99,21 @@ class FolderLock:
             self._handle = None
 
 
+@contextmanager
+def _naming(folder: Path, key: str) -> Iterator[None]:
+    """Turn an OSError on the run folder into a ``RunFolderError`` that names its config key."""
+    try:
+        yield
+    except OSError as error:
+        if isinstance(error, KrVlmError):
+            raise
+        raise RunFolderError(
+            f"{key}={folder} cannot be used as a run folder: {error.strerror or error} "
+            f"({error.filename or folder}). Give {key} a folder you can write to, whose name is at most "
+            "255 bytes a part and which is not a file, or leave it at its default."
+        ) from error
+
+
 class RunFolderGuard(Callback):
     """Hydra callback: refuse to start a run or sweep whose folder already holds one (see the module).
 
@@ -102,13 +127,13 @@ class RunFolderGuard(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(os.path.abspath(config.hydra.run.dir))
-        with exit_on_user_error():
+        with command_boundary(), _naming(folder, "hydra.run.dir"):
             self._claim(folder, "hydra.run.dir", [folder], resuming=is_inside(self.resume_from, folder))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(os.path.abspath(config.hydra.sweep.dir))
-        runs = [folder, *(path for path in sorted(folder.glob("*")) if path.is_dir())]
-        with exit_on_user_error():
+        with command_boundary(), _naming(folder, "hydra.sweep.dir"):
+            runs = [folder, *(path for path in sorted(folder.glob("*")) if path.is_dir())]
             self._claim(folder, "hydra.sweep.dir", runs, resuming=False)
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -4,11 +4,15 @@ Trainer with its callbacks and loggers."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
+
+from kr_vlm.errors import ConfigError, KrVlmError
 
 if TYPE_CHECKING:
     from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -34,6 +38,38 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise cause from None
 
 
+# The libraries each part of a run is built by: an error they raise while building it comes from that part's
+# settings (an unknown name, an option of the wrong kind, a file they cannot read).
+MODEL_LIBRARIES = ("open_clip", "timm", "transformers", "huggingface_hub", "safetensors", "peft")
+DATA_LIBRARIES = ("torchvision", "PIL", "clip_benchmark", "datasets", "webdataset")
+TRAINER_LIBRARIES = ("lightning",)
+
+
+def raised_in(error: BaseException, packages: tuple[str, ...]) -> str | None:
+    """The package among ``packages`` whose code raised ``error`` (its innermost frame), or None."""
+    traceback = error.__traceback__
+    while traceback is not None and traceback.tb_next is not None:
+        traceback = traceback.tb_next
+    module = traceback.tb_frame.f_globals.get("__name__", "") if traceback is not None else ""
+    return next((package for package in packages if module.split(".")[0] == package), None)
+
+
+@contextmanager
+def settings_of(keys: str, packages: tuple[str, ...]) -> Iterator[None]:
+    """Turn an error that one of ``packages`` raises (while it builds what ``keys`` configure) into a
+    ``ConfigError`` that names the keys; errors of kr_vlm's own code go on as they are."""
+    try:
+        yield
+    except (ValueError, RuntimeError, KeyError, TypeError, NotImplementedError, OSError) as error:
+        package = raised_in(error, packages)
+        if isinstance(error, KrVlmError) or package is None:
+            raise
+        raise ConfigError(
+            f"{package} cannot build what {keys} configure: {type(error).__name__}: {error} "
+            "(python train.py ... --cfg job prints the settings; HYDRA_FULL_ERROR=1 the traceback)."
+        ) from error
+
+
 def instantiate_list(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group that has a ``_target_``.
 
@@ -48,16 +84,18 @@ def instantiate_list(group: DictConfig | None) -> list[Any]:
 def build_model(cfg: DictConfig) -> LightningModule:
     """The LightningModule; missing weights fail here with the model layer's message."""
     log.info("Building the model <%s>", cfg.model.get("_target_"))
-    return instantiate(cfg.model)
+    with settings_of("model.* and adapter.*", MODEL_LIBRARIES):
+        return instantiate(cfg.model)
 
 
 def build_datamodule(cfg: DictConfig, stage: str) -> LightningDataModule:
     """The DataModule, set up: missing data fails here, before any training starts, with the data
     layer's message. Built before the model, as listing files is quick and loading weights is not."""
     log.info("Building the data <%s>", cfg.data.get("_target_"))
-    datamodule: LightningDataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup(stage)
+    with settings_of("data.* and paths.data_dir", DATA_LIBRARIES):
+        datamodule: LightningDataModule = instantiate(cfg.data)
+        datamodule.prepare_data()
+        datamodule.setup(stage)
     return datamodule
 
 
@@ -79,7 +117,8 @@ def build_trainer(cfg: DictConfig) -> Trainer:
     logs no hyperparameters of its own)."""
     callbacks: list[Callback] = instantiate_list(cfg.get("callbacks"))
     loggers: list[Logger] = instantiate_list(cfg.get("logger"))
-    trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    with settings_of("trainer.*", TRAINER_LIBRARIES):
+        trainer: Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
         logger.log_hyperparams(hyperparameters(cfg))
     return trainer

@@ -1,6 +1,7 @@
-"""What a run checks before it builds anything: numbers that must be whole, ``test_ckpt``, ``ckpt_path``,
-``adapters_dir``, where eval.py takes its adapters from, and ``adapter_scales``. Each failure is a user
-error that names the key."""
+"""What a run checks before it builds anything: the values a user types that the config schemas cannot
+check (``check_values``: numbers that must be whole or in a range, Lightning's precision, the dataset's
+name), ``test_ckpt``, ``ckpt_path``, ``adapters_dir``, where eval.py takes its adapters from, and
+``adapter_scales``. Each failure is a user error that names the key."""
 
 from __future__ import annotations
 
@@ -27,6 +28,46 @@ def whole_number(cfg: DictConfig, key: str) -> int | None:
         return int(str(value))
     except ValueError:
         raise ConfigError(f"{key} must be a whole number, got {value!r}.") from None
+
+
+def _at_least(cfg: DictConfig, key: str, lowest: int, meaning: str) -> None:
+    value = whole_number(cfg, key)
+    if value is not None and value < lowest:
+        raise ConfigError(f"{key} must be a whole number >= {lowest} ({meaning}), got {value}.")
+
+
+def lightning_precisions() -> list[str]:
+    """Every value Lightning's ``Trainer(precision=...)`` accepts, as typed on a command line."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision import precision as fabric_precision
+
+    literals = (
+        fabric_precision._PRECISION_INPUT_STR,
+        fabric_precision._PRECISION_INPUT_STR_ALIAS,
+        fabric_precision._PRECISION_INPUT_INT,
+    )
+    return list(dict.fromkeys(str(value) for literal in literals for value in get_args(literal)))
+
+
+def check_values(cfg: DictConfig) -> None:
+    """The values of a run's config that no schema types: ``seed`` and the trainer's lengths are whole
+    numbers in range, ``trainer.precision`` is one of Lightning's, ``data.dataset`` a known dataset."""
+    whole_number(cfg, "seed")
+    _at_least(cfg, "trainer.max_steps", -1, "-1: no limit, trainer.max_epochs decides")
+    _at_least(cfg, "trainer.max_epochs", -1, "-1: no limit, trainer.max_steps decides")
+    _at_least(cfg, "trainer.accumulate_grad_batches", 1, "batches a step")
+    precision = OmegaConf.select(cfg, "trainer.precision")
+    if precision is not None and str(precision) not in lightning_precisions():
+        raise ConfigError(
+            f"trainer.precision must be one of {', '.join(lightning_precisions())} (Lightning's), got "
+            f"{precision!r}: e.g. 32-true on the CPU, bf16-mixed on a GPU."
+        )
+    dataset = OmegaConf.select(cfg, "data.dataset")
+    if isinstance(dataset, str):
+        from kr_vlm.data.registry import dataset_info
+
+        dataset_info(dataset)
 
 
 def set_cpu_threads(cfg: DictConfig) -> None:

@@ -8,6 +8,7 @@ to the datamodule -> callbacks, loggers, trainer -> fit / test (at every update 
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import sys
@@ -31,6 +32,7 @@ from kr_vlm.cli.checks import (
     check_adapters_dir,
     check_ckpt_path,
     check_test_ckpt,
+    check_values,
     configured_method,
     set_cpu_threads,
     whole_number,
@@ -44,7 +46,9 @@ from kr_vlm.cli.summary import (
     scale_summary,
     write_metrics,
 )
-from kr_vlm.errors import ConfigError, exit_on_user_error
+from kr_vlm.errors import ConfigError, command_boundary
+from kr_vlm.files import write_json_atomic
+from kr_vlm.run_folder import FAILED_FILE
 
 if TYPE_CHECKING:
     from lightning.pytorch import LightningDataModule, LightningModule, Trainer
@@ -62,7 +66,7 @@ def _prepare(cfg: DictConfig) -> None:
     if cfg.get("seed") is not None:
         from lightning.pytorch import seed_everything
 
-        seed_everything(cfg.seed, workers=True)
+        seed_everything(whole_number(cfg, "seed"), workers=True)
 
 
 @rank_zero_only
@@ -128,6 +132,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tested adapters are also tested at each update scale α (``test_by_scale``).
     """
     start = time.perf_counter()
+    check_values(cfg)
     method, shots = configured_method(cfg), whole_number(cfg, "data.shots")
     scales = adapter_scales(cfg)
     if scales != [1.0] and not cfg.get("test"):
@@ -200,6 +205,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     from kr_vlm.models import CLIPFineTuner
 
     start = time.perf_counter()
+    check_values(cfg)
     adapters_from = adapters_source(cfg)
     scales = adapter_scales(cfg)
     if cfg.get("adapters_dir"):
@@ -234,10 +240,27 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+def _mark_failed(output_dir: Path, error: BaseException) -> None:
+    """Write ``FAILED_FILE`` into the run folder; a failure to write it never hides ``error``."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    stopped = isinstance(error, (SIGTERMException, KeyboardInterrupt))
+    line = (str(error).strip().splitlines() or [""])[0]
+    record = {
+        "status": "stopped" if stopped else "failed",
+        "error": f"{type(error).__name__}: {line}" if line else type(error).__name__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    try:
+        write_json_atomic(output_dir / FAILED_FILE, record)
+    except OSError as unwritten:
+        log.warning("Could not mark the run as failed in %s: %s", output_dir, unwritten)
+
+
 def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
-    """Run ``job(cfg)`` for a command line: a user error (a ``KrVlmError``: bad config values, missing or
-    broken files, a diverged fit) ends the command with its message, which says what is wrong and what to
-    do, and exit status 1, not with a traceback (``HYDRA_FULL_ERROR=1`` shows it, as for any other error)."""
+    """Run ``job(cfg)`` for a command line: any error ends the command with one message, no traceback
+    (``command_boundary``), and a run that does not finish is marked so in its folder (``FAILED_FILE``);
+    a stale mark of an earlier try in the same folder (a resumed run) goes."""
     # Lightning 2.6 still uses torch's LeafSpec, which this torch flags as deprecated at every fit:
     # noise for users, nothing they can act on.
     warnings.filterwarnings(
@@ -256,10 +279,20 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
         if signal.getsignal(signal.SIGTERM) is stop_on_sigterm:
             raise SIGTERMException
 
+    output_dir = Path(cfg.paths.output_dir)
     previous = signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
-        with exit_on_user_error():
-            return job(cfg)
+        # In the job, so that a failed job of a sweep stops the sweep, and the traceback of a bug goes to
+        # its own run's log file.
+        with command_boundary():
+            try:
+                (output_dir / FAILED_FILE).unlink(missing_ok=True)
+                return job(cfg)
+            except BaseException as error:
+                finished = isinstance(error, SystemExit) and not error.code
+                if isinstance(error, SIGTERMException) or not finished:
+                    _mark_failed(output_dir, error)
+                raise
     except SIGTERMException:
         # Lightning stops a fit on SIGTERM (cluster preemption, `kill`) with a SystemExit that carries
         # no code, which would end the command with status 0 as if the run had finished.
@@ -274,7 +307,39 @@ def run_job(job: Any, cfg: DictConfig) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_raises(func: Any) -> Any:
+    """Hydra's ``run_and_report`` without its report: the error goes on to ``command_boundary``."""
+    return func()
+
+
+def hydra_command(config_name: str) -> Any:
+    """``hydra.main`` (configs/<config_name>.yaml) inside ``command_boundary``, for every error of the
+    command: a bad override or config name (Hydra's composition), a run folder that cannot be made, the
+    run itself. Hydra reports errors itself (a traceback for anything but composition errors) and exits:
+    its reporter is bypassed while the command runs, so they reach the boundary instead."""
+
+    def decorate(task: Any) -> Any:
+        hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)
+
+        @functools.wraps(task)
+        def main(*args: Any, **kwargs: Any) -> Any:
+            import hydra._internal.hydra as hydra_app
+            import hydra._internal.utils as hydra_utils
+
+            reporter = hydra_utils.run_and_report
+            hydra_utils.run_and_report = hydra_app.run_and_report = _hydra_raises
+            try:
+                with command_boundary():
+                    return hydra_main(*args, **kwargs)
+            finally:
+                hydra_utils.run_and_report = hydra_app.run_and_report = reporter
+
+        return main
+
+    return decorate
+
+
+@hydra_command("train")
 def train_main(cfg: DictConfig) -> float | None:
     """``python train.py experiment=...`` / ``kr-vlm-train experiment=...``. Returns the value of
     ``optimized_metric`` (what Hydra's sweepers, Optuna's included, optimise), or None."""
@@ -282,7 +347,7 @@ def train_main(cfg: DictConfig) -> float | None:
     return None if optimized is None else optimized["value"]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra_command("eval")
 def eval_main(cfg: DictConfig) -> None:
     """``python eval.py experiment=... adapters_dir=...`` / ``kr-vlm-eval ...``."""
     run_job(evaluate, cfg)

@@ -17,6 +17,7 @@ validates on the test set, as CoOp does (`kr_vlm.data.fewshot`). The distributio
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache, partial
@@ -330,8 +331,10 @@ def dataset_info(name: str) -> DatasetInfo:
     if name.startswith(BENCHMARK_PREFIX) and len(name) > len(BENCHMARK_PREFIX):
         return _benchmark_info(name)
     if name not in DATASETS:
+        close = difflib.get_close_matches(str(name), DATASET_NAMES, n=3, cutoff=0.6)
+        hint = f" Close matches: {', '.join(close)}." if close else ""
         raise ConfigError(
-            f"Unknown dataset {name!r} (data.dataset). Known datasets: {', '.join(DATASET_NAMES)}."
+            f"Unknown dataset {name!r} (data.dataset).{hint} Known datasets: {', '.join(DATASET_NAMES)}."
         )
     return DATASETS[name]
 

@@ -201,13 +201,13 @@ def _hf_hub_folder(repo_id: str, cache_dir: str | os.PathLike | None, allow_down
     )
 
 
-def _unknown_model_error(name: str) -> ValueError:
+def _unknown_model_error(name: str) -> ConfigError:
     known = open_clip.list_models()
     by_lower = {model.lower(): model for model in known}
     close = [by_lower[m] for m in difflib.get_close_matches(name.lower(), list(by_lower), n=5, cutoff=0.6)]
     hint = f" Close matches: {', '.join(close)}." if close else ""
-    return ValueError(
-        f"Unknown open_clip model name {name!r}.{hint} open_clip.list_models() lists all {len(known)} "
+    return ConfigError(
+        f"Unknown open_clip model name {name!r} (model.clip.name).{hint} open_clip.list_models() lists all {len(known)} "
         "names; or pass model_cfg={...} to build a custom architecture under this name, or use "
         "'hf-hub:org/repo' / 'local-dir:/path/to/folder'."
     )

@@ -5,7 +5,7 @@ given (a sweep, ``python train.py -m ...``, writes ``logs/<task>/multiruns/<time
 them by what was trained, so that an evaluation of a training run never counts as another seed, and
 prints one Markdown table per protocol the runs cover, with mean ± std over seeds and the number of
 seeds (the logic: `kr_vlm.results`). Runs on aTLAS's 22 datasets also give the KRAdapter / RandLoRA
-papers' table: each dataset and the average over the 22, per budget (`kr_vlm.atlas_results`). With one
+papers' table: each dataset and the average over the 22, per budget (`kr_vlm.results.atlas`). With one
 folder, the tables also go to ``results.md`` and, as long-format CSV, ``results.csv`` in it.
 
 When runs were tested at several update scales (``adapter_scales``, metrics.json's ``test_by_scale``),
@@ -26,7 +26,8 @@ import logging
 import sys
 from pathlib import Path
 
-from kr_vlm import atlas_results, metric_names, published, results
+from kr_vlm import metric_names, results
+from kr_vlm.results import atlas, published
 
 FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
@@ -56,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         action="store_true",
         help="add the published rows beside ours, each with a Δ row: ours − published: CLIP-LoRA's few-shot "
-        "results (kr_vlm/reference_results.json) and, beside zero-shot runs of the same model and pretrained "
-        "tag, open_clip's and aTLAS's zero-shot accuracies (kr_vlm/published_tables/, with their sources)",
+        "results (kr_vlm/results/reference_results.json) and, beside zero-shot runs of the same model and pretrained "
+        "tag, open_clip's and aTLAS's zero-shot accuracies (kr_vlm/results/published_tables/, with their sources)",
     )
     parser.add_argument(
         "--reference-file",
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     measurements = results.measure(runs, args.metric)
     tables = results.protocol_tables(measurements, references)
-    tables += atlas_results.atlas22_tables(measurements)
+    tables += atlas.atlas22_tables(measurements)
     if args.reference or args.reference_file:
         tables += published.zero_shot_tables(measurements)
     markdown = "\n".join(table.markdown() for table in tables)

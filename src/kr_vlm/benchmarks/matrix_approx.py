@@ -64,6 +64,7 @@ from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, krad
 from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.files import write_json_atomic
 from kr_vlm.spectral import effective_rank_from_singular_values, singular_values
+from kr_vlm.table_text import markdown_table
 
 FAMILIES = ("gaussian", "sparse", "whitened", "lowrank", "highfreq", "lowfreq")
 CHECKPOINT_PREFIX = "checkpoint:"
@@ -508,8 +509,7 @@ def _relative_to_reference(results: dict[str, Any], family: str, method: str, me
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    return markdown_table(header, rows).split("\n")
 
 
 def _metric_table(results: dict[str, Any], metric: str, digits: int) -> list[str]:

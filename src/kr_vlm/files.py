@@ -61,12 +61,17 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through `atomic_write`, creating the folders it needs."""
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through `atomic_write`, creating the folders it needs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as handle:
-        handle.write(text.encode("utf-8"))
+        handle.write(data)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through `atomic_write`, creating the folders it needs."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _os_error_behind(error: BaseException) -> OSError | None:

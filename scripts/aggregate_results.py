@@ -21,13 +21,13 @@ from). The frontier is top-1.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
 
 from kr_vlm import metric_names, results
 from kr_vlm.results import atlas, published
+from kr_vlm.table_text import csv_text
 
 FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
@@ -83,10 +83,9 @@ def write_frontier(output_dir: Path, frontier_list: list[results.Frontier], mark
 
     (output_dir / "frontier.png").write_bytes(png(frontier_figure(frontier_list)))
     (output_dir / "frontier.md").write_text(f"![{frontier_list[0].panel.name}](frontier.png)\n\n{markdown}")
-    with (output_dir / "frontier_points.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=results.POINTS_FIELDS)
-        writer.writeheader()
-        writer.writerows(results.points_rows(frontier_list))
+    (output_dir / "frontier_points.csv").write_text(
+        csv_text(results.points_rows(frontier_list), results.POINTS_FIELDS)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.md").write_text(markdown)
-        with (output_dir / "results.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=results.CSV_FIELDS)
-            writer.writeheader()
-            for table in [*tables, *frontier_tables]:
-                writer.writerows(table.records)
+        records = [record for table in [*tables, *frontier_tables] for record in table.records]
+        (output_dir / "results.csv").write_text(csv_text(records, results.CSV_FIELDS))
         summary += f" Wrote {output_dir / 'results.md'} and {output_dir / 'results.csv'}."
         if frontier_list:
             write_frontier(output_dir, frontier_list, frontier_markdown)

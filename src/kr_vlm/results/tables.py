@@ -31,9 +31,12 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     def __str__(self) -> str:
-        if len(self.values) == 1:
-            return f"{self.mean:.1f}"
-        return f"{self.mean:.1f} ± {self.std:.1f}"
+        return cell_text(self.mean, self.std if len(self.values) > 1 else None)
+
+
+def cell_text(mean: float, std: float | None) -> str:
+    """A table cell: ``71.2 ± 0.4`` over several seeds, ``71.2`` for one (``std`` None)."""
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 @dataclass

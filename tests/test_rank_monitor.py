@@ -623,10 +623,19 @@ def test_thread_counts_set_in_a_background_thread_stay_in_that_thread():
 
 
 # ------------------------------------------------------------------------------- watching a run as it trains
-def test_the_report_is_rewritten_while_the_run_trains_and_says_when_it_finished(tmp_path):
+def test_the_report_is_rewritten_while_the_run_trains_and_says_when_it_finished(tmp_path, monkeypatch):
     """With the defaults (background decompositions, live report), the page exists after the first
-    evaluations and before the end, says the step and that training goes on; at the end it says finished."""
+    evaluations and before the end, says the step and that training goes on; at the end it says finished.
+    The live pages are rendered in the monitor's background thread, the final one at train end."""
     seen = {}
+    renders = []
+    write_report = rank_history.ReportFiles.write_report
+
+    def recorded(files, history, spectra, finished):
+        renders.append((finished, threading.current_thread().name))
+        return write_report(files, history, spectra, finished)
+
+    monkeypatch.setattr(rank_history.ReportFiles, "write_report", recorded)
 
     def look(module, step):
         if step != 7:
@@ -647,6 +656,11 @@ def test_the_report_is_rewritten_while_the_run_trains_and_says_when_it_finished(
     final = (tmp_path / "rank_report.html").read_text(encoding="utf-8")
     assert "Training finished at step 8." in final and "still running" not in final
     assert not list(tmp_path.glob(".*.tmp"))  # every file replaced atomically, no temporary left
+    training_thread = threading.current_thread().name
+    assert renders[-1] == (True, training_thread)
+    assert renders[:-1] and all(
+        not finished and thread.startswith("kr_vlm-rank-monitor") for finished, thread in renders[:-1]
+    )
 
 
 def test_the_live_report_can_be_turned_off(tmp_path):

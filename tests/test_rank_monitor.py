@@ -736,3 +736,20 @@ def test_a_report_that_cannot_be_written_is_one_warning_per_file_and_the_run_com
     written = sorted(message.split(" could not write ")[1].split(":")[0] for message in messages)
     names = ("rank_history.json", "rank_history.png", "rank_report.html", "rank_spectra.png")
     assert written == sorted(str(output_dir / name) for name in names)  # one warning a file
+
+
+def test_a_run_that_fails_leaves_a_report_that_says_it_stopped(tmp_path):
+    report = tmp_path / "rank_report.html"
+
+    def fail(module, step):
+        if step == 5:
+            deadline = time.monotonic() + 120  # a live page is rendered (training waits here), then it fails
+            while time.monotonic() < deadline and not report.exists():
+                time.sleep(0.05)
+            raise RuntimeError("a bug at step 5")
+
+    with pytest.raises(RuntimeError, match="a bug at step 5"):
+        fit(TinyModule("kradapter"), tmp_path, [EffectiveRankMonitor(every_n_steps=2), CallAt(fail)], max_steps=8)
+    page = report.read_text(encoding="utf-8")
+    assert "Training stopped at step 5 before it finished" in page and "still running" not in page
+    assert page.count("data:image/png;base64,") == 3

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -290,9 +291,10 @@ def _last(values: list[float | None]) -> float | None:
 
 def write_html_report(
     path: Path, history: dict[str, Any], spectra_png: bytes, history_png: bytes, finished: bool = True
-) -> None:
+) -> str:
     """Write one run's report: tables and base64 images, opens anywhere, needs no other file or network.
-    ``finished=False``: the page says that training is still running (it is rewritten as the run goes)."""
+    ``finished=False``: the page says that training is still running (it is rewritten as the run goes).
+    Returns the page."""
     layers = history["layers"]
     group_rows = []
     for group, names in layers_by_group(layers).items():
@@ -382,7 +384,18 @@ the latest evaluation took {seconds:.2f} s.</p>
 <details><summary>{len(layer_rows)} layers</summary>
 {layer_table}
 </details>"""
-    write_text_atomic(path, html_page("kr_vlm rank report", body))
+    page = html_page("kr_vlm rank report", body)
+    write_text_atomic(path, page)
+    return page
+
+
+def stopped_page(page: str, step: int | None) -> str:
+    """A live report's ``page`` saying that training stopped at ``step`` before it finished."""
+    status = (
+        f"Training stopped at step {step} before it finished (an error, or the run was interrupted); this "
+        "page shows its last rank evaluation."
+    )
+    return re.sub(r'<p class="status">.*?</p>', f'<p class="status"><b>{status}</b></p>', page, count=1)
 
 
 def _percent_of_cap(info: dict[str, Any]) -> float | None:

@@ -23,6 +23,7 @@ from kr_vlm.rank_report import (
     mean,
     png,
     spectra_figure,
+    stopped_page,
     write_html_report,
 )
 
@@ -155,6 +156,7 @@ class ReportFiles:
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
         self._warned: set[str] = set()
+        self._live_page: str | None = None  # the last page written while training ran
 
     def write_history(self, history: Mapping[str, Any]) -> None:
         """``rank_history.json`` (strict JSON: no NaN or Infinity)."""
@@ -169,11 +171,20 @@ class ReportFiles:
         history_png = png(history_figure(history))
         self._write(SPECTRA_PLOT_FILE, lambda path: write_bytes_atomic(path, spectra_png))
         self._write(HISTORY_PLOT_FILE, lambda path: write_bytes_atomic(path, history_png))
-        self._write(
-            REPORT_FILE,
-            lambda path: write_html_report(path, history, spectra_png, history_png, finished=finished),
-        )
+
+        def write_page(path: Path) -> None:
+            page = write_html_report(path, history, spectra_png, history_png, finished=finished)
+            self._live_page = None if finished else page
+
+        self._write(REPORT_FILE, write_page)
         return spectra_png
+
+    def mark_stopped(self, step: int | None) -> None:
+        """Say on the live report (if one was written) that training stopped at ``step`` unfinished; the
+        page is not rendered again."""
+        if self._live_page is not None:
+            page = stopped_page(self._live_page, step)
+            self._write(REPORT_FILE, lambda path: write_text_atomic(path, page))
 
     def _write(self, name: str, write: Callable[[Path], None]) -> None:
         path = self.run_dir / name

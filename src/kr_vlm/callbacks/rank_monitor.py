@@ -74,7 +74,8 @@ class EffectiveRankMonitor(pl.Callback):
     a write that fails (full disk, read-only folder) is one warning naming the file, and training goes on.
 
     At train end (or on ``write_report()``) the files are written once more, saying that training finished,
-    and TensorBoard gets the image ``rank_spectra``.
+    and TensorBoard gets the image ``rank_spectra``. When the fit fails or is interrupted, the live page is
+    changed to say that training stopped at that step (without rendering it again).
 
     Outside Lightning (a plain PyTorch loop): ``evaluate(model, step)`` measures now, in the calling thread;
     ``evaluate_in_background(model, step)`` takes the snapshot and returns, ``collect()`` hands back the
@@ -197,6 +198,10 @@ class EffectiveRankMonitor(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # The live report must not say that training goes on.
+        self._drop_live_report()
+        if self._report_files is not None:
+            self._report_files.mark_stopped(self._latest_step)
         self.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -5,7 +5,7 @@ given (a sweep, ``python train.py -m ...``, writes ``logs/<task>/multiruns/<time
 them by what was trained, so that an evaluation of a training run never counts as another seed, and
 prints one Markdown table per protocol the runs cover, with mean ± std over seeds and the number of
 seeds (the logic: `kr_vlm.results`). Runs on aTLAS's 22 datasets also give the KRAdapter / RandLoRA
-papers' table: each dataset and the average over the 22, per budget (`kr_vlm.atlas_results`). With one
+papers' table: each dataset and the average over the 22, per budget (`kr_vlm.results.atlas`). With one
 folder, the tables also go to ``results.md`` and, as long-format CSV, ``results.csv`` in it.
 
 When runs were tested at several update scales (``adapter_scales``, metrics.json's ``test_by_scale``),
@@ -21,14 +21,15 @@ from). The frontier is top-1.
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
 
-from kr_vlm import atlas_results, metric_names, published, results
+from kr_vlm import metric_names, results
 from kr_vlm.errors import command_boundary
+from kr_vlm.results import atlas, published
 from kr_vlm.run_folder import FAILED_FILE
+from kr_vlm.table_text import csv_text
 
 FRONTIER_FILES = ("frontier.md", "frontier.png", "frontier_points.csv")
 
@@ -58,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference",
         action="store_true",
         help="add the published rows beside ours, each with a Δ row: ours − published: CLIP-LoRA's few-shot "
-        "results (kr_vlm/reference_results.json) and, beside zero-shot runs of the same model and pretrained "
-        "tag, open_clip's and aTLAS's zero-shot accuracies (kr_vlm/published_tables/, with their sources)",
+        "results (kr_vlm/results/reference_results.json) and, beside zero-shot runs of the same model and pretrained "
+        "tag, open_clip's and aTLAS's zero-shot accuracies (kr_vlm/results/published_tables/, with their sources)",
     )
     parser.add_argument(
         "--reference-file",
@@ -84,10 +85,9 @@ def write_frontier(output_dir: Path, frontier_list: list[results.Frontier], mark
 
     (output_dir / "frontier.png").write_bytes(png(frontier_figure(frontier_list)))
     (output_dir / "frontier.md").write_text(f"![{frontier_list[0].panel.name}](frontier.png)\n\n{markdown}")
-    with (output_dir / "frontier_points.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=results.POINTS_FIELDS)
-        writer.writeheader()
-        writer.writerows(results.points_rows(frontier_list))
+    (output_dir / "frontier_points.csv").write_text(
+        csv_text(results.points_rows(frontier_list), results.POINTS_FIELDS)
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     measurements = results.measure(runs, args.metric)
     tables = results.protocol_tables(measurements, references)
-    tables += atlas_results.atlas22_tables(measurements)
+    tables += atlas.atlas22_tables(measurements)
     if args.reference or args.reference_file:
         tables += published.zero_shot_tables(measurements)
     markdown = "\n".join(table.markdown() for table in tables)
@@ -133,11 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "results.md").write_text(markdown)
-        with (output_dir / "results.csv").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=results.CSV_FIELDS)
-            writer.writeheader()
-            for table in [*tables, *frontier_tables]:
-                writer.writerows(table.records)
+        records = [record for table in [*tables, *frontier_tables] for record in table.records]
+        (output_dir / "results.csv").write_text(csv_text(records, results.CSV_FIELDS))
         summary += f" Wrote {output_dir / 'results.md'} and {output_dir / 'results.csv'}."
         if frontier_list:
             write_frontier(output_dir, frontier_list, frontier_markdown)

@@ -36,6 +36,7 @@ from PIL import Image
 from kr_vlm.benchmarks import training_step as bench
 from kr_vlm.data.datamodules import FewShotDataModule
 from kr_vlm.errors import command_boundary
+from kr_vlm.table_text import markdown_table
 
 
 def write_synthetic_coop_set(root: Path, images: int, classes: int, width: int, height: int) -> None:
@@ -162,14 +163,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
         f"{os.cpu_count()} CPUs, torch {torch.__version__}. One timed pass after a warm-up pass.\n"
         f"Model: {step_note}.\n"
     )
-    print("| workers | transform | images/s | model step images/s | input-bound? |")
-    print("|---:|---|---:|---:|---|")
+    cells = []
     for row in rows:
         model_column = f"{step_rate:.3g}" if step_rate else "n/a"
         bound = "n/a" if not step_rate else ("yes" if row["images_per_s"] < step_rate else "no")
-        print(
-            f"| {row['workers']} | {row['transform']} | {row['images_per_s']:.1f} | {model_column} | {bound} |"
-        )
+        cells.append([row["workers"], row["transform"], f"{row['images_per_s']:.1f}", model_column, bound])
+    header = ["workers", "transform", "images/s", "model step images/s", "input-bound?"]
+    print(markdown_table(header, cells, ["right", "left", "right", "right", "left"]))
     return {"rows": rows, "model_images_per_s": step_rate, "model": step_note, "jpeg_kb": jpeg_kb}
 
 

@@ -39,6 +39,7 @@ from omegaconf import open_dict
 from kr_vlm.adapters import KRAdapterLinear, adapted_layers
 from kr_vlm.cli import CONFIG_DIR, train
 from kr_vlm.errors import command_boundary
+from kr_vlm.table_text import markdown_table
 
 ROUNDINGS = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MEASURED_STEPS = (1, 2, 5, 10, 20, 50, 100, 200)
@@ -157,28 +158,28 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 torch.set_num_threads(threads)
 
     print("\nTest top-1 (%) of KRAdapter on the demo, clean digits / mean of the shifted domains:\n")
-    print("| precision | " + " | ".join(f"seed {seed}" for seed in args.seeds) + " | mean |")
-    print("|---|" + "---:|" * (len(args.seeds) + 1))
+    header = ["precision", *(f"seed {seed}" for seed in args.seeds), "mean"]
+    rows = []
     for precision, by_seed in results.items():
         cells = [f"{clean:.1f} / {shifted:.1f}" for clean, shifted in by_seed.values()]
         mean_clean = statistics.mean(clean for clean, _ in by_seed.values())
         mean_shifted = statistics.mean(shifted for _, shifted in by_seed.values())
-        print(f"| {precision} | " + " | ".join(cells) + f" | {mean_clean:.1f} / {mean_shifted:.1f} |")
+        rows.append([precision, *cells, f"{mean_clean:.1f} / {mean_shifted:.1f}"])
+    print(markdown_table(header, rows, ["left"] + ["right"] * (len(header) - 1)))
 
     print(
         f"\nShare of the update s ΔW that a forward with the fused weight rounded to bf16 / fp16 does not see, "
         f"over the {len(MEASURED_STEPS)} measured steps of the {args.precisions[0]} run, seed {args.seeds[0]} "
         f"(median and max over the KRAdapter layers):\n"
     )
-    print(
-        "| step | ‖s ΔW‖ / ‖W0‖ (median) | bf16 lost, median | bf16 lost, max | fp16 lost, median | fp16 lost, max |"
-    )
-    print("|---:|---:|---:|---:|---:|---:|")
-    for row in rounding:
-        print(
-            f"| {row['step']} | {row['relative_size']:.2e} | {row['bf16_median']:.3f} | {row['bf16_max']:.3f} "
-            f"| {row['fp16_median']:.3f} | {row['fp16_max']:.3f} |"
-        )
+    header = ["step", "‖s ΔW‖ / ‖W0‖ (median)", "bf16 lost, median", "bf16 lost, max"]
+    header += ["fp16 lost, median", "fp16 lost, max"]
+    rows = [
+        [row["step"], f"{row['relative_size']:.2e}", f"{row['bf16_median']:.3f}", f"{row['bf16_max']:.3f}"]
+        + [f"{row['fp16_median']:.3f}", f"{row['fp16_max']:.3f}"]
+        for row in rounding
+    ]
+    print(markdown_table(header, rows, "right"))
     return {"accuracies": results, "rounding": rounding}
 
 

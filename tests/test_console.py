@@ -44,7 +44,7 @@ def test_a_table_is_markdown_outside_a_terminal():
         "Parameters (kradapter)",
         "",
         "| tower | trainable |",
-        "| --- | ---: |",
+        "|---|---:|",
         "| vision | 1,000 |",
         "| text\\|x | 2,000 |",
         "| total | 3,000 |",
@@ -59,7 +59,7 @@ def test_tables_and_long_lines_in_a_pipe_are_never_wrapped(capsys):
     print_table(table)  # pytest's captured stdout is not a terminal
     stdout_console().print(f"  metrics.json: {path}")
     lines = capsys.readouterr().out.splitlines()
-    assert lines == ["Datasets", "", "| note |", "| --- |", f"| {path} |", f"  metrics.json: {path}"]
+    assert lines == ["Datasets", "", "| note |", "|---|", f"| {path} |", f"  metrics.json: {path}"]
 
 
 def test_a_terminal_gets_the_rich_table():

@@ -27,6 +27,7 @@ from kr_vlm.dashboard import (
     label_runs,
     main,
 )
+from kr_vlm.dashboard_figures import rank_over_steps_figure
 from kr_vlm.errors import MissingFileError
 from metrics_files import write_run
 
@@ -271,3 +272,16 @@ def browser_flags(profile: Path) -> list[str]:
         "--enable-logging=stderr",
         "--v=0",
     ]
+
+
+def test_rank_curves_of_methods_with_caps_of_2_and_32_are_both_readable_on_one_plot(sweep):
+    """On a linear axis up to KRAdapter's cap (32), LoRA's rank (at most 2) is a flat line on the floor;
+    on the rank axis (log above 1) it sits well above it."""
+    runs = find_runs([sweep])
+    panels = [axes for axes in rank_over_steps_figure(runs).axes if axes.lines]
+    assert len(panels) == 12
+    for axes in panels:
+        lora = next(line for line in axes.lines if line.get_label() == "lora")
+        step, rank = lora.get_xydata()[-1]
+        height = axes.transAxes.inverted().transform(axes.transData.transform((step, rank)))[1]
+        assert 1 <= rank <= 2 and height > 0.25, (axes.get_title(), rank, height)

@@ -1,5 +1,5 @@
-"""Published zero-shot rows beside ours (`kr_vlm.published`, `aggregate_results.py --reference`) and the
-22-dataset table of the KRAdapter / RandLoRA papers (`kr_vlm.atlas_results`)."""
+"""Published zero-shot rows beside ours (`kr_vlm.results.published`, `aggregate_results.py --reference`) and the
+22-dataset table of the KRAdapter / RandLoRA papers (`kr_vlm.results.atlas`)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from compose_helpers import compose_config, run_state_restored
-from kr_vlm import cli, published, results
+from kr_vlm import cli, results
 from kr_vlm.atlas_names import ATLAS22, ATLAS_NAMES
-from kr_vlm.atlas_results import atlas22_dataset_table, atlas22_summary_table
+from kr_vlm.results import published
+from kr_vlm.results.atlas import atlas22_dataset_table, atlas22_summary_table
 from metrics_files import write_run, write_zero_shot_eval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,7 +43,7 @@ def test_the_shipped_tables_hold_what_their_sources_say():
     assert atlas["ViT-B-32"].top1["stanford_cars_atlas"] == pytest.approx(59.73137669444099)
     assert set(atlas["ViT-B-32"].top1) == set(ATLAS22) and atlas["ViT-B-32"].pretrained == "openai"
     about = json.loads(
-        (REPO / "src/kr_vlm/published_tables/openclip_classification_results.about.json").read_text()
+        (REPO / "src/kr_vlm/results/published_tables/openclip_classification_results.about.json").read_text()
     )
     assert about["repository_commit"] and about["source"].startswith(
         "https://github.com/mlfoundations/open_clip"

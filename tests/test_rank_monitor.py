@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import re
 import threading
+import time
+import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -17,10 +21,11 @@ from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from kr_vlm import rank_report
 from kr_vlm.adapters import AdapterConfig, adapted_layers, inject_adapters, kradapter_shapes
 from kr_vlm.adapters.inject import count_parameters
 from kr_vlm.adapters.labels import layer_labels
-from kr_vlm.callbacks import rank_monitor
+from kr_vlm.callbacks import rank_evaluation, rank_history, rank_monitor
 from kr_vlm.callbacks.parameter_summary import (
     ParameterSummary,
     count_parameters_by_group,
@@ -515,7 +520,7 @@ def test_a_fit_with_non_finite_updates_logs_the_finite_ones(tmp_path):
 def test_background_evaluation_measures_the_snapshot_while_training_goes_on(tmp_path, monkeypatch):
     """The background thread is held back until step 5: the record of step 3 must still be step 3's factors."""
     gate = threading.Event()
-    monkeypatch.setattr(rank_monitor, "_lower_this_threads_priority", lambda: gate.wait(60))
+    monkeypatch.setattr(rank_evaluation, "_lower_this_threads_priority", lambda: gate.wait(60))
     monitor = EffectiveRankMonitor(every_n_steps=3, on_train_start=False)
     seen = {}
 
@@ -559,7 +564,7 @@ def test_background_and_training_thread_evaluations_agree(tmp_path):
 def test_checkpoints_taken_while_an_evaluation_runs_lose_no_step(tmp_path, monkeypatch):
     """Step 2's evaluation is still running at the step-2 and step-3 checkpoints (the thread is held back)."""
     gate = threading.Event()
-    monkeypatch.setattr(rank_monitor, "_lower_this_threads_priority", lambda: gate.wait(60))
+    monkeypatch.setattr(rank_evaluation, "_lower_this_threads_priority", lambda: gate.wait(60))
     checkpoints = ModelCheckpoint(
         dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}"
     )
@@ -603,7 +608,7 @@ def test_thread_counts_set_in_a_background_thread_stay_in_that_thread():
     counts = {}
 
     def work():
-        with rank_monitor._intra_op_threads(before + 1):
+        with rank_evaluation._intra_op_threads(before + 1):
             counts["worker"] = torch.get_num_threads()
             inside.set()
             release.wait(30)
@@ -615,3 +620,136 @@ def test_thread_counts_set_in_a_background_thread_stay_in_that_thread():
     release.set()
     thread.join()
     assert counts == {"worker": before + 1, "main": before}
+
+
+# ------------------------------------------------------------------------------- watching a run as it trains
+def test_the_report_is_rewritten_while_the_run_trains_and_says_when_it_finished(tmp_path, monkeypatch):
+    """With the defaults (background decompositions, live report), the page exists after the first
+    evaluations and before the end, says the step and that training goes on; at the end it says finished.
+    The live pages are rendered in the monitor's background thread, the final one at train end."""
+    seen = {}
+    renders = []
+    write_report = rank_history.ReportFiles.write_report
+
+    def recorded(files, history, spectra, finished):
+        renders.append((finished, threading.current_thread().name))
+        return write_report(files, history, spectra, finished)
+
+    monkeypatch.setattr(rank_history.ReportFiles, "write_report", recorded)
+
+    def look(module, step):
+        if step != 7:
+            return
+        report = tmp_path / "rank_report.html"
+        deadline = time.monotonic() + 120  # the background thread renders it; training waits here
+        while time.monotonic() < deadline and "still running" not in seen.get("page", ""):
+            seen["page"] = report.read_text(encoding="utf-8") if report.exists() else ""
+            time.sleep(0.05)
+        seen["history"] = json.loads((tmp_path / "rank_history.json").read_text())
+
+    monitor = EffectiveRankMonitor(every_n_steps=2)
+    fit(TinyModule("kradapter"), tmp_path, [monitor, CallAt(look)], max_steps=8)
+    shown = re.search(r"this page shows step (\d+)", seen["page"])
+    assert shown and int(shown.group(1)) in (0, 2, 4, 6)
+    assert "Training is still running" in seen["page"] and seen["page"].count("data:image/png;base64,") == 3
+    assert 0 < len(seen["history"]["steps"]) < 5 and seen["history"]["final_step"] < 8
+    final = (tmp_path / "rank_report.html").read_text(encoding="utf-8")
+    assert "Training finished at step 8." in final and "still running" not in final
+    assert not list(tmp_path.glob(".*.tmp"))  # every file replaced atomically, no temporary left
+    training_thread = threading.current_thread().name
+    assert renders[-1] == (True, training_thread)
+    assert renders[:-1] and all(
+        not finished and thread.startswith("kr_vlm-rank-monitor") for finished, thread in renders[:-1]
+    )
+
+
+def test_the_live_report_can_be_turned_off(tmp_path):
+    pages = []
+    monitor = EffectiveRankMonitor(every_n_steps=2, live_report=False)
+    fit(
+        TinyModule("kradapter"),
+        tmp_path,
+        [monitor, CallAt(lambda module, step: pages.append((tmp_path / "rank_report.html").exists()))],
+        max_steps=4,
+    )
+    assert not any(pages) and (tmp_path / "rank_report.html").exists()
+
+
+def test_tensorboard_gets_a_layout_of_the_rank_charts_by_tower_and_layer_type(monitored_run):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    (event_file,) = Path(monitored_run[4]).glob("events.out.tfevents.*")
+    layouts = [
+        layout_pb2.Layout.FromString(value.tensor.string_val[0])
+        for event in EventFileLoader(str(event_file)).Load()
+        for value in event.summary.value
+        if value.metadata.plugin_data.plugin_name == "custom_scalars"
+    ]
+    assert len(layouts) == 1
+    categories = {category.title: category.chart for category in layouts[0].category}
+    groups = [f"{tower}/{kind}" for tower in ("vision", "text") for kind in ("q", "k", "v", "o", "fc1", "fc2")]
+    assert list(categories) == [f"rank {group}" for group in [*groups, "all"]]
+    charts = {chart.title: list(chart.multiline.tag) for chart in categories["rank text/fc1"]}
+    per_layer = charts.pop("effective rank of each layer")  # the monitor's default: log_per_layer=True
+    assert charts == {
+        "effective rank and rank cap": ["effective_rank/text/fc1", "rank_cap/text/fc1"],
+        "stable rank": ["stable_rank/text/fc1"],
+        "‖ΔW‖_F / ‖W0‖_F": ["relative_update/text/fc1"],
+    }
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = set(EventAccumulator(monitored_run[4]).Reload().Tags()["scalars"])
+    fc1_layers = {tag for tag in logged if re.fullmatch(r"effective_rank_per_layer/model\.transformer\..*c_fc", tag)}
+    assert {tag for tag in logged if any(re.fullmatch(regex, tag) for regex in per_layer)} == fc1_layers
+    assert len(fc1_layers) == BLOCKS
+    # Every tag (a regular expression) of the layout is one the monitor logs.
+    regexes = {tag for chart in categories.values() for entry in chart for tag in entry.multiline.tag}
+    assert all(any(re.fullmatch(regex, tag) for tag in logged) for regex in regexes)
+    method, _, _, history, _ = monitored_run
+    cap = [event.value for event in EventAccumulator(monitored_run[4]).Reload().Scalars("rank_cap/text/q")]
+    assert cap == [2 if method == "lora" else TEXT_WIDTH] * len(history["steps"])
+
+
+@pytest.mark.parametrize("failure", ["not a folder", "full disk"])
+def test_a_report_that_cannot_be_written_is_one_warning_per_file_and_the_run_completes(
+    tmp_path, monkeypatch, failure
+):
+    if failure == "not a folder":
+        (tmp_path / "a_file").write_text("")
+        output_dir = tmp_path / "a_file" / "run"  # mkdir fails: Not a directory (root ignores read-only modes)
+    else:
+        output_dir = tmp_path / "run"
+
+        def full_disk(path, _):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+        monkeypatch.setattr(rank_history, "write_text_atomic", full_disk)
+        monkeypatch.setattr(rank_history, "write_bytes_atomic", full_disk)
+        monkeypatch.setattr(rank_report, "write_text_atomic", full_disk)
+    monitor = EffectiveRankMonitor(every_n_steps=2, output_dir=output_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(TinyModule("kradapter"), tmp_path, [monitor], max_steps=5)
+    assert trainer.global_step == 5 and [record["step"] for record in monitor.records] == [0, 2, 4, 5]
+    messages = [str(warning.message) for warning in caught if "could not write" in str(warning.message)]
+    written = sorted(message.split(" could not write ")[1].split(":")[0] for message in messages)
+    names = ("rank_history.json", "rank_history.png", "rank_report.html", "rank_spectra.png")
+    assert written == sorted(str(output_dir / name) for name in names)  # one warning a file
+
+
+def test_a_run_that_fails_leaves_a_report_that_says_it_stopped(tmp_path):
+    report = tmp_path / "rank_report.html"
+
+    def fail(module, step):
+        if step == 5:
+            deadline = time.monotonic() + 120  # a live page is rendered (training waits here), then it fails
+            while time.monotonic() < deadline and not report.exists():
+                time.sleep(0.05)
+            raise RuntimeError("a bug at step 5")
+
+    with pytest.raises(RuntimeError, match="a bug at step 5"):
+        fit(TinyModule("kradapter"), tmp_path, [EffectiveRankMonitor(every_n_steps=2), CallAt(fail)], max_steps=8)
+    page = report.read_text(encoding="utf-8")
+    assert "Training stopped at step 5 before it finished" in page and "still running" not in page
+    assert page.count("data:image/png;base64,") == 3

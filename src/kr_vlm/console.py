@@ -14,6 +14,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from kr_vlm import table_text
+
 # Loggers whose INFO records the console shows; everyone's warnings and errors are shown too.
 CONSOLE_LOGGERS = ("kr_vlm", "hydra", "__main__")
 
@@ -60,16 +62,16 @@ def _plain(cell: object) -> str:
 def markdown_table(table: Table) -> str:
     """``table`` as a Markdown table (title above it, footers as a last row), markup removed."""
     columns = table.columns
-    rows = [[_plain(column.header) for column in columns]]
-    rows.append(["---:" if column.justify == "right" else "---" for column in columns])
     cells = [[_plain(cell) for cell in column.cells] for column in columns]
-    rows.extend(list(row) for row in zip(*cells, strict=True))
+    rows = [list(row) for row in zip(*cells, strict=True)]
     if table.show_footer:
         rows.append([_plain(column.footer) for column in columns])
-    lines = ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
-    if table.title:
-        lines = [_plain(table.title), "", *lines]
-    return "\n".join(lines)
+    text = table_text.markdown_table(
+        [_plain(column.header) for column in columns],
+        rows,
+        ["right" if column.justify == "right" else "left" for column in columns],
+    )
+    return f"{_plain(table.title)}\n\n{text}" if table.title else text
 
 
 def print_table(table: Table, console: Console | None = None) -> None:

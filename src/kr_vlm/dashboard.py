@@ -20,27 +20,31 @@ This module reads the runs' files only; it imports neither torch nor the trainin
 from __future__ import annotations
 
 import argparse
-import csv
 import html
 import json
-import math
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from kr_vlm import results
+from kr_vlm.dashboard_figures import (
+    accuracy_figure,
+    all_groups,
+    heat_maps_figure,
+    rank_over_steps_figure,
+    relative_update_figure,
+    spectra_figure,
+)
 from kr_vlm.errors import CorruptFileError, MissingFileError, command_boundary
 from kr_vlm.files import new_output_folder, write_text_atomic
+from kr_vlm.metric_names import METRICS_FILE
 from kr_vlm.rank_report import (
     DELTA_NORM_HTML,
     EFFECTIVE_RANK_EXPLANATION,
+    HISTORY_FILE,
     RELATIVE_UPDATE_HTML,
-    RELATIVE_UPDATE_LABEL,
-    SIGMA_RATIO_LABEL,
     cap_text,
     fmt,
     html_page,
@@ -49,31 +53,23 @@ from kr_vlm.rank_report import (
     layer_group,
     layers_by_group,
     mean,
-    method_styles,
     normalised_mean_spectrum,
-    panel_grid,
     png,
     rank_cap,
     relative_update,
 )
-from kr_vlm.results import RECIPE_KEYS, config_settings
 from kr_vlm.results import Run as ResultsRun
+from kr_vlm.results import labels
+from kr_vlm.table_text import csv_text
 
-HISTORY_FILE = "rank_history.json"
-METRICS_FILE = "metrics.json"
 PAGE_FILE = "rank_dashboard.html"
 RUNS_CSV = "rank_dashboard_runs.csv"
 LAYERS_CSV = "rank_dashboard_layers.csv"
 SPECTRA_CSV = "rank_dashboard_spectra.csv"
 
-# A method's options (and targets) are compared among the runs of that method only: LoRA's r is not a
-# difference between a LoRA run and a KRAdapter run.
-METHOD_OPTIONS_PREFIX = "model.adapter."
 # What each test set's role (kr_vlm.results) makes it in the accuracy plot.
 CLEAN_ROLES = ("source", "base")
 OTHER_ROLES = ("shift", "cross", "new")
-# The settings a label names first, and how.
-_LABEL_ORDER = ("method", "dataset", "shots", "seed")
 
 
 @dataclass
@@ -185,70 +181,13 @@ def _natural_key(path: Path) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
 
 
-def run_settings(run: RankRun) -> dict[str, Any]:
-    """What a run trained: its method, dataset, shots and seed, and its recipe (``kr_vlm.results``'s
-    ``RECIPE_KEYS``: model and adapter config, optimizer, sampler, ...) as dotted keys."""
-    settings: dict[str, Any] = {"method": run.method}
-    if run.metrics:
-        settings.update(
-            {key: run.metrics[key] for key in _LABEL_ORDER[1:] if run.metrics.get(key) is not None}
-        )
-        recipe = config_settings(run.metrics.get("config") or {}, RECIPE_KEYS)
-        settings.update({key: value for key, value in recipe.items() if key != "model.adapter.method"})
-    return settings
-
-
-def differing_settings(runs: Sequence[RankRun]) -> list[str]:
-    """The settings in which some runs differ, ``_LABEL_ORDER`` first. A method's options count among the
-    runs of that method only; a setting some runs lack (not tested, no config) is no difference."""
-    keys = list(dict.fromkeys(key for run in runs for key in run.settings))
-
-    def differs(key: str, among: Sequence[RankRun]) -> bool:
-        values = {json.dumps(run.settings[key], default=str) for run in among if key in run.settings}
-        return len(values) > 1
-
-    by_method: dict[str, list[RankRun]] = {}
-    for run in runs:
-        by_method.setdefault(run.method, []).append(run)
-    differing = [
-        key
-        for key in keys
-        if (
-            any(differs(key, group) for group in by_method.values())
-            if key.startswith(METHOD_OPTIONS_PREFIX)
-            else differs(key, runs)
-        )
-    ]
-    return [key for key in _LABEL_ORDER if key in differing] + [
-        key for key in differing if key not in _LABEL_ORDER
-    ]
-
-
-def _short_names(keys: Sequence[str]) -> dict[str, str]:
-    """The shortest dotted suffix of each key that no other key ends in (``model.optimizer.lr`` -> ``lr``)."""
-    names = {}
-    for key in keys:
-        parts = key.split(".")
-        for length in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-length:])
-            if not any(other != key and (other == suffix or other.endswith("." + suffix)) for other in keys):
-                break
-        names[key] = suffix
-    return names
-
-
 def label_runs(runs: Sequence[RankRun]) -> None:
-    """Set each run's ``settings`` and a ``label`` made of the settings in which the runs differ (the
-    method alone when they differ in nothing; the folder name is added where labels would repeat)."""
+    """Set each run's ``settings`` and a ``label`` made of the settings in which the runs differ
+    (``kr_vlm.results.labels.run_labels``); the folder name is added where labels would repeat."""
     for run in runs:
-        run.settings = run_settings(run)
-    differing = differing_settings(runs)
-    names = _short_names(differing)
-    for run in runs:
-        parts = [_label_part(names[key], run.settings[key]) for key in differing if key in run.settings]
-        run.label = ", ".join(parts) if parts else run.method
-        if "method" not in differing and parts:
-            run.label = f"{run.method}, {run.label}"
+        run.settings = labels.run_settings(run.method, run.metrics)
+    for run, label in zip(runs, labels.run_labels([run.settings for run in runs]), strict=True):
+        run.label = label
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.label] = counts.get(run.label, 0) + 1
@@ -257,182 +196,10 @@ def label_runs(runs: Sequence[RankRun]) -> None:
             run.label = f"{run.label} ({run.folder.name})"
 
 
-def _label_part(name: str, value: Any) -> str:
-    if name == "method":
-        return str(value)
-    if name == "shots":
-        return f"{value} shots"
-    if name == "seed":
-        return f"seed {value}"
-    if name == "dataset":
-        return str(value)
-    if isinstance(value, str) and value.startswith("["):  # a list, as _flatten keeps it
-        value = ", ".join(map(str, json.loads(value))).join("[]")
-    return f"{name}={value}"
-
-
-# ------------------------------------------------------------------------------------------- figures
-def _run_styles(runs: Sequence[RankRun]) -> list[dict[str, Any]]:
-    """A colour per method, and a line style and marker per run within its method."""
-    return method_styles([run.method for run in runs])
-
-
-def all_groups(runs: Sequence[RankRun]) -> list[str]:
-    """Every group of any run, in the order they come in the runs' models."""
-    return list(dict.fromkeys(group for run in runs for group in run.groups()))
-
-
-def _per_group_figure(runs: Sequence[RankRun], title: str, ylabel: str, draw) -> Any:
-    """One plot a group, one line a run (``draw(axes, run, names, style)`` draws it)."""
-    groups = all_groups(runs)
-    figure, panels = panel_grid(len(groups), title)
-    styles = _run_styles(runs)
-    for axes, group in zip(panels, groups, strict=True):
-        for run, style in zip(runs, styles, strict=True):
-            names = run.groups().get(group)
-            if names:
-                draw(axes, run, names, style)
-        if not axes.lines:
-            axes.text(0.5, 0.5, "not recorded", transform=axes.transAxes, ha="center", color="0.5")
-        axes.set_title(group, fontsize="medium")
-        axes.set_ylabel(ylabel, fontsize="small")
-    handles, labels = panels[0].get_legend_handles_labels() if panels else ([], [])
-    if handles:
-        figure.legend(handles, labels, loc="lower center", ncols=min(4, len(labels)), fontsize="small")
-    return figure
-
-
-def rank_over_steps_figure(runs: Sequence[RankRun]) -> Any:
-    def draw(axes, run, names, style):
-        series = run.group_series(names, lambda info: info["effective_rank"])
-        axes.plot(run.history["steps"], _nan(series), label=run.label, markersize=3, **style)
-        cap = max(rank_cap(run.layers[name]) for name in names)
-        axes.axhline(cap, color=style["color"], linestyle=(0, (2, 3)), linewidth=1, alpha=0.7)
-        axes.set_xlabel("step", fontsize="small")
-
-    return _per_group_figure(
-        runs,
-        "Effective rank over steps (mean over the group's layers; dotted: each run's rank cap)",
-        "effective rank",
-        draw,
-    )
-
-
-def relative_update_figure(runs: Sequence[RankRun]) -> Any:
-    def draw(axes, run, names, style):
-        series = run.group_series(names, relative_update)
-        axes.plot(run.history["steps"], _nan(series), label=run.label, markersize=3, **style)
-        axes.set_xlabel("step", fontsize="small")
-
-    return _per_group_figure(
-        runs,
-        f"Relative update size {RELATIVE_UPDATE_LABEL} (mean over the group's layers)",
-        "relative size",
-        draw,
-    )
-
-
-def spectra_figure(runs: Sequence[RankRun]) -> Any:
-    def draw(axes, run, names, style):
-        spectrum = run.final_spectrum(names)
-        if spectrum is not None:
-            style = {**style, "marker": style["marker"] if len(spectrum) <= 8 else None}
-            axes.plot(range(1, len(spectrum) + 1), spectrum, label=run.label, markersize=4, **style)
-        axes.set_yscale("log")
-        axes.set_xlabel("index $i$ (up to the rank cap)", fontsize="small")
-
-    return _per_group_figure(
-        runs,
-        f"Final singular values {SIGMA_RATIO_LABEL} (mean over the group's layers)",
-        SIGMA_RATIO_LABEL,
-        draw,
-    )
-
-
-def heat_maps_figure(runs: Sequence[RankRun]) -> Any:
-    """For each run, every layer's effective rank (rows, grouped) over the evaluations (columns), on one
-    colour scale for all runs."""
-    top = max((rank_cap(info) for run in runs for info in run.layers.values()), default=1)
-    figure, panels = panel_grid(
-        len(runs), "Effective rank of every layer over the steps (one colour scale)", columns=2
-    )
-    image = None
-    for axes, run in zip(panels, runs, strict=True):
-        groups = run.groups()
-        order = [name for names in groups.values() for name in names]
-        matrix = np.array([_nan(run.layers[name]["effective_rank"]) for name in order], dtype=float)
-        steps = run.history["steps"]
-        image = axes.imshow(
-            matrix,
-            aspect="auto",
-            interpolation="nearest",
-            cmap="viridis",
-            vmin=0,
-            vmax=top,
-            extent=(-0.5, len(steps) - 0.5, len(order) - 0.5, -0.5),
-        )
-        starts = np.cumsum([0] + [len(names) for names in groups.values()])
-        for start in starts[1:-1]:
-            axes.axhline(start - 0.5, color="white", linewidth=0.8)
-        axes.set_yticks([(begin + end - 1) / 2 for begin, end in zip(starts[:-1], starts[1:], strict=True)])
-        axes.set_yticklabels(list(groups), fontsize="x-small")
-        ticks = sorted({0, len(steps) - 1, (len(steps) - 1) // 2})
-        axes.set_xticks(ticks)
-        axes.set_xticklabels([str(steps[tick]) for tick in ticks], fontsize="x-small")
-        axes.set_xlabel("step", fontsize="small")
-        axes.set_title(run.label, fontsize="medium")
-    if image is not None:
-        figure.colorbar(image, ax=panels, shrink=0.8, label="effective rank")
-    return figure
-
-
-def accuracy_figure(runs: Sequence[RankRun]) -> Any | None:
-    """Top-1 against the final effective rank (mean over all layers), clean and shifted; None when no run
-    was tested."""
-    points = [
-        (run, style, run.final("effective_rank"), run.accuracy())
-        for run, style in zip(runs, _run_styles(runs), strict=True)
-    ]
-    points = [
-        point for point in points if point[2] is not None and any(value is not None for value in point[3])
-    ]
-    if not points:
-        return None
-    figure, panels = panel_grid(
-        2, "Test accuracy against effective rank (mean over all layers, final step)", columns=2
-    )
-    for which, (axes, title) in enumerate(
-        zip(panels, ("clean: the training dataset", "shifted: other domains, classes, datasets"), strict=True)
-    ):
-        for run, style, rank, accuracy in points:
-            if accuracy[which] is not None:
-                axes.plot(
-                    [rank],
-                    [accuracy[which]],
-                    linestyle="none",
-                    marker=style["marker"],
-                    color=style["color"],
-                    markersize=7,
-                    label=run.label,
-                )
-        axes.margins(0.2)
-        axes.set_title(title, fontsize="medium")
-        axes.set_xlabel("effective rank", fontsize="small")
-        axes.set_ylabel("top-1 %", fontsize="small")
-    handles, labels = panels[0].get_legend_handles_labels()
-    if handles:
-        figure.legend(handles, labels, loc="lower center", ncols=min(4, len(labels)), fontsize="small")
-    return figure
-
-
-def _nan(values: Iterable[float | None]) -> list[float]:
-    return [math.nan if value is None else value for value in values]
-
-
 # ----------------------------------------------------------------------------------------------- CSV
 def run_rows(runs: Sequence[RankRun]) -> list[dict[str, Any]]:
     """One row a run: its label, folder, the settings the runs differ in, caps, final ranks and accuracy."""
-    differing = differing_settings(runs)
+    differing = labels.differing_run_settings([run.settings for run in runs])
     rows = []
     for run in runs:
         clean, shifted = run.accuracy()
@@ -489,17 +256,6 @@ def spectrum_rows(runs: Sequence[RankRun]) -> list[dict[str, Any]]:
             for index, value in enumerate(run.final_spectrum(names) or [], start=1):
                 rows.append({"label": run.label, "group": group, "index": index, "sigma_ratio": value})
     return rows
-
-
-def csv_text(rows: Sequence[Mapping[str, Any]]) -> str:
-    import io
-
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
-    return buffer.getvalue()
 
 
 # ---------------------------------------------------------------------------------------------- page

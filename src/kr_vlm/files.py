@@ -75,10 +75,15 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         raise
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through `write_file_atomic`, creating the folders it needs (a failed
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through `write_file_atomic`, creating the folders it needs (a failed
     write raises `FileWriteError` naming ``path``)."""
-    write_file_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
+    write_file_atomic(path, lambda handle: handle.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through `write_bytes_atomic`."""
+    write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def _os_error_behind(error: BaseException) -> OSError | None:

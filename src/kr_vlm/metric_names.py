@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+#: The file in a run folder that holds what the run measured and how it was configured.
+METRICS_FILE = "metrics.json"
+
 TOP1 = "top1"
 TOP5 = "top5"
 LOSS = "loss"

@@ -14,6 +14,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from kr_vlm.files import write_text_atomic
+
+#: What the rank monitor writes into a run folder (the dashboard reads the history).
+HISTORY_FILE = "rank_history.json"
+REPORT_FILE = "rank_report.html"
 
 # Log-scale plots need a floor: relative singular values below float32 round-off are noise anyway.
 RELATIVE_FLOOR = 1e-8
@@ -159,6 +164,17 @@ def panel_grid(count: int, title: str, columns: int = 3) -> tuple[Figure, list[A
     return figure, grid[:count]
 
 
+def rank_axis(axes: Any) -> None:
+    """A y axis for effective ranks of several methods at once: linear from 0 to 1, logarithmic above (a
+    symmetric log scale), so that LoRA's rank 2 and KRAdapter's rank 100 are both read off one plot and a
+    zero update (rank 0, at the start of training) stays on it. Ticks are plain numbers."""
+    from matplotlib.ticker import FuncFormatter
+
+    axes.set_yscale("symlog", linthresh=1, linscale=0.5)
+    axes.set_ylim(bottom=0)
+    axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+
+
 def png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
@@ -197,8 +213,9 @@ def history_figure(history: dict[str, Any]) -> Figure:
     for group in groups:
         series = history["groups"][group]["effective_rank"]
         axes.plot(steps, series, marker=marker, markersize=3, label=group, **styles[group])
+    rank_axis(axes)
     axes.set_xlabel("step")
-    axes.set_ylabel("effective rank, mean over the group's layers")
+    axes.set_ylabel("effective rank (log above 1), mean of the group")
     axes.set_title("Effective rank of the weight updates during training")
     if groups:
         axes.legend(fontsize="small", ncols=2)
@@ -272,8 +289,12 @@ def _last(values: list[float | None]) -> float | None:
     return values[-1] if values else None
 
 
-def write_html_report(path: Path, history: dict[str, Any], spectra_png: bytes, history_png: bytes) -> None:
-    """Write one run's report: tables and base64 images, opens anywhere, needs no other file or network."""
+def write_html_report(
+    path: Path, history: dict[str, Any], spectra_png: bytes, history_png: bytes, finished: bool = True
+) -> str:
+    """Write one run's report: tables and base64 images, opens anywhere, needs no other file or network.
+    ``finished=False``: the page says that training is still running (it is rewritten as the run goes).
+    Returns the page."""
     layers = history["layers"]
     group_rows = []
     for group, names in layers_by_group(layers).items():
@@ -335,7 +356,14 @@ def write_html_report(path: Path, history: dict[str, Any], spectra_png: bytes, h
         + [RELATIVE_UPDATE_HTML],
         layer_rows,
     )
+    status = (
+        f"Training finished at step {history['final_step']}."
+        if finished
+        else f"Training is still running: this page shows step {history['final_step']} and is rewritten at "
+        "every rank evaluation (reload it to follow the run)."
+    )
     body = f"""<h1>Effective rank of the weight updates</h1>
+<p class="status"><b>{status}</b></p>
 <p>Step {history["final_step"]}, {len(history["steps"])} evaluations, {len(layers)} adapted layers;
 the latest evaluation took {seconds:.2f} s.</p>
 <h2>What effective rank means</h2>
@@ -356,7 +384,18 @@ the latest evaluation took {seconds:.2f} s.</p>
 <details><summary>{len(layer_rows)} layers</summary>
 {layer_table}
 </details>"""
-    write_text_atomic(path, html_page("kr_vlm rank report", body))
+    page = html_page("kr_vlm rank report", body)
+    write_text_atomic(path, page)
+    return page
+
+
+def stopped_page(page: str, step: int | None) -> str:
+    """A live report's ``page`` saying that training stopped at ``step`` before it finished."""
+    status = (
+        f"Training stopped at step {step} before it finished (an error, or the run was interrupted); this "
+        "page shows its last rank evaluation."
+    )
+    return re.sub(r'<p class="status">.*?</p>', f'<p class="status"><b>{status}</b></p>', page, count=1)
 
 
 def _percent_of_cap(info: dict[str, Any]) -> float | None:

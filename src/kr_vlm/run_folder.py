@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from kr_vlm.errors import KrVlmError, command_boundary
+from kr_vlm.metric_names import METRICS_FILE
 
 LOCK_FILE = ".kr_vlm.lock"
 #: What a run that stopped before it finished leaves in its folder (with no metrics.json): its status
@@ -53,7 +54,7 @@ def launched_as_rank_zero() -> bool:
 
 def finished_parts(folder: Path) -> list[str]:
     """What makes ``folder`` a run folder already: ``metrics.json`` and the checkpoints, relative to it."""
-    parts = ["metrics.json"] if (folder / "metrics.json").is_file() else []
+    parts = [METRICS_FILE] if (folder / METRICS_FILE).is_file() else []
     parts += sorted(str(path.relative_to(folder)) for path in folder.glob("checkpoints/*.ckpt"))
     return parts
 

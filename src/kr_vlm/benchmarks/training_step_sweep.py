@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kr_vlm import table_text
 from kr_vlm.benchmarks.training_step import (
     CLIP,
     COMPILED_SUFFIX,
@@ -205,18 +206,18 @@ def summarize(measurements: Sequence[Measurement], on_cpu: bool) -> list[dict]:
 def markdown_table(rows: Sequence[dict]) -> str:
     """The rows of one sweep point as a Markdown table (CPU time columns when measured)."""
     cpu = "cpu_time_ms" in rows[0]
-    header = "| method | trainable params | step time (ms) |" + (" CPU time (ms) |" if cpu else "")
-    header += " peak memory (MB) | time / floor |" + (" CPU time / floor |" if cpu else "")
-    header += " time / LoRA | memory / LoRA |"
-    lines = [header, "|---|" + "---:|" * (header.count("|") - 2)]
+    header = ["method", "trainable params", "step time (ms)", *(["CPU time (ms)"] if cpu else [])]
+    header += ["peak memory (MB)", "time / floor", *(["CPU time / floor"] if cpu else [])]
+    header += ["time / LoRA", "memory / LoRA"]
+    cells = []
     for row in rows:
-        cells = [row["method"], f"{row['trainable_params']:,}", f"{row['step_time_ms']:.1f}"]
-        cells += [f"{row['cpu_time_ms']:.1f}"] if cpu else []
-        cells += [f"{row['peak_memory_mb']:.1f}", f"{row['time_vs_floor']:.2f}"]
-        cells += [f"{row['cpu_vs_floor']:.2f}"] if cpu else []
-        cells += [f"{row['time_vs_lora']:.2f}", f"{row['memory_vs_lora']:.2f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        line = [row["method"], f"{row['trainable_params']:,}", f"{row['step_time_ms']:.1f}"]
+        line += [f"{row['cpu_time_ms']:.1f}"] if cpu else []
+        line += [f"{row['peak_memory_mb']:.1f}", f"{row['time_vs_floor']:.2f}"]
+        line += [f"{row['cpu_vs_floor']:.2f}"] if cpu else []
+        line += [f"{row['time_vs_lora']:.2f}", f"{row['memory_vs_lora']:.2f}"]
+        cells.append(line)
+    return table_text.markdown_table(header, cells, ["left"] + ["right"] * (len(header) - 1))
 
 
 def kradapter_verdict(rows: Sequence[dict]) -> str | None:
@@ -253,20 +254,18 @@ def compiled_vs_eager(rows: Sequence[dict]) -> str | None:
 def sweep_summary(points: Sequence[dict]) -> str:
     """KRAdapter x floor and x LoRA at every sweep point, as one Markdown table (``points``: dicts with
     ``precision``, ``batch_size`` and ``rows``)."""
-    lines = [
-        "| precision | batch | KRAdapter step (ms) | x floor | CPU x floor | x LoRA | memory x LoRA |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    header = ["precision", "batch", "KRAdapter step (ms)", "x floor", "CPU x floor", "x LoRA", "memory x LoRA"]
+    rows = []
     for point in points:
         kr = next((row for row in point["rows"] if row["method"] == "kradapter"), None)
         if kr is None:
             continue
         cpu = f"{kr['cpu_vs_floor']:.2f}" if "cpu_vs_floor" in kr else "-"
-        lines.append(
-            f"| {point['precision']} | {point['batch_size']} | {kr['step_time_ms']:.1f} | "
-            f"{kr['time_vs_floor']:.2f} | {cpu} | {kr['time_vs_lora']:.2f} | {kr['memory_vs_lora']:.2f} |"
+        rows.append(
+            [point["precision"], point["batch_size"], f"{kr['step_time_ms']:.1f}", f"{kr['time_vs_floor']:.2f}"]
+            + [cpu, f"{kr['time_vs_lora']:.2f}", f"{kr['memory_vs_lora']:.2f}"]
         )
-    return "\n".join(lines)
+    return table_text.markdown_table(header, rows, ["left"] + ["right"] * (len(header) - 1))
 
 
 def sweep_verdict(points: Sequence[dict]) -> str | None:

@@ -4,29 +4,20 @@ The Khatri-Rao updates of KRAdapter are meant to use (nearly) all directions of 
 ``r``. ``EffectiveRankMonitor`` makes that visible: it measures every adapter update at train start, every
 ``every_n_steps`` optimizer steps and at train end, logs effective rank, stable rank and Frobenius norm per
 layer and per group (tower × layer type, from the labels stored with the adapter config) to the trainer's
-loggers, keeps ``rank_history.json`` current in the run folder, and at train end draws two plots and a
-self-contained ``rank_report.html``.
+loggers (with a TensorBoard custom-scalars layout of them), and keeps ``rank_history.json`` and a
+self-contained ``rank_report.html`` current in the run folder.
 
-An evaluation stays off the training path. In the training thread it only copies each layer's update
-description (``spectral_factors()``: the factors, small for every factorised method) to the CPU; a background
-thread then computes the singular values through each method's exact shortcut (``kr_vlm.spectral``), and the
-results go to the loggers from the training thread at a later hook, under the step they belong to.
+An evaluation stays off the training path (``kr_vlm.callbacks.rank_evaluation``): the training thread only
+copies each layer's update description to the CPU, a background thread computes the singular values and
+renders the live report, and the results go to the loggers from the training thread at a later hook, under
+the step they belong to. What is kept and written is ``kr_vlm.callbacks.rank_history``'s.
 """
 
 from __future__ import annotations
 
-import atexit
-import functools
 import io
-import json
-import os
-import queue
-import sys
-import threading
-import time
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -37,199 +28,21 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
-from kr_vlm import spectral
 from kr_vlm.adapters import adapted_layers, layer_labels
 from kr_vlm.adapters.labels import label_group
+from kr_vlm.callbacks import rank_history
 from kr_vlm.callbacks.parameter_summary import parameter_summary
+from kr_vlm.callbacks.rank_evaluation import (
+    BackgroundWorker,
+    Evaluation,
+    spectrum_metrics,
+    update_spectra,
+)
+from kr_vlm.callbacks.rank_history import METRICS, ReportFiles
 from kr_vlm.errors import ConfigError
-from kr_vlm.files import write_text_atomic
-from kr_vlm.rank_report import history_figure, png, spectra_figure, write_html_report
+from kr_vlm.rank_report import HISTORY_FILE, REPORT_FILE
 
-METRICS = ("effective_rank", "stable_rank", "frobenius_norm")
-HISTORY_FILE = "rank_history.json"
-SPECTRA_PLOT_FILE = "rank_spectra.png"
-HISTORY_PLOT_FILE = "rank_history.png"
-REPORT_FILE = "rank_report.html"
-
-# Linux niceness of the background thread (19: the lowest priority). It then runs on the cycles training leaves
-# idle and yields wherever training wants a core, rather than preempting a training thread while that
-# thread's OpenMP peers wait for it at the next barrier.
-WORKER_NICENESS = 19
-
-
-@functools.cache
-def _thread_counts_are_per_thread() -> bool:
-    """True when torch's intra-op thread count is a per-thread setting (the OpenMP backend of torch's wheels)."""
-    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
-
-
-@contextmanager
-def _intra_op_threads(count: int | None) -> Iterator[None]:
-    """Run the block with ``count`` torch threads in the calling thread (None: leave it alone), then restore.
-
-    Safe in a background thread: with the OpenMP backend torch keeps the count per thread
-    (``omp_set_num_threads``, ``mkl_set_num_threads_local``), so the training thread keeps its own. What is
-    process-wide is torch's default for threads that run their first torch op while the block runs (and the
-    size of the pool its mobile/quantized kernels share); the restore puts them back. With another backend
-    the count itself is process-wide, so it is left alone.
-    """
-    if count is None or not _thread_counts_are_per_thread():
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _lower_this_threads_priority() -> None:
-    """Give the calling thread the lowest scheduling priority (Linux; elsewhere nothing happens)."""
-    if sys.platform.startswith("linux"):
-        with suppress(OSError):  # e.g. a sandbox that forbids it: the thread then runs at normal priority
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WORKER_NICENESS)
-
-
-def update_spectrum(update: spectral.UpdateFactors) -> torch.Tensor | None:
-    """Singular values (descending, float32) of an update, or None when it is not finite (NaN or inf)."""
-    if not update.is_finite():
-        return None
-    sigma = update.singular_values()
-    return sigma.float() if bool(torch.isfinite(sigma).all()) else None
-
-
-def update_spectra(
-    layers: Iterable[tuple[str, nn.Module]], cpu_threads: int | None = 1
-) -> dict[str, torch.Tensor | None]:
-    """Singular values (descending, float32, on the CPU) of every layer's update, by name, computed in the
-    calling thread with ``cpu_threads`` torch threads (None: the current setting); None for a non-finite one."""
-    evaluation = _Evaluation.of(layers, step=0)
-    evaluation.compute_all(cpu_threads)
-    return evaluation.spectra()
-
-
-def spectrum_metrics(sigma: torch.Tensor) -> dict[str, float]:
-    """Effective rank, stable rank and Frobenius norm of a matrix, from its singular values."""
-    return {
-        "effective_rank": float(spectral.effective_rank_from_singular_values(sigma)),
-        "stable_rank": float(spectral.stable_rank_from_singular_values(sigma)),
-        "frobenius_norm": float(sigma.square().sum().sqrt()),
-    }
-
-
-def _mean(values: Iterable[float | None]) -> float | None:
-    finite = [value for value in values if value is not None]
-    return sum(finite) / len(finite) if finite else None
-
-
-class _Evaluation:
-    """One evaluation: the snapshot of every layer's update taken at ``step``, and the spectra computed from it.
-
-    Layers are computed one at a time by whichever thread takes them (``compute``), so the background thread
-    and a waiting training thread can share the work.
-    """
-
-    def __init__(self, step: int, updates: dict[str, spectral.UpdateFactors]) -> None:
-        self.step = step
-        self.updates = updates
-        self.layer_info: dict[str, Any] = {}  # filled by the monitor, which knows the layers' labels
-        self.parameters: dict[str, Any] = {}
-        self.seconds = 0.0  # the work: snapshot plus decompositions, whichever thread did them
-        self._spectra: dict[str, torch.Tensor | None] = {}
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        if not updates:
-            self._done.set()
-
-    @classmethod
-    def of(cls, layers: Iterable[tuple[str, nn.Module]], step: int) -> _Evaluation:
-        """Snapshot (copy to the CPU) the update factors of ``layers`` now."""
-        started = time.perf_counter()
-        with torch.no_grad():
-            updates = {name: layer.spectral_factors().snapshot() for name, layer in layers}
-        evaluation = cls(step, updates)
-        evaluation.seconds = time.perf_counter() - started
-        return evaluation
-
-    def compute(self, name: str, cpu_threads: int | None) -> None:
-        started = time.perf_counter()
-        sigma, error = None, None
-        try:
-            with _intra_op_threads(cpu_threads), torch.no_grad():
-                sigma = update_spectrum(self.updates[name])
-        except Exception as exception:  # handed to the training thread, which raises it (see spectra)
-            error = exception
-        with self._lock:
-            self._spectra[name] = sigma
-            self._error = self._error or error
-            self.seconds += time.perf_counter() - started
-            if len(self._spectra) == len(self.updates):
-                self._done.set()
-
-    def compute_all(self, cpu_threads: int | None) -> None:
-        for name in self.updates:
-            self.compute(name, cpu_threads)
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self) -> None:
-        self._done.wait()
-
-    def spectra(self) -> dict[str, torch.Tensor | None]:
-        """The finished spectra in layer order; re-raises an error a decomposition hit."""
-        if self._error is not None:
-            raise RuntimeError(
-                f"EffectiveRankMonitor failed to decompose the updates of step {self.step}."
-            ) from self._error
-        return {name: self._spectra[name] for name in self.updates}
-
-
-class _BackgroundWorker:
-    """One daemon thread at the lowest priority that computes the layers of submitted evaluations in order."""
-
-    def __init__(self, cpu_threads: int | None) -> None:
-        self.cpu_threads = cpu_threads
-        self._tasks: queue.SimpleQueue[tuple[_Evaluation, str] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="kr_vlm-rank-monitor", daemon=True)
-        self._thread.start()
-        # A thread still alive when the interpreter shuts down can abort the process inside torch's C++ code.
-        atexit.register(self.close)
-
-    def submit(self, evaluation: _Evaluation) -> None:
-        for name in evaluation.updates:
-            self._tasks.put((evaluation, name))
-
-    def finish(self, evaluation: _Evaluation) -> None:
-        """Return once ``evaluation`` is done, computing its remaining layers in the calling thread as well."""
-        while not evaluation.done():
-            try:
-                task = self._tasks.get_nowait()
-            except queue.Empty:  # the last layers are being computed by the background thread
-                evaluation.wait()
-            else:
-                if task is None:  # close() was called: leave its stop signal to the thread
-                    self._tasks.put(None)
-                    evaluation.wait()
-                else:
-                    task[0].compute(task[1], self.cpu_threads)
-
-    def close(self) -> None:
-        """Drop the queued work and stop the thread (it finishes the layer it is computing)."""
-        atexit.unregister(self.close)
-        with suppress(queue.Empty):
-            while True:
-                self._tasks.get_nowait()
-        self._tasks.put(None)
-        self._thread.join()
-
-    def _run(self) -> None:
-        _lower_this_threads_priority()
-        while (task := self._tasks.get()) is not None:
-            evaluation, name = task
-            evaluation.compute(name, self.cpu_threads)
+__all__ = ["HISTORY_FILE", "METRICS", "REPORT_FILE", "EffectiveRankMonitor", "spectrum_metrics", "update_spectra"]
 
 
 class EffectiveRankMonitor(pl.Callback):
@@ -251,13 +64,18 @@ class EffectiveRankMonitor(pl.Callback):
     At every evaluation the loggers get, for every group ``<tower>/<layer type>`` such as ``vision/q`` or
     ``text/fc2``, plus ``all``: ``effective_rank/<group>``, ``stable_rank/<group>``, ``frobenius_norm/<group>``
     (means over the group's finite layers); per layer (``log_per_layer``) ``effective_rank_per_layer/<name>``
-    and likewise; a TensorBoard logger also gets the histograms ``singular_values/<group>``.
-    ``rank_history.json`` in the run folder is rewritten.
+    and likewise; ``rank_cap/<group>`` (the highest rank the group's method can build) and
+    ``relative_update/<group>`` (mean ``‖ΔW‖_F / ‖W0‖_F``); a TensorBoard logger also gets the histograms
+    ``singular_values/<group>``, and at train start a custom-scalars layout that groups these charts by tower
+    and layer type (``rank_history.tensorboard_layout``). ``rank_history.json`` in the run folder is
+    rewritten, and (``live_report``) the background thread renders ``rank_spectra.png``,
+    ``rank_history.png`` and the self-contained ``rank_report.html`` of the run so far, which say the step
+    and that training is still running: reload the page to follow a run. Every file is replaced atomically;
+    a write that fails (full disk, read-only folder) is one warning naming the file, and training goes on.
 
-    At train end (or on ``write_report()``) it renders ``rank_spectra.png`` (normalised singular values
-    per group), ``rank_history.png`` (effective rank over steps per group), the self-contained
-    ``rank_report.html``, and the TensorBoard image ``rank_spectra``. Plots are kept out of the periodic
-    evaluations: rendering takes about a second a figure on a CPU core, and only the last ones are kept.
+    At train end (or on ``write_report()``) the files are written once more, saying that training finished,
+    and TensorBoard gets the image ``rank_spectra``. When the fit fails or is interrupted, the live page is
+    changed to say that training stopped at that step (without rendering it again).
 
     Outside Lightning (a plain PyTorch loop): ``evaluate(model, step)`` measures now, in the calling thread;
     ``evaluate_in_background(model, step)`` takes the snapshot and returns, ``collect()`` hands back the
@@ -275,6 +93,7 @@ class EffectiveRankMonitor(pl.Callback):
             afterwards; see ``_intra_op_threads``); None keeps that thread's current setting. One thread by
             default: multi-threaded CPU decompositions collapse when the cores are busy with training.
         background: decompose in the background thread (False: in the training thread, at the step itself).
+        live_report: render the report at every evaluation, in the background thread (False: at train end only).
     """
 
     def __init__(
@@ -286,6 +105,7 @@ class EffectiveRankMonitor(pl.Callback):
         log_per_layer: bool = True,
         cpu_threads: int | None = 1,
         background: bool = True,
+        live_report: bool = True,
     ) -> None:
         super().__init__()
         if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 0:
@@ -305,6 +125,7 @@ class EffectiveRankMonitor(pl.Callback):
         self.log_per_layer = log_per_layer
         self.cpu_threads = cpu_threads
         self.background = background
+        self.live_report = live_report
 
         self.run_dir: Path | None = None
         # One record per evaluation: {"step", "seconds", "layers": {name: {metric: value}}, "non_finite": [name]}.
@@ -316,11 +137,13 @@ class EffectiveRankMonitor(pl.Callback):
         self._enabled = True
         self._warned_no_layers = False
         self._warned_non_finite = False
-        self._worker: _BackgroundWorker | None = None
-        self._pending: _Evaluation | None = None
+        self._worker: BackgroundWorker | None = None
+        self._pending: Evaluation | None = None
         self._finished: list[dict[str, Any]] = []  # records not yet handed out by collect()
         self._latest_step: int | None = None
         self._unfinished_step: int | None = None  # restored from a checkpoint taken while that step ran
+        self._report_files: ReportFiles | None = None
+        self._report_renders: list[Future] = []  # live reports queued or being rendered
 
     # ----------------------------------------------------------------------------------- Lightning hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -345,6 +168,8 @@ class EffectiveRankMonitor(pl.Callback):
         step = trainer.global_step
         # A run resumed from a checkpoint may have evaluated this step already (its history is restored), or
         # have been evaluating it when the checkpoint was taken.
+        if self._enabled and trainer.is_global_zero:
+            self._write_tensorboard_layout(trainer, pl_module)
         wanted = self.evaluate_at_train_start or step == self._unfinished_step
         if wanted and not self._evaluated(step):
             self._evaluate(trainer, pl_module)
@@ -360,18 +185,23 @@ class EffectiveRankMonitor(pl.Callback):
             self._evaluate(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._log(trainer, self.collect(wait=True))
-        if not self.evaluate_at_train_end:
+        # The final report follows: no live one.
+        self._log(trainer, self.collect(wait=True), live=False)
+        if self.evaluate_at_train_end and not self._evaluated(trainer.global_step):
+            self._evaluate(trainer, pl_module, live=False)
+            self._log(trainer, self.collect(wait=True), live=False)
+        if not (self.evaluate_at_train_end or self.live_report):
             return
-        if not self._evaluated(trainer.global_step):
-            self._evaluate(trainer, pl_module)
-            self._log(trainer, self.collect(wait=True))
         if self._enabled and trainer.is_global_zero and self.final_spectra:
             self.write_report(trainer)
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
+        # The live report must not say that training goes on.
+        self._drop_live_report()
+        if self._report_files is not None:
+            self._report_files.mark_stopped(self._latest_step)
         self.close()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -400,16 +230,16 @@ class EffectiveRankMonitor(pl.Callback):
             return True
         return bool(self.records) and self.records[-1]["step"] == step
 
-    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _evaluate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, live: bool = True) -> None:
         if not (self._enabled and trainer.is_global_zero):
             return
         if self.background:
             self.evaluate_in_background(pl_module, trainer.global_step)
         else:
             self.evaluate(pl_module, trainer.global_step)
-        self._log(trainer, self.collect(wait=False))
+        self._log(trainer, self.collect(wait=False), live=live)
 
-    def _snapshot(self, model: nn.Module, step: int) -> _Evaluation | None:
+    def _snapshot(self, model: nn.Module, step: int) -> Evaluation | None:
         layers = list(adapted_layers(model))
         if not layers:
             if not self._warned_no_layers:
@@ -420,7 +250,7 @@ class EffectiveRankMonitor(pl.Callback):
                     stacklevel=3,
                 )
             return None
-        evaluation = _Evaluation.of(layers, step)
+        evaluation = Evaluation.of(layers, step)
         labels = layer_labels(model)
         evaluation.layer_info = {
             name: {
@@ -459,7 +289,7 @@ class EffectiveRankMonitor(pl.Callback):
         if evaluation is None:
             return
         if self._worker is None:
-            self._worker = _BackgroundWorker(self.cpu_threads)
+            self._worker = BackgroundWorker(self.cpu_threads)
         self._worker.submit(evaluation)
         self._pending = evaluation
 
@@ -481,11 +311,11 @@ class EffectiveRankMonitor(pl.Callback):
     def close(self) -> None:
         """Stop the background thread, dropping an evaluation still running (``collect(wait=True)`` first to
         keep it). The Lightning hooks call it when a fit ends; a plain loop calls it when done."""
-        worker, self._worker, self._pending = self._worker, None, None
+        worker, self._worker, self._pending, self._report_renders = self._worker, None, None, []
         if worker is not None:
             worker.close()
 
-    def _record(self, evaluation: _Evaluation) -> dict[str, Any]:
+    def _record(self, evaluation: Evaluation) -> dict[str, Any]:
         spectra = evaluation.spectra()
         non_finite = [name for name, sigma in spectra.items() if sigma is None]
         layer_metrics = {
@@ -522,18 +352,8 @@ class EffectiveRankMonitor(pl.Callback):
         return self._base_norms[name]
 
     def group_metrics(self, record: dict[str, Any]) -> dict[str, dict[str, float | None]]:
-        """Means of each metric over the finite layers of every group (and over all layers, as group ``all``),
-        None for a group whose updates are all non-finite; groups in the order their first layers come in the
-        model."""
-        groups: dict[str, list[str]] = {}
-        for name, info in self.layer_info.items():  # in module order
-            if name in record["layers"]:
-                groups.setdefault(info["group"], []).append(name)
-        groups["all"] = list(record["layers"])
-        return {
-            group: {metric: _mean(record["layers"][name][metric] for name in names) for metric in METRICS}
-            for group, names in groups.items()
-        }
+        """Means of each metric over the finite layers of every group (and ``all``); see ``rank_history``."""
+        return rank_history.group_metrics(self.layer_info, record)
 
     def spectra_by_group(self) -> dict[str, list[torch.Tensor]]:
         """The latest singular values of every layer, gathered by group (groups in model order)."""
@@ -543,30 +363,19 @@ class EffectiveRankMonitor(pl.Callback):
                 by_group.setdefault(info["group"], []).append(self.final_spectra[name])
         return by_group
 
-    def _log(self, trainer: pl.Trainer, records: list[dict[str, Any]]) -> None:
-        """Send finished records to the loggers (from the training thread), each under its own step."""
+    def _log(self, trainer: pl.Trainer, records: list[dict[str, Any]], live: bool = True) -> None:
+        """Send finished records to the loggers (from the training thread), each under its own step, and
+        rewrite the history and, in the background thread, the live report."""
         if not records:
             return
         for record in records:
             self._log_record(trainer, record)
         self.write_history()
+        if self.live_report and live and trainer.is_global_zero:
+            self._render_live_report()
 
     def _log_record(self, trainer: pl.Trainer, record: dict[str, Any]) -> None:
-        scalars = {
-            f"{metric}/{group}": value
-            for group, values in self.group_metrics(record).items()
-            for metric, value in values.items()
-            if value is not None
-        }
-        if self.log_per_layer:
-            for name, values in record["layers"].items():
-                scalars.update(
-                    {
-                        f"{metric}_per_layer/{name}": value
-                        for metric, value in values.items()
-                        if value is not None
-                    }
-                )
+        scalars = rank_history.scalars(self.layer_info, record, per_layer=self.log_per_layer)
         step = record["step"]
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
@@ -576,54 +385,28 @@ class EffectiveRankMonitor(pl.Callback):
                 for group, sigmas in self.spectra_by_group().items():
                     logger.experiment.add_histogram(f"singular_values/{group}", torch.cat(sigmas), step)
 
+    def _write_tensorboard_layout(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """Group the rank charts of every TensorBoard logger by tower and layer type (its custom scalars)."""
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+        if not loggers:
+            return
+        labels = layer_labels(model)
+        layer_info = {
+            name: {"group": label_group(labels[name])} for name, _ in adapted_layers(model) if name in labels
+        }
+        if not layer_info:
+            return
+        layout = rank_history.tensorboard_layout(layer_info, per_layer=self.log_per_layer)
+        for logger in loggers:
+            logger.experiment.add_custom_scalars(layout)
+
     # ----------------------------------------------------------------------------------------------- files
     def history(self) -> dict[str, Any]:
-        """Everything recorded so far, as written to ``rank_history.json``.
+        """Everything recorded so far, as written to ``rank_history.json`` (``rank_history.build_history``)."""
+        spectra = {name: sigma.tolist() for name, sigma in self.final_spectra.items()}
+        return rank_history.build_history(self.records, self.layer_info, spectra, self.parameters)
 
-        ``steps``/``seconds`` list the evaluations (``seconds``: the work of the evaluation, snapshot and
-        decompositions, not the wall time it spent in the background); the series ``groups[group][metric]``
-        and ``layers[name][metric]`` are aligned with ``steps`` (None where a layer did not exist or its update
-        was not finite; those steps are also listed in ``layers[name]["non_finite_steps"]``); each layer
-        also has its ``group``, ``shape``, ``max_rank`` (``min(d_out, d_in)``), ``rank_cap`` (the highest rank
-        its method can build) and ``base_norm`` (``‖W0‖_F``, for the relative update size); ``final_spectra``
-        holds the singular values of the latest evaluation (6 significant digits); ``parameters`` the
-        trainable/total counts (``parameter_summary``).
-        """
-        steps = [record["step"] for record in self.records]
-        group_series: dict[str, dict[str, list[float | None]]] = {}
-        for record in self.records:
-            for group, values in self.group_metrics(record).items():
-                series = group_series.setdefault(group, {metric: [] for metric in METRICS})
-                for metric in METRICS:
-                    series[metric].append(values[metric])
-        layers = {
-            name: {
-                **info,
-                **{
-                    metric: [record["layers"].get(name, {}).get(metric) for record in self.records]
-                    for metric in METRICS
-                },
-                "non_finite_steps": [
-                    record["step"] for record in self.records if name in record.get("non_finite", ())
-                ],
-            }
-            for name, info in self.layer_info.items()
-        }
-        return {
-            "steps": steps,
-            "seconds": [record["seconds"] for record in self.records],
-            "metrics": list(METRICS),
-            "groups": group_series,
-            "layers": layers,
-            "final_step": steps[-1] if steps else None,
-            "final_spectra": {
-                name: [float(f"{value:.6g}") for value in sigma.tolist()]
-                for name, sigma in self.final_spectra.items()
-            },
-            "parameters": self.parameters,
-        }
-
-    def _checked_run_dir(self) -> Path:
+    def _files(self) -> ReportFiles:
         if self.run_dir is None:
             self.run_dir = self.output_dir
         if self.run_dir is None:
@@ -631,27 +414,45 @@ class EffectiveRankMonitor(pl.Callback):
                 "EffectiveRankMonitor has no output folder yet: the trainer sets it up in trainer.fit "
                 "(or pass output_dir=...)."
             )
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        return self.run_dir
+        if self._report_files is None or self._report_files.run_dir != self.run_dir:
+            self._report_files = ReportFiles(self.run_dir)
+        return self._report_files
 
     def write_history(self) -> None:
-        """Write ``rank_history.json`` to the run folder (strict JSON: no NaN or Infinity)."""
+        """Write ``rank_history.json`` to the run folder (strict JSON: no NaN or Infinity). A failed write is
+        a warning (once), never an error."""
         # Rewritten at every evaluation: an interrupted run keeps the previous complete file.
-        write_text_atomic(self._checked_run_dir() / HISTORY_FILE, json.dumps(self.history(), allow_nan=False))
+        self._files().write_history(self.history())
+
+    def _spectra_lists(self) -> dict[str, list[list[float]]]:
+        return {group: [sigma.tolist() for sigma in sigmas] for group, sigmas in self.spectra_by_group().items()}
+
+    def _render_live_report(self) -> None:
+        """Render the report of the run so far in the background thread, from a copy of the history taken
+        now; a render still queued from an earlier evaluation is dropped (only the latest matters)."""
+        files, history, spectra = self._files(), self.history(), self._spectra_lists()
+        for render in self._report_renders:
+            render.cancel()  # one queued renders an older step; one running finishes before the next starts
+        if self._worker is None:
+            self._worker = BackgroundWorker(self.cpu_threads)
+        self._report_renders = [render for render in self._report_renders if not render.done()]
+        self._report_renders.append(
+            self._worker.run(lambda: files.write_report(history, spectra, finished=False))
+        )
+
+    def _drop_live_report(self) -> None:
+        """Let the final report be the last written: drop the queued live renders, wait for a running one."""
+        renders, self._report_renders = self._report_renders, []
+        for render in renders:
+            if not render.cancel():
+                render.exception()  # waits; a failed write was a warning already
 
     def write_report(self, trainer: pl.Trainer | None = None) -> None:
-        """Render the two plots and ``rank_report.html`` into the run folder, and the spectrum image into the
-        trainer's TensorBoard loggers (if ``trainer`` is given)."""
-        run_dir = self._checked_run_dir()
+        """Render the two plots and ``rank_report.html`` (saying that training finished) into the run folder,
+        and the spectrum image into the trainer's TensorBoard loggers (if ``trainer`` is given)."""
+        self._drop_live_report()
         history = self.history()
-        spectra = {
-            group: [sigma.tolist() for sigma in sigmas] for group, sigmas in self.spectra_by_group().items()
-        }
-        spectra_png = png(spectra_figure(spectra, history["final_step"]))
-        history_png = png(history_figure(history))
-        (run_dir / SPECTRA_PLOT_FILE).write_bytes(spectra_png)
-        (run_dir / HISTORY_PLOT_FILE).write_bytes(history_png)
-        write_html_report(run_dir / REPORT_FILE, history, spectra_png=spectra_png, history_png=history_png)
+        spectra_png = self._files().write_report(history, self._spectra_lists(), finished=True)
         if trainer is None:
             return
         for logger in trainer.loggers:

@@ -16,6 +16,7 @@ from kr_vlm import metric_names
 from kr_vlm.cli.checks import whole_number
 from kr_vlm.errors import ConfigError
 from kr_vlm.files import write_json_atomic
+from kr_vlm.rank_report import REPORT_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -191,6 +192,6 @@ def print_results(metrics: dict[str, Any], output_dir: Path) -> None:
     if "adapters_from" in metrics:
         console.print(f"Adapters from: {metrics['adapters_from']}")
     console.print(f"Run folder: {output_dir}")
-    for name in ("metrics.json", "rank_report.html", "adapters"):
+    for name in (metric_names.METRICS_FILE, REPORT_FILE, "adapters"):
         if (output_dir / name).exists():
             console.print(f"  {name}: {output_dir / name}")

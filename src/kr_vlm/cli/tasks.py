@@ -24,6 +24,7 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from kr_vlm import metric_names
 from kr_vlm.adapters import adapted_layers, scaled_adapters
 from kr_vlm.cli.build import build_datamodule, build_model, build_trainer, use_model_transforms
 from kr_vlm.cli.checks import (
@@ -192,7 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["zero_shot"] = zero_shot
     if optimized is not None:
         metrics["optimized_metric"] = optimized
-    write_metrics(output_dir / "metrics.json", metrics)
+    write_metrics(output_dir / metric_names.METRICS_FILE, metrics)
     print_results(metrics, output_dir)
     return metrics
 
@@ -235,7 +236,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     if by_scale is not None:
         metrics["test_by_scale"] = by_scale
-    write_metrics(output_dir / "metrics.json", metrics)
+    write_metrics(output_dir / metric_names.METRICS_FILE, metrics)
     print_results(metrics, output_dir)
     return metrics
 

@@ -26,9 +26,12 @@ or ``adapters_dir`` / ``ckpt_path`` in its config), and the run folder above the
 run's. A test set that two runs of the same trained model measured is counted once, the training
 run's first.
 
-The modules: ``runs`` (reading and grouping runs), ``summary`` (one run's protocol summary),
-``tables``, ``references`` (published rows), ``frontier``. They read JSON only (no torch, no
-matplotlib), so ``scripts/aggregate_results.py`` starts quickly.
+The modules: ``runs`` (reading and grouping runs), ``labels`` (naming runs by the settings in which
+they differ), ``summary`` (one run's protocol summary), ``tables``, ``references`` (published rows of the
+protocol tables), ``frontier``; ``atlas`` (the KRAdapter / RandLoRA papers' table on aTLAS's 22 datasets)
+and ``published`` (open_clip's and aTLAS's published zero-shot accuracies, ``published_tables/``) are
+imported by name. They read JSON only (no torch, no matplotlib), so ``scripts/aggregate_results.py``
+starts quickly.
 """
 
 from kr_vlm.results.frontier import (

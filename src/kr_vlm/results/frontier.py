@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from kr_vlm import metric_names
+from kr_vlm.results.labels import table_labels
 from kr_vlm.results.runs import Run, trained_models
 from kr_vlm.results.summary import protocol_summary
-from kr_vlm.results.tables import Table, _labels
+from kr_vlm.results.tables import Table
 
 # Each protocol's (ID, OOD) entries in its protocol_summary, and how a title names them.
 FRONTIER_PROTOCOLS = {
@@ -93,7 +94,7 @@ class FrontierRun:
 
     @property
     def row(self) -> tuple[str, int, tuple[tuple[str, Any], ...]]:
-        """The method row (as ``kr_vlm.results.tables._labels`` labels rows): method, shots, settings."""
+        """The method row (as ``kr_vlm.results.labels.table_labels`` labels rows): method, shots, settings."""
         return (self.method, self.panel.shots, self.settings)
 
 
@@ -231,7 +232,7 @@ def frontier_table(frontier: Frontier) -> Table:
         ["method", "runs", "best ID at", "best ID", *shares],
     )
     methods = frontier.methods()
-    labels = _labels(methods)
+    labels = table_labels(methods)
     zero_shot = frontier.zero_shot
     for row in sorted(methods, key=labels.get):
         curves = {swept: curve for swept, seeds in methods[row].items() if (curve := frontier.curve(seeds))}
@@ -282,7 +283,7 @@ def points_rows(frontier_list: Sequence[Frontier]) -> list[dict[str, Any]]:
     to, and the metrics.json files it was read from (``;``-separated)."""
     rows = []
     for frontier in frontier_list:
-        labels = _labels(frontier.methods())
+        labels = table_labels(frontier.methods())
         for run in [*frontier.runs, *frontier.zero_shot_runs]:
             for alpha, (in_distribution, out_of_distribution) in run.points.items():
                 rows.append(

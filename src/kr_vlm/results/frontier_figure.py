@@ -10,7 +10,7 @@ from typing import Any
 
 from kr_vlm.rank_report import method_styles, panel_grid
 from kr_vlm.results.frontier import AXES, Frontier, _swept_text
-from kr_vlm.results.tables import _labels
+from kr_vlm.results.labels import table_labels
 
 TITLE = "ID / OOD frontier over the update scale α and the learning rate"
 COLUMNS = 2
@@ -36,7 +36,7 @@ def frontier_figure(
     titles = [frontier.panel.name for frontier in frontier_list] if titles is None else titles
     for axes, frontier, panel_title in zip(panels, frontier_list, titles, strict=True):
         methods = frontier.methods()
-        labels = _labels(methods)
+        labels = table_labels(methods)
         configurations = [(row, swept) for row in sorted(methods, key=labels.get) for swept in methods[row]]
         styles = method_styles([labels[row] for row, _ in configurations])
         for (row, swept), style in zip(configurations, styles, strict=True):

@@ -30,7 +30,7 @@ def load_references(path: str | Path | None = None) -> list[Reference]:
     top1 %}}}]}``, with a protocol of ``few_shot``, ``distribution_shift`` or ``cross_dataset``.
     """
     if path is None:
-        text = resources.files("kr_vlm").joinpath(REFERENCE_FILE).read_text()
+        text = resources.files("kr_vlm.results").joinpath(REFERENCE_FILE).read_text()
     else:
         text = Path(path).read_text()
     references = []

@@ -112,7 +112,7 @@ def read_run(path: Path) -> Run | None:
 
 def load_runs(folder: Path) -> list[Run]:
     """Every run below ``folder`` (each ``metrics.json``, in path order)."""
-    return [run for path in sorted(Path(folder).rglob("metrics.json")) if (run := read_run(path)) is not None]
+    return [run for path in sorted(Path(folder).rglob(metric_names.METRICS_FILE)) if (run := read_run(path)) is not None]
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -187,8 +187,8 @@ def _training_run(run: Run, by_folder: Mapping[Path, Run]) -> Run | None:
     for folder in source.parents[:2]:
         if folder in by_folder:
             return by_folder[folder]
-        if (folder / "metrics.json").is_file():
-            return read_run(folder / "metrics.json")
+        if (folder / metric_names.METRICS_FILE).is_file():
+            return read_run(folder / metric_names.METRICS_FILE)
     return None
 
 

@@ -9,9 +9,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kr_vlm.results.labels import table_labels
 from kr_vlm.results.references import Reference
 from kr_vlm.results.runs import Measurements
 from kr_vlm.results.summary import TARGET_PROTOCOLS, harmonic_mean
+from kr_vlm.table_text import markdown_table
 
 
 @dataclass(frozen=True)
@@ -29,9 +31,12 @@ class Cell:
         return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
 
     def __str__(self) -> str:
-        if len(self.values) == 1:
-            return f"{self.mean:.1f}"
-        return f"{self.mean:.1f} ± {self.std:.1f}"
+        return cell_text(self.mean, self.std if len(self.values) > 1 else None)
+
+
+def cell_text(mean: float, std: float | None) -> str:
+    """A table cell: ``71.2 ± 0.4`` over several seeds, ``71.2`` for one (``std`` None)."""
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
 
 
 @dataclass
@@ -46,9 +51,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        lines = [f"### {self.title}", "", "| " + " | ".join(self.header) + " |"]
-        lines.append("|" + "|".join("---" for _ in self.header) + "|")
-        lines += ["| " + " | ".join(row) + " |" for row in self.rows]
+        lines = [f"### {self.title}", "", markdown_table(self.header, self.rows)]
         if self.notes:
             lines += ["", *self.notes]
         return "\n".join(lines) + "\n"
@@ -70,26 +73,6 @@ class Table:
 
 
 CSV_FIELDS = ("protocol", "table", "method", "shots", "column", "mean", "std", "seeds")
-
-
-def _labels(rows: Iterable[tuple[str, int, tuple[tuple[str, Any], ...]]]) -> dict[Any, str]:
-    """A label for each row: the method, and the settings in which rows of the same method and shots
-    differ (rows of other shots differ in the shots column already)."""
-    rows = list(rows)
-    labels = {}
-    for method, shots in {row[:2] for row in rows}:
-        same = [row for row in rows if row[:2] == (method, shots)]
-        keys = sorted({key for row in same for key, _ in row[2]})
-        differing = [key for key in keys if len({dict(row[2]).get(key) for row in same}) > 1]
-        short = {key: key.rpartition(".")[2] for key in differing}
-        clashes = {name for name in short.values() if list(short.values()).count(name) > 1}
-        for row in same:
-            settings = dict(row[2])
-            parts = [
-                f"{key if short[key] in clashes else short[key]}={settings.get(key)}" for key in differing
-            ]
-            labels[row] = f"{method} ({', '.join(parts)})" if parts else method
-    return labels
 
 
 def _seeds(cells: Iterable[Cell]) -> str:
@@ -125,7 +108,7 @@ def _column_table(
     `average_of` last. After the rows of each shot count come the published `references` of that
     count that share a column with ours, each with a Δ row (ours − published) for each of our rows."""
     table = Table(protocol, title, ["method", "shots", "seeds", *columns, average_name])
-    labels = _labels(cells)
+    labels = table_labels(cells)
     averages = {row: _average([cells[row].get(column) for column in average_of]) for row in cells}
     for shots in sorted({row[1] for row in cells}):
         ours = sorted((row for row in cells if row[1] == shots), key=labels.get)
@@ -252,7 +235,7 @@ def base_to_new_table(measurements: Measurements) -> Table | None:
         "harmonic mean (mean ± std over seeds; HM of the means)",
         ["dataset", "method", "shots", "seeds", "base", "new", "HM"],
     )
-    labels = _labels(pairs)
+    labels = table_labels(pairs)
     datasets = sorted({dataset for row in pairs.values() for dataset in row})
     ordered = sorted(pairs, key=lambda row: (row[1], labels[row]))
     for dataset in datasets:

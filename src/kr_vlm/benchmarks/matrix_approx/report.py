@@ -9,6 +9,7 @@ from typing import Any
 
 from kr_vlm.benchmarks.matrix_approx.fit import METHOD_LABELS, REFERENCE_METHOD
 from kr_vlm.files import write_json_atomic
+from kr_vlm.table_text import markdown_table
 
 
 def _relative_to_reference(results: dict[str, Any], family: str, method: str, metric: str) -> float | None:
@@ -20,8 +21,7 @@ def _relative_to_reference(results: dict[str, Any], family: str, method: str, me
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    return markdown_table(header, rows).split("\n")
 
 
 def _metric_table(results: dict[str, Any], metric: str, digits: int) -> list[str]:

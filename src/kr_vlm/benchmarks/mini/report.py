@@ -6,8 +6,6 @@ and the rate choice), ``.png`` and the frontier figures. The numbers are read fr
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from kr_vlm.benchmarks.mini.tables import (
 from kr_vlm.files import write_file_atomic, write_json_atomic, write_text_atomic
 from kr_vlm.rank_report import png
 from kr_vlm.results import CSV_FIELDS, Table
+from kr_vlm.table_text import csv_text
 
 NAME = "mini_benchmark"
 FRONTIER_FIGURES = {CLIP_LORA: f"{NAME}_frontier.png", AUTHORS: f"{NAME}_frontier_authors.png"}
@@ -158,12 +157,8 @@ class Report:
         paths = {kind: out_dir / f"{NAME}.{kind}" for kind in ("md", "csv", "json", "png")}
         write_json_atomic(paths["json"], {**self.benchmark, "command": command})
         write_text_atomic(paths["md"], self.markdown(command))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=("section", *CSV_FIELDS))
-        writer.writeheader()
-        for section, table in self.sections():
-            writer.writerows({"section": section, **record} for record in table.records)
-        write_text_atomic(paths["csv"], text.getvalue())
+        rows = [{"section": section, **record} for section, table in self.sections() for record in table.records]
+        write_text_atomic(paths["csv"], csv_text(rows, ("section", *CSV_FIELDS)))
         _write_bytes(paths["png"], png(summary_figure(self.summaries)))
         for recipe, frontier_list in self.frontiers.items():
             if frontier_list:

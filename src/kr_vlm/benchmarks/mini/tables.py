@@ -19,6 +19,7 @@ from kr_vlm.benchmarks.mini.protocol import (
     BenchmarkMethod,
 )
 from kr_vlm.results import Run, Table
+from kr_vlm.results.tables import cell_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +121,11 @@ def method_numbers(runs: Sequence[Run]) -> dict[str, dict[str, Any]]:
 
 
 def _cell(record: Mapping[str, Any] | None) -> str:
+    """A protocol table's cell again, from its CSV record (`results.Table.record`)."""
     if record is None:
         return "–"
-    mean = float(record["mean"])
-    return (
-        f"{mean:.1f} ± {float(record['std']):.1f}"
-        if record["std"] != "" and record["seeds"] > 1
-        else f"{mean:.1f}"
-    )
+    several = record["std"] != "" and record["seeds"] > 1
+    return cell_text(float(record["mean"]), float(record["std"]) if several else None)
 
 
 def summary_table(mode: Mode, methods: Sequence[BenchmarkMethod], data: BenchmarkRuns, selection) -> Table:

@@ -1,6 +1,6 @@
 """Published zero-shot accuracies beside kr_vlm's zero-shot runs: open_clip's table and aTLAS's.
 
-Two tables ship in `kr_vlm/published_tables/`, each with where it comes from:
+Two tables ship in `kr_vlm/results/published_tables/`, each with where it comes from:
 
 - `openclip_classification_results.csv`: open_clip's zero-shot top-1 of every pretrained model on the
   classification sets of LAION's CLIP_benchmark (sidecar: `openclip_classification_results.about.json`);
@@ -28,7 +28,8 @@ from importlib import resources
 from typing import Any
 
 from kr_vlm.atlas_names import ATLAS_NAMES
-from kr_vlm.results import EVALUATION_KEYS, Measurements, Table
+from kr_vlm.results.runs import EVALUATION_KEYS, Measurements
+from kr_vlm.results.tables import Table
 
 TABLES = "published_tables"
 OPENCLIP_FILE = "openclip_classification_results.csv"
@@ -84,7 +85,7 @@ class PublishedZeroShot:
 
 
 def _package_text(filename: str) -> str:
-    return resources.files("kr_vlm").joinpath(TABLES, filename).read_text(encoding="utf-8")
+    return resources.files("kr_vlm.results").joinpath(TABLES, filename).read_text(encoding="utf-8")
 
 
 def load_openclip_table() -> list[PublishedZeroShot]:

@@ -20,7 +20,8 @@ from collections import defaultdict
 from typing import Any
 
 from kr_vlm.atlas_names import ATLAS22, ATLAS_NAMES
-from kr_vlm.results import Cell, Measurements, Table
+from kr_vlm.results.runs import Measurements
+from kr_vlm.results.tables import Cell, Table
 
 AVERAGE = "Average (22)"
 FRACTION_KEY = "data.fraction"

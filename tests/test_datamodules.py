@@ -305,6 +305,26 @@ def test_distribution_shift_keeps_its_hyperparameters():
     assert dm.hparams["shift_sets"] == ["digits_edges"] and dm.hparams["shots"] == 1
 
 
+def test_distribution_shift_takes_every_few_shot_option_and_extra_test_sets():
+    dm = DistributionShiftDataModule(
+        "digits",
+        shots=2,
+        shift_sets=["digits_edges"],
+        test_sets=["glyphs"],
+        fraction=0.5,
+        classnames="default",
+        download=False,
+        val_shots=3,
+        num_workers=0,
+    )
+    assert (dm.fraction, dm.val_shots, dm.shift_sets, dm.test_sets) == (
+        0.5, 3, ["digits_edges"], ["digits_edges", "glyphs"]
+    )
+    # A module rebuilt from its hyperparameters (as from a checkpoint) is the same module.
+    again = DistributionShiftDataModule(**dm.hparams)
+    assert (again.shift_sets, again.test_sets) == (dm.shift_sets, dm.test_sets)
+
+
 def test_missing_source_is_an_error(tmp_path):
     make_coop_dataset(tmp_path, "imagenet_a", classes=2, per_class={"test": 1})
     dm = DistributionShiftDataModule(root=tmp_path, shots=1, num_workers=0)

@@ -566,10 +566,10 @@ class DistributionShiftDataModule(FewShotDataModule):
 
     The protocol of CoOp / CLIP-LoRA's domain-generalisation tables: train on few-shot ImageNet,
     test on ImageNet and on ImageNet-V2, -Sketch, -A and -R. It is `FewShotDataModule` with
-    `test_sets` defaulting to the shifted sets of the source (`SHIFT_SETS`): each gets its own
-    loader and task, with its own class names (ImageNet-A and -R have 200 classes, labelled by their
-    own folders) and templates. Offline, `dataset="digits"` trains on clean digits and tests on the
-    other digits domains (`digits_inverted`, `digits_rotated`, `digits_noisy`, `digits_edges`).
+    the shifted sets of the source (`SHIFT_SETS`) tested first: each gets its own loader and task,
+    with its own class names (ImageNet-A and -R have 200 classes, labelled by their own folders) and
+    templates. Offline, `dataset="digits"` trains on clean digits and tests on the other digits
+    domains (`digits_inverted`, `digits_rotated`, `digits_noisy`, `digits_edges`).
 
     A shifted set that is not under `root` is skipped, with one warning that lists every skipped
     set; a missing source dataset is an error.
@@ -578,28 +578,16 @@ class DistributionShiftDataModule(FewShotDataModule):
         dataset: the source dataset (default `imagenet`).
         shift_sets: the shifted test sets, in order; None: all known for the source
             (`SHIFT_SETS`). Any name `FewShotDataModule`'s `test_sets` takes.
-        The other arguments are `FewShotDataModule`'s.
+        test_sets: further test sets (cross-dataset targets), tested after the shifted sets.
+        **kwargs: every other argument of `FewShotDataModule`, with its meaning and default.
     """
 
     def __init__(
         self,
         dataset: str = "imagenet",
-        root: str | Path = "data",
-        shots: int = 16,
-        seed: int = 1,
-        batch_size: int = 32,
-        eval_batch_size: int = 256,
-        num_workers: int = 4,
-        train_templates: str = "simple",
-        eval_templates: str = "simple",
         shift_sets: Sequence[str] | None = None,
-        skip_corrupt: bool = False,
-        cache_dir: str | Path | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        sampler: str = "kr_vlm",
-        min_iterations_per_epoch: int = 0,
-        val_shots: int | None = None,
+        test_sets: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> None:
         if shift_sets is None:
             if dataset not in SHIFT_SETS:
@@ -608,28 +596,10 @@ class DistributionShiftDataModule(FewShotDataModule):
                     "name them with data.shift_sets=[...]."
                 )
             shift_sets = SHIFT_SETS[dataset]
-        super().__init__(
-            dataset=dataset,
-            root=root,
-            shots=shots,
-            seed=seed,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            train_templates=train_templates,
-            eval_templates=eval_templates,
-            subsample="all",
-            skip_corrupt=skip_corrupt,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            sampler=sampler,
-            test_sets=shift_sets,
-            min_iterations_per_epoch=min_iterations_per_epoch,
-            val_shots=val_shots,
-        )
+        self._shift_set_count = len(shift_sets)
+        super().__init__(dataset=dataset, test_sets=[*shift_sets, *(test_sets or ())], **kwargs)
 
     @property
     def shift_sets(self) -> list[str]:
-        """The shifted test sets (the `test_sets` of this module)."""
-        return self.test_sets
+        """The shifted test sets (the first `test_sets` of this module)."""
+        return self.test_sets[: self._shift_set_count]

@@ -2,8 +2,8 @@
 
 Weights come from a local file, a local folder, or the caches open_clip downloads into (the Hugging
 Face hub cache and open_clip's URL cache), looked up the way open_clip and huggingface_hub look them up
-(``huggingface_hub.try_to_load_from_cache``; huggingface_hub reads ``HF_HOME``, ``HF_HUB_CACHE`` and
-``HF_HUB_OFFLINE`` when it is imported). Nothing is downloaded unless asked for (``allow_download=True``)
+(``huggingface_hub.hf_hub_download(..., local_files_only=True)``; huggingface_hub reads ``HF_HOME``,
+``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` when it is imported). Nothing is downloaded unless asked for (``allow_download=True``)
 and Hugging Face offline mode is off; missing weights raise :class:`WeightsNotFoundError`, which names the
 folders looked in and the command that fetches them on a connected machine.
 """
@@ -27,14 +27,15 @@ from typing import Any
 import huggingface_hub
 import open_clip
 import torch
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.file_download import repo_folder_name
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-from open_clip.factory import parse_model_name
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
+from kr_vlm.compat import OPEN_CLIP_URL_CACHE, parse_model_name, safe_weight_alternatives
 from kr_vlm.errors import ConfigError, KrVlmError
 from kr_vlm.models.hf_offline import hf_text_overrides, hf_tokenizer, open_clip_config
 from kr_vlm.models.towers import convert_towers, initialize_random_towers
@@ -48,9 +49,6 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Preprocessing settings of a pretrained tag (open_clip merges these into the model's preprocess cfg).
 TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
-# Where open_clip.pretrained.download_pretrained_from_url puts weights fetched by URL when given no
-# cache_dir; open_clip has no public name for it.
-OPEN_CLIP_URL_CACHE = "~/.cache/clip"
 
 # The architectures kr_vlm ships (open_clip model configs, one JSON file each), registered with open_clip
 # so that create_model and get_tokenizer know their names.
@@ -79,20 +77,17 @@ def _cached_hub_file(
 ) -> str | None:
     """Path of the first of ``filenames`` in the Hugging Face cache for ``repo_id`` (no network)."""
     for filename in filenames:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-        if isinstance(cached, str):
-            return cached
+        try:
+            return hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True)
+        except LocalEntryNotFoundError:
+            continue
     return None
 
 
 def _weights_candidates(filename: str) -> list[str]:
-    """The files open_clip would load for ``filename`` of a hub repo, in its order: a .safetensors file
-    first where it can be one (``open_clip_model.safetensors`` for ``open_clip_pytorch_model.bin``)."""
-    if filename == HF_WEIGHTS_NAME:
-        return [HF_SAFE_WEIGHTS_NAME, filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
+    """The files open_clip's download_pretrained_from_hf would load for ``filename`` of a hub repo, in its
+    order: a .safetensors file first where it can be one."""
+    return [*safe_weight_alternatives(filename), filename]
 
 
 def _fetch_command(model_name: str, pretrained: str | None, cache_dir: str | os.PathLike | None) -> str:

@@ -114,7 +114,9 @@ def _local_folder(
 
 def open_clip_config(registered: str) -> dict[str, Any]:
     """The open_clip model config of a registered model name or of a ``local-dir:`` folder."""
-    from open_clip.factory import get_model_config, parse_model_name
+    from open_clip.factory import get_model_config
+
+    from kr_vlm.compat import parse_model_name
 
     schema, identifier = parse_model_name(registered)
     if schema == "local-dir":

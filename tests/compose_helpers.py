@@ -61,7 +61,6 @@ def path_overrides(tmp_path: Path) -> list[str]:
         f"paths.root_dir={tmp_path}",
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.log_dir={tmp_path / 'logs'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.output_dir={tmp_path / 'run'}",
     ]
 

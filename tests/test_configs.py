@@ -345,7 +345,7 @@ def test_data_config_instantiates(data, tmp_path, monkeypatch):
             make_coop_dataset(tmp_path / "data", shifted, classes=3, per_class=SHOTS)
     datamodule = cli.instantiate(cfg.data)
     assert isinstance(datamodule, FewShotDataModule)
-    assert datamodule.root == str(tmp_path / "data") and datamodule.cache_dir == str(tmp_path / "cache")
+    assert datamodule.root == str(tmp_path / "data")
     datamodule.set_transforms(SMALL, SMALL)
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.train_dataloader()))

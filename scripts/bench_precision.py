@@ -87,7 +87,7 @@ class ForwardRounding(pl.Callback):
 
 def demo_config(root: Path, precision: str, seed: int, overrides: Sequence[str]):
     """The demo's config as ``train.py experiment=demo`` composes it, every path under ``root``."""
-    paths = [f"paths.{key}={root / key}" for key in ("data_dir", "log_dir", "cache_dir")]
+    paths = [f"paths.{key}={root / key}" for key in ("data_dir", "log_dir")]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(
             config_name="train",

@@ -56,12 +56,11 @@ QUICK_MONITORED: tuple[str, ...] = (
 
 
 def path_overrides(tmp_path: Path) -> list[str]:
-    """Every path of `paths/default.yaml` under `tmp_path`: data, logs, the few-shot cache and the run folder."""
+    """Every path of `paths/default.yaml` under `tmp_path`: data, logs and the run folder."""
     return [
         f"paths.root_dir={tmp_path}",
         f"paths.data_dir={tmp_path / 'data'}",
         f"paths.log_dir={tmp_path / 'logs'}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
         f"paths.output_dir={tmp_path / 'run'}",
     ]
 

@@ -75,14 +75,14 @@ def test_a_few_shot_draw_from_a_webdataset_train_split(tmp_path):
 
     def module():
         datamodule = ClipBenchmarkDataModule(name="wds/tiny", root=tmp_path / "data", shots=2, num_workers=0,
-                                             cache_dir=tmp_path / "cache", eval_templates="clip_benchmark",
+                                             eval_templates="clip_benchmark",
                                              train_templates="clip_benchmark")  # fmt: skip
         datamodule.setup("fit")
         return datamodule
 
     first, second = module(), module()
     assert first.dataset == "clip_benchmark/wds/tiny" and len(first.train_dataset) == 6
-    assert first.train_dataset.samples == second.train_dataset.samples  # the second from the cache
+    assert first.train_dataset.samples == second.train_dataset.samples
     assert first.train_task.templates == ("a photo of a {}.", "a drawing of the {}.")
     for dataset in (first.train_dataset, first.val_datasets[0]):
         for index, (_, label) in enumerate(dataset.samples):

@@ -318,6 +318,20 @@ def test_demo_adapts_the_shipped_miniature_clip(tmp_path):
     assert module.preprocess_val.transforms[0].size in (32, (32, 32))
 
 
+@pytest.mark.parametrize("data", sorted(path.stem for path in (CONFIG_DIR / "data").glob("*.yaml")))
+def test_data_configs_inherit_fewshot_and_set_only_what_differs(data):
+    """A data config extends data/fewshot.yaml (directly or through another data config) and sets
+    only the keys whose values differ from it: a copied key would go stale when fewshot.yaml changes."""
+    if data == "fewshot":
+        return
+    own = OmegaConf.load(CONFIG_DIR / "data" / f"{data}.yaml")
+    parents = list(own.get("defaults", []))
+    assert parents and all((CONFIG_DIR / "data" / f"{parent}.yaml").is_file() for parent in parents), data
+    base = OmegaConf.load(CONFIG_DIR / "data" / "fewshot.yaml")
+    copied = [key for key in own if key != "defaults" and key in base and own[key] == base[key]]
+    assert not copied, f"data/{data}.yaml repeats fewshot.yaml's {copied}"
+
+
 @pytest.mark.parametrize("data", DATA_CONFIGS)
 def test_data_config_instantiates(data, tmp_path, monkeypatch):
     accept_fabricated_files(monkeypatch)
@@ -331,7 +345,7 @@ def test_data_config_instantiates(data, tmp_path, monkeypatch):
             make_coop_dataset(tmp_path / "data", shifted, classes=3, per_class=SHOTS)
     datamodule = cli.instantiate(cfg.data)
     assert isinstance(datamodule, FewShotDataModule)
-    assert datamodule.root == str(tmp_path / "data") and datamodule.cache_dir == str(tmp_path / "cache")
+    assert datamodule.root == str(tmp_path / "data")
     datamodule.set_transforms(SMALL, SMALL)
     datamodule.setup("fit")
     images, labels = next(iter(datamodule.train_dataloader()))

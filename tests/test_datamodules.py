@@ -10,10 +10,11 @@ import torchvision.transforms as T
 from lightning.pytorch import LightningModule, Trainer
 
 from coop_layout import make_coop_dataset, read_only
+from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.data.base import DatasetNotFoundError
-from kr_vlm.data.datamodules import DIGIT_SHIFT_SETS, DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.data.digits import parse_digit_path, split_indices
 from kr_vlm.data.loading import shot_repeats
+from kr_vlm.data.protocols import DIGIT_SHIFT_SETS
 from kr_vlm.data.templates import get_templates
 from kr_vlm.errors import ConfigError
 
@@ -185,14 +186,12 @@ def test_repeats_count_optimiser_steps_under_gradient_accumulation():
     assert dm.shot_repeats() == 5 and len(dm.train_dataloader()) == 25
 
 
-def test_few_shot_split_is_cached(tmp_path):
-    dm = digits_module(shots=2, cache_dir=tmp_path)
+def test_few_shot_split_is_the_same_each_time_it_is_drawn():
+    dm, again = digits_module(shots=2), digits_module(shots=2)
     dm.setup()
-    (cached,) = (tmp_path / "digits").glob("shot_2-seed_1-*.json")
-    again = digits_module(shots=2, cache_dir=tmp_path)
     again.setup()
     assert again.train_dataset.samples == dm.train_dataset.samples
-    assert list((tmp_path / "digits").iterdir()) == [cached]
+    assert again.val_datasets[0].samples == dm.val_datasets[0].samples
 
 
 def test_coop_layout_dataset(tmp_path):
@@ -253,16 +252,14 @@ def test_clip_lora_imagenet_needs_k_plus_4_images_a_class(tmp_path):
     assert len(dm.train_dataset) == 4
 
 
-def test_read_only_data_root_caches_the_split_per_user(tmp_path, monkeypatch):
-    root = tmp_path / "shared"
-    root.mkdir()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    with read_only(root, monkeypatch):
-        dm = digits_module(root=root, cache_dir=root / ".kr_vlm_cache")
+def test_a_read_only_data_root_is_only_read(tmp_path, monkeypatch):
+    make_coop_dataset(tmp_path / "shared", "oxford_pets", classes=4, per_class=TINY_SPLITS)
+    before = sorted((tmp_path / "shared").rglob("*"))
+    with read_only(tmp_path / "shared", monkeypatch):
+        dm = FewShotDataModule("oxford_pets", root=tmp_path / "shared", shots=2, num_workers=0)
         dm.setup()
-    assert list(root.iterdir()) == []
-    (cached,) = (tmp_path / "xdg" / "kr_vlm" / "digits").glob("shot_2-seed_1-kr_vlm-*.json")
-    assert len(dm.train_dataset) == 20
+    assert sorted((tmp_path / "shared").rglob("*")) == before
+    assert len(dm.train_dataset) == 8
 
 
 def test_distribution_shift_on_imagenet_with_missing_sets(tmp_path):
@@ -303,6 +300,26 @@ def test_distribution_shift_on_digits():
 def test_distribution_shift_keeps_its_hyperparameters():
     dm = DistributionShiftDataModule("digits", shots=1, shift_sets=["digits_edges"], num_workers=0)
     assert dm.hparams["shift_sets"] == ["digits_edges"] and dm.hparams["shots"] == 1
+
+
+def test_distribution_shift_takes_every_few_shot_option_and_extra_test_sets():
+    dm = DistributionShiftDataModule(
+        "digits",
+        shots=2,
+        shift_sets=["digits_edges"],
+        test_sets=["glyphs"],
+        fraction=0.5,
+        classnames="default",
+        download=False,
+        val_shots=3,
+        num_workers=0,
+    )
+    assert (dm.fraction, dm.val_shots, dm.shift_sets, dm.test_sets) == (
+        0.5, 3, ["digits_edges"], ["digits_edges", "glyphs"]
+    )
+    # A module rebuilt from its hyperparameters (as from a checkpoint) is the same module.
+    again = DistributionShiftDataModule(**dm.hparams)
+    assert (again.shift_sets, again.test_sets) == (dm.shift_sets, dm.test_sets)
 
 
 def test_missing_source_is_an_error(tmp_path):
@@ -346,13 +363,12 @@ def test_instantiate_from_hydra_config(tmp_path):
 
     config = OmegaConf.create(
         {
-            "_target_": "kr_vlm.data.datamodules.DistributionShiftDataModule",
+            "_target_": "kr_vlm.data.DistributionShiftDataModule",
             "dataset": "digits",
             "root": str(tmp_path),
             "shots": 1,
             "shift_sets": ["digits_inverted"],
             "num_workers": 0,
-            "cache_dir": str(tmp_path / "cache"),
         }
     )
     dm = instantiate(config)

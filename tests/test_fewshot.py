@@ -1,28 +1,24 @@
-"""Few-shot sampling (kr_vlm.data.fewshot): determinism, counts, replacement, cache, base-to-new."""
+"""Few-shot sampling (kr_vlm.data.fewshot): determinism, counts, replacement, base-to-new."""
 
 from __future__ import annotations
 
 import json
-import logging
 import random
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
-from coop_layout import read_only
-from kr_vlm.data import fewshot
 from kr_vlm.data.fewshot import (
-    DEFAULT_CACHE_FOLDER,
     SAMPLERS,
     FewShotSplit,
     base_new_labels,
-    cache_path,
     few_shot_split,
-    resolve_cache_dir,
     sample_per_class,
-    source_hash,
+    split_misfit,
     subsample_classes,
-    user_cache_dir,
     validation_shots,
 )
 from kr_vlm.errors import ConfigError
@@ -133,70 +129,13 @@ def test_val_shots_sets_the_validation_size(sampler):
         few_shot_split("toy", TRAIN, VAL, shots=2, seed=3, sampler=sampler, val_shots=0)
 
 
-def test_val_shots_has_its_own_cache_file_and_the_default_keeps_its_name(tmp_path):
-    default = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path)
-    larger = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, val_shots=6)
-    digest = source_hash(TRAIN, VAL)
-    assert cache_path(tmp_path, "toy", 2, 1, digest).is_file()
-    assert cache_path(tmp_path, "toy", 2, 1, digest, val_shots=6).name.startswith("shot_2-seed_1-kr_vlm-val_6-")
-    assert cache_path(tmp_path, "toy", 2, 1, digest, val_shots=2) == cache_path(tmp_path, "toy", 2, 1, digest)
-    # Read back, each is its own split.
-    assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path) == default
-    assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, val_shots=6) == larger
-    assert len(larger.val) == 30 and len(list((tmp_path / "toy").glob("*.json"))) == 2
-
-
 def test_no_warning_when_every_class_has_enough():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         few_shot_split("toy", TRAIN, VAL, shots=4, seed=1)
 
 
-def test_cache_is_written_and_reused(tmp_path, monkeypatch):
-    split = few_shot_split("toy", TRAIN, VAL, shots=4, seed=1, cache_dir=tmp_path)
-    path = cache_path(tmp_path, "toy", 4, 1, source_hash(TRAIN, VAL))
-    record = json.loads(path.read_text())
-    assert record["dataset"] == "toy" and record["shots"] == 4 and record["seed"] == 1
-    assert [tuple(item) for item in record["train"]] == split.train
 
-    def no_sampling(*args, **kwargs):
-        raise AssertionError("the cached split should have been read")
-
-    monkeypatch.setattr(fewshot, "sample_per_class", no_sampling)
-    shuffled = TRAIN[::-1]  # same files, another order: same cache entry
-    assert few_shot_split("toy", shuffled, VAL, shots=4, seed=1, cache_dir=tmp_path) == split
-
-
-def test_cache_is_invalidated_when_the_file_list_changes(tmp_path):
-    few_shot_split("toy", TRAIN, VAL, shots=4, seed=1, cache_dir=tmp_path)
-    changed = TRAIN[1:] + [("/data/set/class_0/new.jpg", 0)]
-    split = few_shot_split("toy", changed, VAL, shots=4, seed=1, cache_dir=tmp_path)
-    assert set(split.train) <= set(changed)
-    assert len(list((tmp_path / "toy").glob("*.json"))) == 2
-    relabelled = [(path, 1 - label if label < 2 else label) for path, label in TRAIN]
-    assert source_hash(relabelled, VAL) != source_hash(TRAIN, VAL)
-
-
-def test_cache_keys_shots_and_seed(tmp_path):
-    for shots, seed in [(1, 1), (2, 1), (1, 2)]:
-        few_shot_split("toy", TRAIN, VAL, shots=shots, seed=seed, cache_dir=tmp_path)
-    assert len(list((tmp_path / "toy").glob("*.json"))) == 3
-
-
-def test_unreadable_cache_is_resampled(tmp_path):
-    expected = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1)
-    path = cache_path(tmp_path, "toy", 2, 1, source_hash(TRAIN, VAL))
-    path.parent.mkdir(parents=True)
-    path.write_text("{not json")
-    with pytest.warns(UserWarning, match="unreadable few-shot cache"):
-        assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path) == expected
-    assert json.loads(path.read_text())["shots"] == 2  # rewritten
-
-
-def test_source_hash_ignores_order_but_not_content():
-    assert source_hash(TRAIN, VAL) == source_hash(TRAIN[::-1], VAL[::-1])
-    assert source_hash(TRAIN, VAL) != source_hash(TRAIN[:-1], VAL)
-    assert source_hash(TRAIN, VAL) != source_hash(TRAIN + VAL, [])
 
 
 def test_bad_shots_are_errors():
@@ -266,13 +205,6 @@ def test_without_a_validation_split_validation_shots_come_from_the_rest_of_train
     assert counts(short.val) == {0: 1, 1: 2} and not set(short.val) & set(short.train)
 
 
-def test_samplers_have_their_own_cache_files(tmp_path):
-    for sampler in SAMPLERS:
-        few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path, sampler=sampler)
-    names = sorted(path.name for path in (tmp_path / "toy").glob("*.json"))
-    assert [name.split("-")[2] for name in names] == sorted(SAMPLERS)
-
-
 def test_unknown_sampler_is_a_config_error():
     with pytest.raises(ConfigError, match="data.sampler must be one of kr_vlm, coop, clip_lora"):
         few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, sampler="dassl")
@@ -304,41 +236,27 @@ def _edit(record: dict, edit: str) -> None:
         "val image from train",
     ],
 )
-def test_a_cache_that_does_not_fit_the_dataset_is_drawn_again(tmp_path, edit):
-    expected = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path)
-    path = cache_path(tmp_path, "toy", 2, 1, source_hash(TRAIN, VAL))
-    record = json.loads(path.read_text())
+def test_a_stored_split_that_does_not_fit_the_dataset_is_told_apart(edit):
+    """`split_misfit` checks a split read from a file (CoOp's stored splits) against the source lists."""
+    expected = few_shot_split("toy", TRAIN, VAL, shots=2, seed=1)
+    assert split_misfit(expected, TRAIN, VAL, 2, "kr_vlm") is None
+    record = json.loads(json.dumps({"train": expected.train, "val": expected.val}))
     _edit(record, edit)
-    path.write_text(json.dumps(record))
-    with pytest.warns(UserWarning, match="does not fit the dataset"):
-        assert few_shot_split("toy", TRAIN, VAL, shots=2, seed=1, cache_dir=tmp_path) == expected
-    assert json.loads(path.read_text())["train"] == [list(item) for item in expected.train]  # rewritten
+    edited = FewShotSplit(
+        [tuple(item) for item in record["train"]],
+        None if record["val"] is None else [tuple(item) for item in record["val"]],
+    )
+    assert split_misfit(edited, TRAIN, VAL, 2, "kr_vlm") is not None
 
 
-def test_a_read_only_data_root_caches_in_the_user_cache_folder(tmp_path, monkeypatch, caplog):
-    root = tmp_path / "shared_data"
-    root.mkdir()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    default = root / DEFAULT_CACHE_FOLDER
-    with read_only(root, monkeypatch), caplog.at_level(logging.WARNING, logger="kr_vlm.data.fewshot"):
-        first = resolve_cache_dir(default, root)
-        again = resolve_cache_dir(default, root)
-        with pytest.raises(ConfigError, match=r"paths\.cache_dir"):  # not the default: no fallback
-            resolve_cache_dir(root / "my_cache", root)
-    assert first == again == tmp_path / "xdg" / "kr_vlm"
-    assert len(caplog.records) == 1 and "not writable" in caplog.records[0].getMessage()  # said once
-    assert list(root.iterdir()) == []
-
-
-def test_the_user_cache_folder_defaults_to_home(tmp_path, monkeypatch):
-    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert user_cache_dir() == tmp_path / ".cache" / "kr_vlm"
-
-
-def test_an_explicit_cache_folder_that_cannot_be_written_is_a_config_error(tmp_path):
-    (tmp_path / "a_file").write_text("")
-    with pytest.raises(ConfigError, match=r"paths\.cache_dir"):
-        resolve_cache_dir(tmp_path / "a_file" / "cache", tmp_path)
-    assert resolve_cache_dir(None, tmp_path) is None
-    assert resolve_cache_dir(tmp_path / "mine", tmp_path) == tmp_path / "mine"
+def test_the_draw_benchmark_runs_side_by_side_with_the_listing():
+    script = Path(__file__).parent.parent / "scripts" / "bench_fewshot_draw.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--classes", "3", "--per-class", "20", "--shots", "2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "list 60 training files" in done.stdout
+    assert all(f"with {sampler}:" in done.stdout for sampler in SAMPLERS)

@@ -87,7 +87,7 @@ def test_templates_exist_for_every_kind(kind):
 
 
 def test_a_datamodule_trains_and_tests_on_glyphs(tmp_path):
-    datamodule = FewShotDataModule("glyphs", root=tmp_path, shots=2, num_workers=0, cache_dir=tmp_path)
+    datamodule = FewShotDataModule("glyphs", root=tmp_path, shots=2, num_workers=0)
     datamodule.set_transforms(np.array, np.array)
     datamodule.setup("fit")
     assert len(datamodule.train_dataset) == 2 * 36 and datamodule.train_task.classnames == CLASSNAMES

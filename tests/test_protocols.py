@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from coop_layout import make_coop_dataset
-from kr_vlm.data.datamodules import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data import DistributionShiftDataModule, FewShotDataModule
 from kr_vlm.data.digits import CLASSNAMES as DIGIT_NAMES
 from kr_vlm.data.templates import COOP_IMAGENET_TEMPLATES_SELECT, get_templates
 from kr_vlm.errors import ConfigError
@@ -152,7 +152,8 @@ def test_a_global_batch_that_does_not_divide_is_an_error():
 def test_lists_from_hydra_are_kept_as_plain_lists_that_checkpoints_can_hold(tmp_path):
     # A checkpoint keeps the DataModule's hyperparameters and is read back with weights_only=True.
     config = {"_target_": "kr_vlm.data.DistributionShiftDataModule", "dataset": "digits", "num_workers": 0}
-    dm = instantiate(OmegaConf.create({**config, "shift_sets": ["digits_noisy"]}))
+    dm = instantiate(OmegaConf.create({**config, "shift_sets": ["digits_noisy"], "test_sets": ["glyphs"]}))
     assert type(dm.hparams["shift_sets"]) is list and type(dm.hparams["test_sets"]) is list
     torch.save(dict(dm.hparams), tmp_path / "hparams.pt")
-    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["test_sets"] == ["digits_noisy"]
+    saved = torch.load(tmp_path / "hparams.pt", weights_only=True)
+    assert (saved["shift_sets"], saved["test_sets"]) == (["digits_noisy"], ["glyphs"])

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
-from lightning.fabric.utilities.types import _PATH
+from fsspec.utils import get_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from kr_vlm.files import leftover_temporaries, write_file_atomic
@@ -35,9 +34,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._tidied_folders: set[Path] = set()
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
     ) -> None:
-        if not _is_local_file_protocol(path):
+        if get_protocol(str(path)) != "file":
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:

@@ -15,11 +15,9 @@ open_clip), and neither should depend on it.
 from __future__ import annotations
 
 import datetime
-import functools
 import hashlib
 import json
 import logging
-import math
 import resource
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +27,8 @@ from typing import Any
 
 import open_clip
 import torch
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger
-from open_clip.loss import ClipLoss
 from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -43,13 +40,12 @@ from kr_vlm.data.glyphs import HELD_OUT_STEMS, PRETRAINING_FACES
 from kr_vlm.files import write_file_atomic, write_json_atomic
 from kr_vlm.models.classifier import CLIPClassifier
 from kr_vlm.models.clip import MODEL_CONFIG_DIR, load_clip
-from kr_vlm.models.finetuner import warmup_cosine_factor
+from kr_vlm.models.pretraining import ContrastivePretraining
 
 log = logging.getLogger(__name__)
 
 MODEL_NAME = "kr-vlm-mini"
 # open_clip's training clamps the learned temperature at 100 (open_clip_train/train.py).
-MAX_LOGIT_SCALE = math.log(100.0)
 # The final loss reported is the mean over this many last steps (one step's loss is noisy).
 FINAL_LOSS_STEPS = 50
 
@@ -98,52 +94,6 @@ def draw_corpus(
         images.append(batch_images.to(torch.float16))
         captions.extend(batch_captions)
     return TensorDataset(torch.cat(images), tokenizer(captions))
-
-
-class ContrastivePretraining(LightningModule):
-    """CLIP's contrastive objective (open_clip's `ClipLoss`) on image-caption batches."""
-
-    def __init__(self, model: nn.Module, config: PretrainConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.config = config
-        self.loss = ClipLoss()
-        self.losses: list[float] = []
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, tokens = batch
-        image_features, text_features, logit_scale = self.model(images.float(), tokens)
-        loss = self.loss(image_features, text_features, logit_scale)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", logit_scale)
-        self.losses.append(loss.item())
-        return loss
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        with torch.no_grad():
-            self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        config = self.config
-        decayed = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-        others = [p for n, p in self.model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decayed, "weight_decay": config.weight_decay},
-                {"params": others, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=(0.9, 0.98),
-            eps=1e-6,
-        )
-        factor = functools.partial(
-            warmup_cosine_factor,
-            warmup_steps=config.warmup_steps,
-            total_steps=config.steps,
-            min_factor=config.min_lr / config.lr,
-        )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def fp16_state_dict_bytes(model: nn.Module) -> bytes:
@@ -268,7 +218,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path, command: str = "") -> 
         "final_loss": round(
             sum(module.losses[-FINAL_LOSS_STEPS:]) / len(module.losses[-FINAL_LOSS_STEPS:]), 4
         ),
-        "logit_scale": round(model.logit_scale.exp().item(), 2),
+        "logit_scale": round(module.temperature(), 2),
         "zero_shot_top1": zero_shot,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
         "weights_bytes": len(data),

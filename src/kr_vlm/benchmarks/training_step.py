@@ -50,6 +50,7 @@ from torch import nn
 
 from kr_vlm.adapters import AdapterConfig, inject_adapters, kradapter_shapes
 from kr_vlm.models import clip_target_modules, convert_attention
+from kr_vlm.models.targets import clip_image_size, clip_input_modules
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -100,7 +101,7 @@ CLIP = Workload(
     name=MODEL_NAME,
     target_sets=TARGET_SETS,
     target_names=lambda model, kinds: clip_target_modules(model, layers=kinds),
-    input_modules=lambda model: [model.visual.conv1, model.token_embedding],
+    input_modules=clip_input_modules,
     loss=_clip_loss,
 )
 
@@ -267,7 +268,7 @@ def build_run(
 
 def make_batch(model: nn.Module, batch_size: int, device: torch.device) -> Batch:
     """Random images at the CLIP model's resolution and tokenized captions (open_clip's shipped tokenizer)."""
-    height, width = model.visual.image_size
+    height, width = clip_image_size(model)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, height, width, generator=generator).to(device)
     tokenizer = open_clip.get_tokenizer(MODEL_NAME, context_length=model.context_length)

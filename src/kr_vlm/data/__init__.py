@@ -5,7 +5,8 @@ Nothing here knows about adapters or models.
 
 from kr_vlm.data.base import ClassificationTask, ImageListDataset
 from kr_vlm.data.clip_benchmark import ClipBenchmarkDataModule
-from kr_vlm.data.datamodules import DistributionShiftDataModule, FewShotDataModule
+from kr_vlm.data.datamodules import FewShotDataModule
+from kr_vlm.data.distribution_shift import DistributionShiftDataModule
 from kr_vlm.data.registry import DATASET_NAMES, build_dataset
 from kr_vlm.data.templates import get_templates
 

@@ -13,7 +13,7 @@
 Nothing is downloaded unless `download` is set (`data.download=true`); `HF_HUB_OFFLINE=1` is honoured
 by huggingface_hub. A sample is ``<source>#<index>`` (torchvision-style sets: the index in the
 dataset's order) or ``<shard>#<key>`` (webdatasets: the sample's key in its shard), so every few-shot
-draw and the cache work on them as on image files.
+draw works on them as on image files.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Lightning DataModules: few-shot training on one dataset, and the distribution-shift protocol.
+"""The Lightning DataModule of few-shot training on one dataset (and its protocols' test sets).
 
 The contract with the model side:
 
@@ -9,7 +9,7 @@ The contract with the model side:
   (`ClassificationTask`s: class names and prompt templates), where `val_tasks[i]` / `test_tasks[i]`
   describe the loader `val_dataloader()[i]` / `test_dataloader()[i]`; the loader methods always
   return lists, even of one;
-- `test_roles` says what each test set measures, by task name (one of `TEST_ROLES`): `source` (the
+- `test_roles` says what each test set measures, by task name (one of `kr_vlm.data.protocols.TEST_ROLES`): `source` (the
   training dataset, all its classes), `base` / `new` (its two halves, base-to-new), `shift` (a
   shifted version of the source: the same classes, drawn or photographed otherwise), `cross` (another
   dataset: cross-dataset transfer). The run summary writes them in metrics.json, and
@@ -35,44 +35,32 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from kr_vlm.data.atlas import atlas_fraction
 from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
-from kr_vlm.data.digits import DOMAINS as DIGIT_DOMAINS
 from kr_vlm.data.fewshot import (
-    SUBSAMPLE_CHOICES,
     base_new_labels,
-    check_sampler,
     few_shot_split,
-    resolve_cache_dir,
     subsample_classes,
 )
 from kr_vlm.data.loading import ResumableLoader, SeededAugmentations, SeededShuffle, shot_repeats
+from kr_vlm.data.protocols import (
+    BASE_TO_NEW,
+    DIGIT_SHIFT_SETS,
+    SHIFT_SETS,
+    check_data_options,
+    check_test_sets,
+)
 from kr_vlm.data.registry import (
     BENCHMARK_PREFIX,
-    DATASET_NAMES,
-    IMAGENET_SHIFT_DATASETS,
     build_dataset,
     dataset_folder,
     dataset_info,
     download_dataset,
 )
-from kr_vlm.data.templates import TEMPLATE_KINDS, get_templates
+from kr_vlm.data.templates import get_templates
 from kr_vlm.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 Transform = Callable[[Any], Any]
-
-# The digits domains other than `clean` play the part of ImageNet's shifted test sets.
-DIGIT_SHIFT_SETS: tuple[str, ...] = tuple(f"digits_{domain}" for domain in DIGIT_DOMAINS if domain != "clean")
-# The shifted versions of each source dataset (its classes, drawn or photographed otherwise): the test sets
-# of the distribution-shift protocol. Any other extra test set is a cross-dataset target.
-SHIFT_SETS: dict[str, tuple[str, ...]] = {"imagenet": IMAGENET_SHIFT_DATASETS, "digits": DIGIT_SHIFT_SETS}
-# Every name `test_sets` takes: a dataset of the registry, or a digits domain.
-TEST_SET_NAMES: tuple[str, ...] = (*DATASET_NAMES, *DIGIT_SHIFT_SETS)
-# What a test set measures (see the module docstring); metrics.json's `test_roles` holds these strings.
-TEST_ROLES: tuple[str, ...] = ("source", "base", "new", "shift", "cross")
-# data.subsample: the few-shot module's class subsets, and CoCoOp's protocol in one run.
-BASE_TO_NEW = "base_to_new"
-SUBSAMPLES: tuple[str, ...] = (*SUBSAMPLE_CHOICES, BASE_TO_NEW)
 
 
 def _few(items: Sequence[str], shown: int) -> str:
@@ -86,25 +74,6 @@ def _templates(dataset: ImageListDataset, name: str, kind: str) -> tuple[str, ..
     if kind == "clip_benchmark" and dataset.templates:
         return dataset.templates
     return get_templates(name, kind)
-
-
-def check_test_sets(test_sets: Sequence[str], source: str) -> list[str]:
-    """`test_sets` as a list, or a `ConfigError` for an unknown name, a repeated one or the source itself."""
-    names = list(test_sets)
-    unknown = [name for name in names if name not in TEST_SET_NAMES and not name.startswith(BENCHMARK_PREFIX)]
-    if unknown:
-        raise ConfigError(
-            f"Unknown test sets {unknown} in data.test_sets (data.shift_sets); known: "
-            f"{', '.join(TEST_SET_NAMES)}."
-        )
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated or source in names:
-        raise ConfigError(
-            f"data.test_sets (data.shift_sets) names {repeated or [source]} "
-            f"{'more than once' if repeated else 'although it is the source dataset, which is always tested'}: "
-            "list each extra test set once."
-        )
-    return names
 
 
 class FewShotDataModule(LightningDataModule):
@@ -159,9 +128,6 @@ class FewShotDataModule(LightningDataModule):
             (``digits_rotated``). A set that is not under `root` is skipped, with one warning that
             lists every skipped set.
         skip_corrupt: skip unreadable images instead of failing (see `ImageListDataset`).
-        cache_dir: where drawn splits are cached as JSON (`kr_vlm.data.fewshot`); None: no cache.
-            The default of the configs, `<root>/.kr_vlm_cache`, falls back to the per-user cache
-            folder when the data root is read-only (`kr_vlm.data.fewshot.resolve_cache_dir`).
         sampler: the few-shot draw: `kr_vlm` (portable, the default), `coop` (CoOp's draw, image
             for image; CoOp's `split_fewshot/*.pkl` in the dataset folder are used as they are),
             `clip_lora` (CLIP-LoRA's draw) or `atlas` (aTLAS's / RandLoRA's draw, `kr_vlm.data.atlas`).
@@ -189,7 +155,6 @@ class FewShotDataModule(LightningDataModule):
         eval_templates: str = "simple",
         subsample: str = "all",
         skip_corrupt: bool = False,
-        cache_dir: str | Path | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         sampler: str = "kr_vlm",
@@ -207,47 +172,20 @@ class FewShotDataModule(LightningDataModule):
         for key, value in self.hparams.items():
             if isinstance(value, Sequence) and not isinstance(value, str):
                 self.hparams[key] = list(value)
-        info = dataset_info(dataset)  # an unknown name fails here, listing the known ones
-        if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
-            raise ConfigError(f"data.shots must be a whole number >= 0 (0 = zero-shot), got {shots!r}.")
-        if fraction is not None and not (
-            isinstance(fraction, int | float)
-            and not isinstance(fraction, bool)
-            and 0 < fraction <= 1
-            and shots > 0
-        ):
-            raise ConfigError(
-                f"data.fraction must be a number in (0, 1] (aTLAS's data ratio, e.g. 0.5), with data.shots > 0 "
-                f"(0 means zero-shot); got fraction={fraction!r}, shots={shots!r}."
-            )
-        if shots > 0 and "train" not in info.splits:
-            raise ConfigError(
-                f"{dataset!r} is an evaluation-only set (splits {list(info.splits)}): it cannot be trained "
-                "on. Use data.shots=0, or train on its source (e.g. imagenet) with DistributionShiftDataModule."
-            )
-        for argument, kind in (("train_templates", train_templates), ("eval_templates", eval_templates)):
-            if kind not in TEMPLATE_KINDS:
-                raise ConfigError(
-                    f"data.{argument} must be one of {', '.join(TEMPLATE_KINDS)}, got {kind!r}."
-                )
-        if subsample not in SUBSAMPLES:
-            raise ConfigError(f"data.subsample must be one of {', '.join(SUBSAMPLES)}, got {subsample!r}.")
-        check_sampler(sampler)
-        for argument, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise ConfigError(f"data.{argument} must be at least 1, got {value}.")
-        if num_workers < 0:
-            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}.")
-        if val_shots is not None and (type(val_shots) is not int or val_shots < 1):
-            raise ConfigError(
-                "data.val_shots must be a whole number >= 1 (validation images per class), or null for "
-                f"min(data.shots, 4), got {val_shots!r}."
-            )
-        if type(min_iterations_per_epoch) is not int or min_iterations_per_epoch < 0:
-            raise ConfigError(
-                "data.min_iterations_per_epoch must be a whole number >= 0 (the KRAdapter / RandLoRA authors: "
-                f"10; 0 = every shot once an epoch), got {min_iterations_per_epoch!r}."
-            )
+        check_data_options(
+            dataset,
+            shots=shots,
+            fraction=fraction,
+            train_templates=train_templates,
+            eval_templates=eval_templates,
+            subsample=subsample,
+            sampler=sampler,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            val_shots=val_shots,
+            min_iterations_per_epoch=min_iterations_per_epoch,
+        )
 
         self.dataset = dataset
         self.root = root
@@ -262,7 +200,6 @@ class FewShotDataModule(LightningDataModule):
         self.eval_templates = eval_templates
         self.subsample = subsample
         self.skip_corrupt = skip_corrupt
-        self.cache_dir = cache_dir
         self.sampler = sampler
         self.fraction = fraction
         self.classnames = classnames
@@ -340,7 +277,6 @@ class FewShotDataModule(LightningDataModule):
                 None if source_val is None else source_val.samples,
                 self.shots,
                 self.seed,
-                cache_dir=resolve_cache_dir(self.cache_dir, self.root),
                 classnames=classnames,
                 sampler=self.sampler,
                 dataset_dir=dataset_folder(self.dataset, self.root),
@@ -559,77 +495,3 @@ class FewShotDataModule(LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=persistent and self.num_workers > 0,
         )
-
-
-class DistributionShiftDataModule(FewShotDataModule):
-    """Few-shot training on a source dataset; test on its test split and on every shifted test set.
-
-    The protocol of CoOp / CLIP-LoRA's domain-generalisation tables: train on few-shot ImageNet,
-    test on ImageNet and on ImageNet-V2, -Sketch, -A and -R. It is `FewShotDataModule` with
-    `test_sets` defaulting to the shifted sets of the source (`SHIFT_SETS`): each gets its own
-    loader and task, with its own class names (ImageNet-A and -R have 200 classes, labelled by their
-    own folders) and templates. Offline, `dataset="digits"` trains on clean digits and tests on the
-    other digits domains (`digits_inverted`, `digits_rotated`, `digits_noisy`, `digits_edges`).
-
-    A shifted set that is not under `root` is skipped, with one warning that lists every skipped
-    set; a missing source dataset is an error.
-
-    Args:
-        dataset: the source dataset (default `imagenet`).
-        shift_sets: the shifted test sets, in order; None: all known for the source
-            (`SHIFT_SETS`). Any name `FewShotDataModule`'s `test_sets` takes.
-        The other arguments are `FewShotDataModule`'s.
-    """
-
-    def __init__(
-        self,
-        dataset: str = "imagenet",
-        root: str | Path = "data",
-        shots: int = 16,
-        seed: int = 1,
-        batch_size: int = 32,
-        eval_batch_size: int = 256,
-        num_workers: int = 4,
-        train_templates: str = "simple",
-        eval_templates: str = "simple",
-        shift_sets: Sequence[str] | None = None,
-        skip_corrupt: bool = False,
-        cache_dir: str | Path | None = None,
-        pin_memory: bool | None = None,
-        persistent_workers: bool = True,
-        sampler: str = "kr_vlm",
-        min_iterations_per_epoch: int = 0,
-        val_shots: int | None = None,
-    ) -> None:
-        if shift_sets is None:
-            if dataset not in SHIFT_SETS:
-                raise ConfigError(
-                    f"No shifted test sets are known for {dataset!r} (known for {', '.join(SHIFT_SETS)}); "
-                    "name them with data.shift_sets=[...]."
-                )
-            shift_sets = SHIFT_SETS[dataset]
-        super().__init__(
-            dataset=dataset,
-            root=root,
-            shots=shots,
-            seed=seed,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            train_templates=train_templates,
-            eval_templates=eval_templates,
-            subsample="all",
-            skip_corrupt=skip_corrupt,
-            cache_dir=cache_dir,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            sampler=sampler,
-            test_sets=shift_sets,
-            min_iterations_per_epoch=min_iterations_per_epoch,
-            val_shots=val_shots,
-        )
-
-    @property
-    def shift_sets(self) -> list[str]:
-        """The shifted test sets (the `test_sets` of this module)."""
-        return self.test_sets

@@ -1,4 +1,4 @@
-"""Few-shot splits: kr_vlm's own draw and exact copies of CoOp's and CLIP-LoRA's, a JSON cache, base-to-new.
+"""Few-shot splits: kr_vlm's own draw and exact copies of CoOp's, CLIP-LoRA's and aTLAS's, base-to-new.
 
 Every sampler takes K training and min(K, 4) validation images per class (or `val_shots`, where a
 caller asks for another validation size: `data.val_shots`); they differ in order,
@@ -32,19 +32,14 @@ the split. The module-level functions of `random` are methods of one hidden `ran
 seeded the same way, so a `random.Random(seed)` of our own draws the very same images and leaves
 the global state alone (tests/test_sampler_references.py checks this against both references).
 
-A cached split is keyed by dataset, sampler, shots, seed and a hash of the source file lists (for
-`coop` and `clip_lora`, whose draws depend on the order, a hash of the lists as ordered), so a
-changed dataset gets a fresh split instead of a stale one. A cache file that cannot be read, or
-that does not fit the source lists, is ignored with a warning and drawn again.
+Every draw is deterministic and takes a fraction of the time that listing the dataset's files does, so
+splits are drawn afresh each run and never cached.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 import random
 import warnings
 from collections import defaultdict
@@ -58,21 +53,13 @@ from kr_vlm.data.atlas import atlas_shots
 from kr_vlm.data.base import MalformedDatasetError
 from kr_vlm.data.coop_files import UnsafePickleError, coop_training_list, read_coop_fewshot
 from kr_vlm.errors import ConfigError
-from kr_vlm.files import write_text_atomic
 
 log = logging.getLogger(__name__)
 
 Samples = list[tuple[str, int]]
 
-# Stored in every cache file; bump it when a draw changes so old caches are not reused.
-SAMPLER_VERSION = 2
 SAMPLERS = ("kr_vlm", "coop", "clip_lora", "atlas")
 SUBSAMPLE_CHOICES = ("all", "base", "new")
-# The cache folder under the data root that `paths.cache_dir` names by default.
-DEFAULT_CACHE_FOLDER = ".kr_vlm_cache"
-
-# Cache folders already reported as replaced by the per-user one (the warning comes once a process).
-_reported_fallbacks: set[Path] = set()
 
 
 @dataclass(frozen=True)
@@ -211,89 +198,6 @@ _DRAWS: dict[str, Callable[[Samples, Samples | None, int, int, int], FewShotSpli
 }
 
 
-def source_hash(*sample_lists: Sequence[tuple[str, int]], ordered: bool = False) -> str:
-    """A hash of the given sample lists (hex SHA-256); `ordered=False` ignores their order.
-
-    Any added, removed, renamed or relabelled file changes it; listing the same files in another
-    order changes it only with `ordered` (the draws of CoOp and CLIP-LoRA depend on the order).
-    """
-    digest = hashlib.sha256()
-    for samples in sample_lists:
-        canonical = [(str(path), int(label)) for path, label in samples]
-        if not ordered:
-            canonical.sort()
-        digest.update(json.dumps(canonical, separators=(",", ":")).encode("utf-8"))
-        digest.update(b"\x00")  # keeps ([a], [b]) apart from ([a, b], [])
-    return digest.hexdigest()
-
-
-def cache_path(
-    cache_dir: str | Path,
-    dataset: str,
-    shots: int,
-    seed: int,
-    source_digest: str,
-    sampler: str = "kr_vlm",
-    val_shots: int | None = None,
-) -> Path:
-    """Where the split of `dataset` drawn by `sampler` with `shots`, `seed` (and `val_shots` validation
-    images per class, where that is not the default min(shots, 4)) is cached."""
-    val = validation_shots(shots, val_shots)
-    other_val = "" if val == validation_shots(shots) else f"-val_{val}"
-    name = f"shot_{shots}-seed_{seed}-{sampler}{other_val}-{source_digest[:16]}.json"
-    return Path(cache_dir) / dataset / name
-
-
-def user_cache_dir() -> Path:
-    """The per-user cache folder: `$XDG_CACHE_HOME/kr_vlm`, else `~/.cache/kr_vlm`."""
-    base = os.environ.get("XDG_CACHE_HOME")
-    return (Path(base) if base else Path.home() / ".cache") / "kr_vlm"
-
-
-def _writable(folder: Path) -> bool:
-    """Whether `folder` is (or can be made) a folder this process may write in; creates it if so."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    # Checked before mkdir, so a read-only data root does not get an empty cache folder.
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        return False
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK | os.X_OK)
-
-
-def resolve_cache_dir(cache_dir: str | Path | None, data_root: str | Path) -> Path | None:
-    """The folder to cache few-shot splits in, for the configured `cache_dir` (None: no cache).
-
-    The default, `<data root>/.kr_vlm_cache`, gives way to `user_cache_dir()` when the data root
-    cannot be written (shared read-only datasets), with one warning. Any other folder is used as
-    given: if it cannot be written, that is a `ConfigError` naming `paths.cache_dir`.
-    """
-    if cache_dir is None:
-        return None
-    folder = Path(cache_dir).expanduser().absolute()
-    if _writable(folder):
-        return folder
-    fix = "Point paths.cache_dir at a folder you can write (it holds small JSON files), or set it to null."
-    if folder != Path(data_root).expanduser().absolute() / DEFAULT_CACHE_FOLDER:
-        raise ConfigError(f"The few-shot cache folder {folder} (paths.cache_dir) cannot be written. {fix}")
-    fallback = user_cache_dir().absolute()
-    if not _writable(fallback):
-        raise ConfigError(
-            f"Neither the default few-shot cache folder {folder} nor the per-user one {fallback} can be "
-            f"written. {fix}"
-        )
-    if folder not in _reported_fallbacks:
-        _reported_fallbacks.add(folder)
-        log.warning(
-            "The data root is not writable: few-shot splits are cached in %s instead of %s.", fallback, folder
-        )
-    return fallback
-
-
 def warn_short_classes(
     samples: Sequence[tuple[str, int]],
     shots: int,
@@ -388,8 +292,8 @@ def split_misfit(
 
     Every image must be one of its source list, with the same label, and every class must have as
     many images as the sampler draws of it; validation shots drawn from the training list (no
-    validation list) must not be training shots. A file read back (cache, CoOp's pickle) is checked
-    with it, so a hand-edited or foreign file is never trained on.
+    validation list) must not be training shots. CoOp's stored splits are checked with it, so a
+    hand-edited or foreign file is never trained on.
     """
     train = [(str(path), int(label)) for path, label in train_samples]
     val = None if val_samples is None else [(str(path), int(label)) for path, label in val_samples]
@@ -427,7 +331,6 @@ def few_shot_split(
     val_samples: Sequence[tuple[str, int]] | None,
     shots: int,
     seed: int,
-    cache_dir: str | Path | None = None,
     classnames: Sequence[str] | None = None,
     *,
     sampler: str = "kr_vlm",
@@ -437,7 +340,7 @@ def few_shot_split(
     """Draw `shots` training and min(`shots`, 4) (or `val_shots`) validation images per class with `sampler`.
 
     Args:
-        dataset: the dataset name; part of the cache key and of messages.
+        dataset: the dataset name, for messages (and CoOp's ImageNet listing).
         train_samples: the full training split, `(path, label)` pairs. `kr_vlm` ignores their order;
             `coop` and `clip_lora` follow it, so pass them as the split file lists them (the
             readers of `kr_vlm.data.registry` do).
@@ -446,10 +349,8 @@ def few_shot_split(
         shots: images per class to train on (at least 1).
         seed: the run seed (CoOp and CLIP-LoRA report seeds 1, 2, 3); every sampler draws from one
             `random.Random(seed)`.
-        cache_dir: if given, the split is read from / written to a JSON file under it (see
-            `cache_path`); None draws afresh every time (the result is the same).
         classnames: used to name the classes in the warning about classes with too few images.
-        sampler: `kr_vlm`, `coop` or `clip_lora` (module docstring).
+        sampler: `kr_vlm`, `coop`, `clip_lora` or `atlas` (module docstring).
         dataset_dir: the dataset's folder (CoOp's `dataset_dir`). With `sampler="coop"`, CoOp's own
             `split_fewshot/shot_K-seed_S.pkl` there is used as is, and for ImageNet CoOp's listing
             of the training images (its `preprocessed.pkl`, else `os.listdir` order).
@@ -469,7 +370,7 @@ def few_shot_split(
     val_count = validation_shots(shots, val_shots)
     train = [(str(path), int(label)) for path, label in train_samples]
     val = None if val_samples is None else [(str(path), int(label)) for path, label in val_samples]
-    # The warnings come from the source lists, so they also appear when the split is read from a file.
+    # The warnings come from the source lists, so they also appear when CoOp's stored split is used.
     _warn_about_short_classes(dataset, train, val, shots, val_count, sampler, classnames)
 
     if sampler == "coop" and dataset_dir is not None and val_count == validation_shots(shots):
@@ -478,22 +379,7 @@ def few_shot_split(
             return stored
         train = coop_training_list(dataset, Path(dataset_dir), train)
 
-    path = None
-    if cache_dir is not None:
-        digest = source_hash(train, val or [], ordered=sampler != "kr_vlm")
-        path = cache_path(cache_dir, dataset, shots, seed, digest, sampler, val_count)
-        cached = _read_cache(path, dataset, shots, seed, sampler, train, val, val_count)
-        if cached is not None:
-            log.info(
-                "Read the %d-shot split of %s (seed %d, %s) from %s", shots, dataset, seed, sampler, path
-            )
-            return cached
-
-    split = _DRAWS[sampler](train, val, shots, val_count, seed)
-    if path is not None:
-        _write_cache(path, dataset, shots, seed, sampler, split)
-        log.info("Wrote the %d-shot split of %s (seed %d, %s) to %s", shots, dataset, seed, sampler, path)
-    return split
+    return _DRAWS[sampler](train, val, shots, val_count, seed)
 
 
 def _read_coop_split(
@@ -518,60 +404,6 @@ def _read_coop_split(
         return None
     log.info("Using CoOp's %d-shot split (seed %d) from %s", shots, seed, path)
     return split
-
-
-def _read_cache(
-    path: Path,
-    dataset: str,
-    shots: int,
-    seed: int,
-    sampler: str,
-    train: Samples,
-    val: Samples | None,
-    val_count: int,
-) -> FewShotSplit | None:
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        expected = {
-            "version": SAMPLER_VERSION,
-            "dataset": dataset,
-            "sampler": sampler,
-            "shots": shots,
-            "seed": seed,
-        }
-        if any(record.get(key) != value for key, value in expected.items()):
-            raise ValueError(f"it was written for { ({key: record.get(key) for key in expected}) }")
-        split = FewShotSplit(
-            train=[(str(p), int(label)) for p, label in record["train"]],
-            val=None if record["val"] is None else [(str(p), int(label)) for p, label in record["val"]],
-        )
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        warnings.warn(f"Ignoring the unreadable few-shot cache {path} ({err}); sampling again.", stacklevel=3)
-        return None
-    reason = split_misfit(split, train, val, shots, sampler, val_count)
-    if reason is not None:
-        warnings.warn(
-            f"Ignoring the few-shot cache {path}, which does not fit the dataset ({reason}); sampling again.",
-            stacklevel=3,
-        )
-        return None
-    return split
-
-
-def _write_cache(path: Path, dataset: str, shots: int, seed: int, sampler: str, split: FewShotSplit) -> None:
-    record = {
-        "version": SAMPLER_VERSION,
-        "dataset": dataset,
-        "sampler": sampler,
-        "shots": shots,
-        "seed": seed,
-        "train": split.train,
-        "val": split.val,
-    }
-    # Processes that sample the same split at once (DDP ranks) never see half a file.
-    write_text_atomic(path, json.dumps(record, indent=1, allow_nan=False))
 
 
 def base_new_labels(num_classes: int, subsample: str) -> list[int]:

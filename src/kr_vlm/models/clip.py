@@ -2,8 +2,8 @@
 
 Weights come from a local file, a local folder, or the caches open_clip downloads into (the Hugging
 Face hub cache and open_clip's URL cache), looked up the way open_clip and huggingface_hub look them up
-(``huggingface_hub.try_to_load_from_cache``; huggingface_hub reads ``HF_HOME``, ``HF_HUB_CACHE`` and
-``HF_HUB_OFFLINE`` when it is imported). Nothing is downloaded unless asked for (``allow_download=True``)
+(``huggingface_hub.hf_hub_download(..., local_files_only=True)``; huggingface_hub reads ``HF_HOME``,
+``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE`` when it is imported). Nothing is downloaded unless asked for (``allow_download=True``)
 and Hugging Face offline mode is off; missing weights raise :class:`WeightsNotFoundError`, which names the
 folders looked in and the command that fetches them on a connected machine.
 """
@@ -27,16 +27,20 @@ from typing import Any
 import huggingface_hub
 import open_clip
 import torch
-from huggingface_hub import try_to_load_from_cache
-from huggingface_hub.file_download import repo_folder_name
 from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
-from open_clip.factory import parse_model_name
 from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 from torchvision.transforms import Compose, RandomHorizontalFlip
 
+from kr_vlm.compat import OPEN_CLIP_URL_CACHE, parse_model_name, safe_weight_alternatives
 from kr_vlm.errors import ConfigError, KrVlmError
-from kr_vlm.models.hf_offline import hf_text_overrides, hf_tokenizer, open_clip_config
+from kr_vlm.models.hf_offline import (
+    cached_hub_file,
+    hf_text_overrides,
+    hf_tokenizer,
+    hub_cache_folder,
+    open_clip_config,
+)
 from kr_vlm.models.towers import convert_towers, initialize_random_towers
 
 __all__ = ["PRECISIONS", "SHIPPED_WEIGHTS", "WeightsNotFoundError", "load_clip"]
@@ -48,9 +52,6 @@ PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 # Preprocessing settings of a pretrained tag (open_clip merges these into the model's preprocess cfg).
 TAG_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode", "fill_color")
-# Where open_clip.pretrained.download_pretrained_from_url puts weights fetched by URL when given no
-# cache_dir; open_clip has no public name for it.
-OPEN_CLIP_URL_CACHE = "~/.cache/clip"
 
 # The architectures kr_vlm ships (open_clip model configs, one JSON file each), registered with open_clip
 # so that create_model and get_tokenizer know their names.
@@ -68,31 +69,10 @@ class WeightsNotFoundError(KrVlmError, FileNotFoundError):
     """Pretrained weights are neither in a cache nor at the given path (and were not downloaded)."""
 
 
-def _hub_repo_folder(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
-    """The folder of ``repo_id`` in the Hugging Face cache (``cache_dir`` or huggingface_hub's own)."""
-    hub_cache = cache_dir if cache_dir is not None else huggingface_hub.constants.HF_HUB_CACHE
-    return Path(hub_cache).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
-
-
-def _cached_hub_file(
-    repo_id: str, filenames: Sequence[str], cache_dir: str | os.PathLike | None
-) -> str | None:
-    """Path of the first of ``filenames`` in the Hugging Face cache for ``repo_id`` (no network)."""
-    for filename in filenames:
-        cached = try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir)
-        if isinstance(cached, str):
-            return cached
-    return None
-
-
 def _weights_candidates(filename: str) -> list[str]:
-    """The files open_clip would load for ``filename`` of a hub repo, in its order: a .safetensors file
-    first where it can be one (``open_clip_model.safetensors`` for ``open_clip_pytorch_model.bin``)."""
-    if filename == HF_WEIGHTS_NAME:
-        return [HF_SAFE_WEIGHTS_NAME, filename]
-    if filename.endswith((".bin", ".pth")):
-        return [filename[:-4] + ".safetensors", filename]
-    return [filename]
+    """The files open_clip's download_pretrained_from_hf would load for ``filename`` of a hub repo, in its
+    order: a .safetensors file first where it can be one."""
+    return [*safe_weight_alternatives(filename), filename]
 
 
 def _fetch_command(model_name: str, pretrained: str | None, cache_dir: str | os.PathLike | None) -> str:
@@ -151,11 +131,11 @@ def _tag_weights(
         # open_clip's hf_hub entries are "org/repo/filename" or "org/repo/" (default weights filename).
         repo_id, filename = os.path.split(tag_cfg["hf_hub"])
         candidates = _weights_candidates(filename or HF_WEIGHTS_NAME)
-        cached = _cached_hub_file(repo_id, candidates, cache_dir)
+        cached = cached_hub_file(repo_id, candidates, cache_dir)
         if cached is not None:
             return cached
         looked_in.append(
-            f"{_hub_repo_folder(repo_id, cache_dir)} (Hugging Face cache; files {', '.join(candidates)})"
+            f"{hub_cache_folder(repo_id, cache_dir)} (Hugging Face cache; files {', '.join(candidates)})"
         )
     if tag_cfg.get("url"):
         url_file = Path(cache_dir or OPEN_CLIP_URL_CACHE).expanduser() / os.path.basename(tag_cfg["url"])
@@ -180,12 +160,12 @@ def _has_weights_file(folder: Path) -> bool:
 
 def _hf_hub_folder(repo_id: str, cache_dir: str | os.PathLike | None, allow_download: bool) -> Path:
     """The cached snapshot folder of an open_clip hub repo (config + weights), downloaded if allowed."""
-    config = _cached_hub_file(repo_id, ["open_clip_config.json"], cache_dir)
-    weights = _cached_hub_file(repo_id, _weights_candidates(HF_WEIGHTS_NAME), cache_dir)
+    config = cached_hub_file(repo_id, ["open_clip_config.json"], cache_dir)
+    weights = cached_hub_file(repo_id, _weights_candidates(HF_WEIGHTS_NAME), cache_dir)
     if config is not None and weights is not None and Path(config).parent == Path(weights).parent:
         return Path(config).parent
     looked_in = [
-        f"{_hub_repo_folder(repo_id, cache_dir)} (Hugging Face cache; files open_clip_config.json and "
+        f"{hub_cache_folder(repo_id, cache_dir)} (Hugging Face cache; files open_clip_config.json and "
         f"{HF_SAFE_WEIGHTS_NAME} or {HF_WEIGHTS_NAME})"
     ]
 

@@ -4,7 +4,7 @@ open_clip's ``HFTextEncoder`` calls ``AutoConfig.from_pretrained(<hub name>)`` a
 checkpoint is loaded, ``AutoModel.from_pretrained``; its ``HFTokenizer`` calls
 ``AutoTokenizer.from_pretrained(<hub name>)``: each reaches for the network. kr_vlm resolves those names to
 folders first, a local folder as given or the snapshot in the Hugging Face cache
-(``huggingface_hub.try_to_load_from_cache``, which honours ``HF_HUB_CACHE`` / ``HF_HOME``), and hands open_clip
+(``huggingface_hub.hf_hub_download(..., local_files_only=True)``, which honours ``HF_HUB_CACHE`` / ``HF_HOME``), and hands open_clip
 the folders: the text tower is built from its ``config.json`` with random weights (the CLIP checkpoint, when
 there is one, brings the trained ones), the tokenizer from its files. Nothing is downloaded unless
 ``allow_download`` is set and ``HF_HUB_OFFLINE`` is not; a missing file is a :class:`HubFilesNotFoundError`
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-from huggingface_hub import snapshot_download, try_to_load_from_cache
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 from huggingface_hub.file_download import repo_folder_name
 from huggingface_hub.utils import validate_repo_id
 
@@ -57,9 +57,23 @@ class HubFilesNotFoundError(KrVlmError, FileNotFoundError):
     """A Hugging Face config or tokenizer that an open_clip model needs is not available locally."""
 
 
-def _hub_folder(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+def hub_cache_folder(repo_id: str, cache_dir: str | os.PathLike | None) -> Path:
+    """The folder of ``repo_id`` in the Hugging Face cache (``cache_dir`` or huggingface_hub's own), for
+    messages that say where files were looked for."""
     hub_cache = cache_dir if cache_dir is not None else huggingface_hub.constants.HF_HUB_CACHE
     return Path(hub_cache).expanduser() / repo_folder_name(repo_id=repo_id, repo_type="model")
+
+
+def cached_hub_file(
+    repo_id: str, filenames: Sequence[str], cache_dir: str | os.PathLike | None
+) -> str | None:
+    """Path of the first of ``filenames`` of ``repo_id`` in the Hugging Face cache, without the network."""
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename, cache_dir=cache_dir, local_files_only=True)
+        except EntryNotFoundError:  # LocalEntryNotFoundError included
+            continue
+    return None
 
 
 def _fetch_command(repo_id: str, patterns: Sequence[str]) -> str:
@@ -90,10 +104,9 @@ def _local_folder(
         raise HubFilesNotFoundError(
             f"{what}: {name!r} is neither a folder nor a Hugging Face hub name ({error})."
         ) from error
-    for filename in files:
-        cached = try_to_load_from_cache(name, filename, cache_dir=cache_dir)
-        if isinstance(cached, str):
-            return Path(cached).parent
+    cached = cached_hub_file(name, files, cache_dir)
+    if cached is not None:
+        return Path(cached).parent
     if huggingface_hub.constants.HF_HUB_OFFLINE:
         reason = "Downloading is off: HF_HUB_OFFLINE is set."
     elif not allow_download:
@@ -105,7 +118,7 @@ def _local_folder(
         except Exception as error:  # any network or hub failure: report it as missing files
             reason = f"Downloading failed: {error}"
     raise HubFilesNotFoundError(
-        f"{what} was not found locally. Looked in {_hub_folder(name, cache_dir)} (Hugging Face cache) for "
+        f"{what} was not found locally. Looked in {hub_cache_folder(name, cache_dir)} (Hugging Face cache) for "
         f"{' or '.join(files)}.\n{reason}\nOn a machine with internet access, fetch it into the Hugging Face "
         f"cache with\n  {_fetch_command(name, patterns)}\nthen copy that cache folder here (or point "
         "HF_HUB_CACHE at it), or give a local folder holding these files instead of the hub name."
@@ -114,7 +127,9 @@ def _local_folder(
 
 def open_clip_config(registered: str) -> dict[str, Any]:
     """The open_clip model config of a registered model name or of a ``local-dir:`` folder."""
-    from open_clip.factory import get_model_config, parse_model_name
+    from open_clip.factory import get_model_config
+
+    from kr_vlm.compat import parse_model_name
 
     schema, identifier = parse_model_name(registered)
     if schema == "local-dir":

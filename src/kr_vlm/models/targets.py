@@ -217,3 +217,15 @@ def text_tower_parameters(model: nn.Module) -> list[nn.Parameter]:
         for name, param in model.named_parameters()
         if not name.startswith("visual.") and name not in _HEAD_PARAMETERS
     ]
+
+
+def clip_input_modules(model: nn.Module) -> list[nn.Module]:
+    """The first module of each tower of an open_clip CLIP: the image patch embedding and the token
+    embedding (what a benchmark hooks to time a step from its inputs)."""
+    return [model.visual.conv1, model.token_embedding]
+
+
+def clip_image_size(model: nn.Module) -> tuple[int, int]:
+    """The ``(height, width)`` of the images an open_clip CLIP's image tower takes."""
+    height, width = model.visual.image_size
+    return height, width

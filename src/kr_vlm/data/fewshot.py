@@ -491,8 +491,15 @@ def few_shot_split(
 
     split = _DRAWS[sampler](train, val, shots, val_count, seed)
     if path is not None:
-        _write_cache(path, dataset, shots, seed, sampler, split)
-        log.info("Wrote the %d-shot split of %s (seed %d, %s) to %s", shots, dataset, seed, sampler, path)
+        try:
+            _write_cache(path, dataset, shots, seed, sampler, split)
+            log.info("Wrote the %d-shot split of %s (seed %d, %s) to %s", shots, dataset, seed, sampler, path)
+        except OSError as err:  # a full or read-only disk: the cache only saves drawing the split again
+            warnings.warn(
+                f"Cannot write the few-shot cache {path} ({err.strerror or err}); going on without it. Free "
+                f"disk space there, or point paths.cache_dir at a writable folder (null: no cache).",
+                stacklevel=2,
+            )
     return split
 
 

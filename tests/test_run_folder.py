@@ -98,6 +98,7 @@ def test_a_folder_locked_by_a_live_process_is_refused_and_a_dead_ones_lock_is_no
 
 def test_resuming_from_a_checkpoint_of_the_folder_goes_on_in_it(tmp_path):
     folder = finished_run(tmp_path / "run")
+    (folder / "metrics.json").unlink()  # interrupted before the end
     RunFolderGuard(resume_from=str(folder / "checkpoints" / "last.ckpt")).on_run_start(run_config(folder))
     other = finished_run(tmp_path / "other")
     with pytest.raises(RunFolderInUseError, match="already holds a run"):

@@ -440,7 +440,7 @@ class CLIPFineTuner(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
         and torch's random states, which adapter dropout draws from: a fit resumed from the checkpoint
-        then drops what the uninterrupted fit would have dropped. (The training loader's position and
+        then drops what the uninterrupted fit would have dropped; and the Trainer's schedule. (The training loader's position and
         augmentations come back with its own state, which Lightning saves: kr_vlm.data.loading.)"""
         keep = set(self.adapter_keys())
         checkpoint["state_dict"] = {
@@ -449,6 +449,12 @@ class CLIPFineTuner(LightningModule):
         checkpoint[RNG_STATES_KEY] = {
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        }
+        # The schedule the fit was set to run, which a resumed fit must keep (kr_vlm.cli.resume).
+        checkpoint["kr_vlm_schedule"] = {
+            "max_steps": self.trainer.max_steps,
+            "max_epochs": self.trainer.max_epochs,
+            "accumulate_grad_batches": self.trainer.accumulate_grad_batches,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -4,7 +4,6 @@ anything is built otherwise, every difference listed), and resuming a finished r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ from compose_helpers import QUICK, TINY_MODEL, compose_config, run_state_restore
 from kr_vlm import cli
 from kr_vlm.cli.resume import resume_differences
 from kr_vlm.errors import ConfigError
+from test_run_folder import digests
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,14 +103,6 @@ def train_command(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
-
-
-def digests(folder: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != ".kr_vlm.lock"
-    }
 
 
 @pytest.mark.slow

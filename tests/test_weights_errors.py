@@ -4,21 +4,17 @@ weights changed in place say so and say to reinstall kr_vlm."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compose_helpers import path_overrides
 from kr_vlm.errors import CorruptFileError
 from kr_vlm.models import clip, load_clip
+from test_data_errors import train_command
 
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = clip.SHIPPED_WEIGHTS[("kr-vlm-mini", "kr-vlm-mini")]
 
 
@@ -77,20 +73,7 @@ def test_the_shipped_weights_changed_in_place_say_to_reinstall(tmp_path, monkeyp
 def test_train_with_a_truncated_weights_file_is_one_message(tmp_path):
     weights = tmp_path / "cut.safetensors"
     weights.write_bytes(SHIPPED.read_bytes()[:5000])
-    failed = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "experiment=demo",
-            f"model.clip.pretrained={weights}",
-            *path_overrides(tmp_path),
-        ],
-        cwd=REPO,
-        env={**os.environ, "HYDRA_FULL_ERROR": "0"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    failed = train_command(tmp_path, "experiment=demo", f"model.clip.pretrained={weights}")
     output = failed.stdout + failed.stderr
     assert failed.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert f"CorruptFileError: model.clip.pretrained={weights} is not a complete safetensors file" in output

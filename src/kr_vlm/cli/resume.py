@@ -30,9 +30,6 @@ RESUMED_DATA_KEYS = (
 )
 # CLIPFineTuner's training settings (its adapters are checked against the checkpoint's tensors on load).
 RESUMED_MODEL_KEYS = ("optimizer", "scheduler", "loss")
-# The Trainer's schedule, which CLIPFineTuner records in every checkpoint (``SCHEDULE_KEY``).
-RESUMED_TRAINER_KEYS = ("max_steps", "max_epochs", "accumulate_grad_batches")
-SCHEDULE_KEY = "kr_vlm_schedule"
 
 
 def _flat(value: Any, key: str) -> dict[str, Any]:
@@ -51,8 +48,8 @@ def _configured(cfg: DictConfig, key: str) -> Any:
 
 def resume_differences(cfg: DictConfig, checkpoint: dict[str, Any]) -> list[str]:
     """``key=saved (this run: configured)`` for every setting of ``RESUMED_*`` that differs between the
-    checkpoint and ``cfg``; a setting the checkpoint does not record, or the config does not set, is not
-    compared."""
+    checkpoint and ``cfg``. A setting the checkpoint does not record is not compared, nor a trainer setting
+    that ``cfg`` leaves unset (Lightning's default then, e.g. ``max_epochs`` with ``max_steps``)."""
     saved: dict[str, Any] = {}
     data = checkpoint.get("datamodule_hyper_parameters") or {}
     saved.update({f"data.{key}": data[key] for key in RESUMED_DATA_KEYS if key in data})
@@ -60,8 +57,11 @@ def resume_differences(cfg: DictConfig, checkpoint: dict[str, Any]) -> list[str]
     for key in RESUMED_MODEL_KEYS:
         if key in model:
             saved.update(_flat(model[key], f"model.{key}"))
+    # The Trainer's schedule, which CLIPFineTuner records in every checkpoint it writes.
+    from kr_vlm.models.finetuner import SCHEDULE_KEY
+
     schedule = checkpoint.get(SCHEDULE_KEY) or {}
-    saved.update({f"trainer.{key}": schedule[key] for key in RESUMED_TRAINER_KEYS if key in schedule})
+    saved.update({f"trainer.{key}": value for key, value in schedule.items()})
     differences = []
     for key, value in saved.items():
         configured = _configured(cfg, key)
@@ -69,9 +69,7 @@ def resume_differences(cfg: DictConfig, checkpoint: dict[str, Any]) -> list[str]
             continue  # unset: Lightning's default, which the checkpoint's run may have had too
         if isinstance(configured, list):
             value = list(value) if isinstance(value, (list, tuple)) else value
-        if configured != value and not (
-            key == "trainer.max_epochs" and configured in (None, -1) and value in (None, -1)
-        ):
+        if configured != value:
             differences.append(f"{key}={value} (this run: {configured})")
     return differences
 

@@ -50,6 +50,7 @@ ADAPTER_KEYS = ("method", "targets", "options")
 MODEL_PREFIX = "classifier.model."
 # Checkpoint entry holding torch's random generator states, for exact resumption.
 RNG_STATES_KEY = "kr_vlm_rng_states"
+SCHEDULE_KEY, SCHEDULE_FIELDS = "kr_vlm_schedule", ("max_steps", "max_epochs", "accumulate_grad_batches")
 
 # The three evaluation stages and the DataModule attribute that holds their tasks.
 _TASK_ATTRIBUTES = {"train": "train_task", "val": "val_tasks", "test": "test_tasks"}
@@ -450,12 +451,8 @@ class CLIPFineTuner(LightningModule):
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         }
-        # The schedule the fit was set to run, which a resumed fit must keep (kr_vlm.cli.resume).
-        checkpoint["kr_vlm_schedule"] = {
-            "max_steps": self.trainer.max_steps,
-            "max_epochs": self.trainer.max_epochs,
-            "accumulate_grad_batches": self.trainer.accumulate_grad_batches,
-        }
+        # The Trainer's schedule, which a resumed fit must keep (kr_vlm.cli.resume).
+        checkpoint[SCHEDULE_KEY] = {field: getattr(self.trainer, field) for field in SCHEDULE_FIELDS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's adapter tensors against this module's, then complete the state dict

@@ -4,7 +4,8 @@ A tiny Llama built from a config (random weights: no download) learns a small te
 ("3 plus 4 is 7."), with KRAdapter on every linear layer but the output head. Checkpoints hold the adapters
 only (``save_adapters``: kr_vlm's adapter folder, plus the Trainer's optimizer, scheduler and RNG state);
 running the same command again resumes from the last checkpoint, exactly; the end of the run writes the
-merged model, a stock transformers model, to ``<output dir>/merged``:
+merged model, a stock transformers model, to ``<output dir>/merged``; run again once finished, it says so
+and changes nothing:
 
     pip install -e '.[hf]'
     python examples/hf_trainer_kradapter.py --output-dir logs/hf_trainer --max-steps 200 --save-steps 50
@@ -99,8 +100,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def finished_step(output_dir: Path, max_steps: int) -> int | None:
+    """The step of the last checkpoint in ``output_dir`` when it is ``max_steps`` or beyond (the run is
+    finished), else None. The Trainer itself, resumed from its final checkpoint, would train a step more."""
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        return None
+    step = transformers.TrainerState.load_from_json(str(Path(last) / "trainer_state.json")).global_step
+    return step if step >= max_steps else None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
+    done = finished_step(args.output_dir, args.max_steps)
+    if done is not None:
+        print(
+            f"{args.output_dir} holds a finished run (step {done}, --max-steps {args.max_steps}): nothing to "
+            "train, and nothing written. Give a larger --max-steps to train on, or another --output-dir."
+        )
+        return
     pairs = [(a, b) for a in range(10) for b in range(10)]
     held_out = pairs[7::10]  # 10 sums the model never trains on
     train = sums_dataset([pair for pair in pairs if pair not in held_out])

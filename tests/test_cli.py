@@ -419,7 +419,7 @@ def test_a_checkpoint_of_other_adapters_is_refused_when_resuming(eight_step_run,
             tmp_path,
             *QUICK,
             "adapter.targets.towers=vision",
-            "trainer.max_steps=9",
+            "trainer.max_steps=8",
             f"ckpt_path={checkpoint}",
         )
 

@@ -98,6 +98,7 @@ def test_a_folder_locked_by_a_live_process_is_refused_and_a_dead_ones_lock_is_no
 
 def test_resuming_from_a_checkpoint_of_the_folder_goes_on_in_it(tmp_path):
     folder = finished_run(tmp_path / "run")
+    (folder / "metrics.json").unlink()  # interrupted before the end
     RunFolderGuard(resume_from=str(folder / "checkpoints" / "last.ckpt")).on_run_start(run_config(folder))
     other = finished_run(tmp_path / "other")
     with pytest.raises(RunFolderInUseError, match="already holds a run"):
@@ -106,6 +107,7 @@ def test_resuming_from_a_checkpoint_of_the_folder_goes_on_in_it(tmp_path):
 
 def test_resuming_into_a_folder_in_use_is_refused(tmp_path):
     folder = finished_run(tmp_path / "run")
+    (folder / "metrics.json").unlink()  # interrupted, and being resumed by another process
     lock = FolderLock(folder)
     assert lock.acquire()
     with pytest.raises(RunFolderInUseError, match="in use by a running process"):
@@ -239,8 +241,9 @@ def test_a_second_run_into_the_same_folder_is_refused_and_the_first_kept(tmp_pat
     assert evaluation.returncode == 1 and "already holds a run" in evaluation.stdout + evaluation.stderr
     assert digests(folder) == before
 
-    # Resuming the first run in its own folder is what the folder is still open for.
-    resumed = run_into(
-        folder, tmp_path, "seed=1", "trainer.max_steps=3", f"ckpt_path={folder}/checkpoints/last.ckpt"
-    )
+    # Resuming the first run in its own folder is what the folder is still open for; finished, it says so
+    # and stays as it was.
+    resumed = run_into(folder, tmp_path, "seed=1", f"ckpt_path={folder}/checkpoints/last.ckpt")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "holds a finished run" in resumed.stdout + resumed.stderr
+    assert digests(folder) == before

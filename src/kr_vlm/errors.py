@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -29,8 +30,35 @@ from contextlib import contextmanager
 log = logging.getLogger(__name__)
 
 
+# How torch's DataLoader re-raises an error of a worker process in the main one: the same type, built from
+# one string that holds the worker's whole traceback, which ends with "<module>.<type>: <message>".
+_WORKER_ERROR = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def _worker_message(error_type: type, wrapped: str) -> str:
+    """The message of the error that a DataLoader worker raised, out of torch's re-raised text."""
+    for marker in (f"{error_type.__module__}.{error_type.__qualname__}: ", f"{error_type.__qualname__}: "):
+        start = wrapped.rfind(marker)
+        if start >= 0:
+            return wrapped[start + len(marker) :].rstrip("\n")
+    return wrapped.rstrip("\n").rpartition("\n")[2]
+
+
 class KrVlmError(Exception):
-    """Bad input from the user; the message names what was wrong and the fix."""
+    """Bad input from the user; the message names what was wrong and the fix.
+
+    Raised in a DataLoader worker (a corrupt image), it reaches the main process as torch re-raises it:
+    the same type, with the worker's traceback as its message. The message is then the worker's own
+    again, and the traceback is kept as ``worker_traceback``.
+    """
+
+    worker_traceback: str | None = None
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER_ERROR.match(args[0]):
+            self.worker_traceback = args[0]
+            self.args = (_worker_message(type(self), args[0]),)
 
 
 class ConfigError(KrVlmError, ValueError):

@@ -9,7 +9,8 @@ however it ends). The guard holds the lock of its own folder for the whole run o
 
 A training run may go on in its own folder: resuming from a checkpoint inside the folder
 (``ckpt_path=<run>/checkpoints/last.ckpt hydra.run.dir=<run>``) is allowed, unless another process is
-still running there. Only global rank zero checks: the processes of the other DDP ranks write into its
+still running there. A run that finished there (its ``metrics.json``) is not resumed: the command says
+so and ends with exit status 0, leaving the folder as it was. Only global rank zero checks: the processes of the other DDP ranks write into its
 folder (Lightning's launcher passes them that folder; under srun or torchrun every process composes its
 own config, so they need one ``hydra.run.dir`` given to all of them).
 """
@@ -17,7 +18,9 @@ own config, so they need one ``hydra.run.dir`` given to all of them).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +31,8 @@ from omegaconf import DictConfig
 
 from kr_vlm.errors import KrVlmError, command_boundary
 from kr_vlm.metric_names import METRICS_FILE
+
+log = logging.getLogger(__name__)
 
 LOCK_FILE = ".kr_vlm.lock"
 #: What a run that stopped before it finished leaves in its folder (with no metrics.json): its status
@@ -150,6 +155,16 @@ class RunFolderGuard(Callback):
         """
         if not launched_as_rank_zero():
             return
+        if resuming and (folder / "metrics.json").is_file():
+            # A finished run: resuming it would only test it again and replace its record.
+            log.warning(
+                "%s=%s holds a finished run (its metrics.json): there is nothing to resume, and its folder is "
+                "left as it was. To test it again: python eval.py ckpt_path=%s (into a new folder).",
+                key,
+                folder,
+                self.resume_from,
+            )
+            sys.exit(0)
         finished = [str(path / part) for path in runs for part in finished_parts(path)]
         if finished and not resuming:
             example = ", ".join(finished[:3]) + (

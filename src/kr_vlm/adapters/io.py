@@ -38,7 +38,13 @@ from torch import nn
 
 import kr_vlm
 from kr_vlm.adapters.config import AdapterConfig
-from kr_vlm.adapters.inject import CONFIG_ATTRIBUTE, adapted_layers, inject_adapters, truncated_list
+from kr_vlm.adapters.inject import (
+    CONFIG_ATTRIBUTE,
+    _restored_on_error,
+    adapted_layers,
+    inject_adapters,
+    truncated_list,
+)
 from kr_vlm.adapters.methods import REGISTRY
 from kr_vlm.errors import ConfigError, CorruptFileError, MissingFileError
 from kr_vlm.files import write_file_atomic
@@ -277,7 +283,8 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
 
     A model without adapters gets them injected from the saved config first; a model that already holds
     adapters must hold them with an equal config. The tensors are then loaded strictly
-    (see ``load_adapter_state_dict``).
+    (see ``load_adapter_state_dict``). All or nothing: on any error the model is left as it was (no
+    adapters injected, its layers, tensors and requires_grad flags unchanged).
     """
     config, file_format = _read_folder(directory)
     weights_path = Path(directory) / WEIGHTS_FILE
@@ -293,10 +300,7 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
             f"kind of file. {RECOPY_HINT}"
         ) from None
     found = _injected_module(model)
-    if found is None:
-        inject_adapters(model, config)
-        injected = model
-    else:
+    if found is not None:
         _, injected = found
         existing = getattr(injected, CONFIG_ATTRIBUTE)
         if existing != config:
@@ -304,7 +308,13 @@ def load_adapters(model: nn.Module, directory: str | Path) -> nn.Module:
                 f"The model already holds adapters with {existing}, but {directory} holds {config}. "
                 "Load into a freshly built base model instead."
             )
-    if file_format is not None:
-        tensors = file_format.to_model_names(tensors, list(adapter_state_dict(injected)))
-    load_adapter_state_dict(injected, tensors)
+    # All or nothing, as injection is: the adapters' shapes are known only once they are injected, so
+    # a load that fails after the injection (tensors that do not fit) takes the injection back.
+    with _restored_on_error(model):
+        if found is None:
+            inject_adapters(model, config)
+            injected = model
+        if file_format is not None:
+            tensors = file_format.to_model_names(tensors, list(adapter_state_dict(injected)))
+        load_adapter_state_dict(injected, tensors)
     return model

@@ -84,6 +84,18 @@ def configured_method(cfg: DictConfig) -> str:
     return (cfg.model.get("adapter") or {}).get("method") or "none"
 
 
+def empty_schedule(cfg: DictConfig) -> str | None:
+    """The trainer setting that lets a fit take no step (``trainer.max_steps=0``, ``trainer.max_epochs=0``,
+    ``trainer.limit_train_batches=0``), as ``key=value``; None when the schedule trains."""
+    for key in ("trainer.max_steps", "trainer.max_epochs"):
+        if whole_number(cfg, key) == 0:
+            return f"{key}=0"
+    limit = OmegaConf.select(cfg, "trainer.limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and isinstance(limit, int | float) and limit == 0:
+        return f"trainer.limit_train_batches={limit}"
+    return None
+
+
 def check_test_ckpt(cfg: DictConfig) -> None:
     """``test_ckpt`` is ``last`` or ``best``; ``best`` needs a checkpoint callback that monitors a metric."""
     choice = cfg.get("test_ckpt", "last")
@@ -98,12 +110,12 @@ def check_test_ckpt(cfg: DictConfig) -> None:
         )
 
 
-def check_ckpt_path(path: str) -> None:
+def check_ckpt_path(path: str) -> dict:
     """Fail before building anything when the checkpoint ``ckpt_path`` cannot be loaded.
 
     Loaded as Lightning loads it later, with ``weights_only=True`` (plain data and tensors only, never
     arbitrary pickled objects), and memory-mapped, so its tensors are not read here. A missing, empty,
-    truncated or foreign file is a user error that names it.
+    truncated or foreign file is a user error that names it. Returns the checkpoint (its tensors mapped).
     """
     file = Path(path)
     if not file.is_file():
@@ -129,6 +141,7 @@ def check_ckpt_path(path: str) -> None:
         raise CorruptFileError(
             f"ckpt_path={path} is not a Lightning checkpoint (it has no state_dict). {where}"
         )
+    return checkpoint
 
 
 def check_adapters_dir(cfg: DictConfig) -> None:

@@ -35,9 +35,11 @@ from kr_vlm.cli.checks import (
     check_test_ckpt,
     check_values,
     configured_method,
+    empty_schedule,
     set_cpu_threads,
     whole_number,
 )
+from kr_vlm.cli.resume import check_resume
 from kr_vlm.cli.summary import (
     metrics_per_test_set,
     optimized_metric,
@@ -59,10 +61,13 @@ log = logging.getLogger(__name__)
 CONFIG_DIR = str(Path(__file__).parents[1] / "configs")
 
 
-def _prepare(cfg: DictConfig) -> None:
-    """What every run does before it builds anything: check ``ckpt_path``, set the CPU threads, seed."""
+def _prepare(cfg: DictConfig, resume: bool = False) -> None:
+    """What every run does before it builds anything: check ``ckpt_path`` (with ``resume``, also that it
+    was written with this run's data, optimiser and schedule settings), set the CPU threads, seed."""
     if cfg.get("ckpt_path"):
-        check_ckpt_path(cfg.ckpt_path)
+        checkpoint = check_ckpt_path(cfg.ckpt_path)
+        if resume:
+            check_resume(cfg, checkpoint)
     set_cpu_threads(cfg)
     if cfg.get("seed") is not None:
         from lightning.pytorch import seed_everything
@@ -127,8 +132,9 @@ def _test_results(
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fit the adapters, test them on every test set, save them and ``metrics.json`` in the run folder.
 
-    Nothing is fitted with the adapter method ``none`` or ``data.shots=0``: the model is then only
-    tested (zero-shot). ``ckpt_path`` resumes an interrupted fit. With ``optimized_metric`` set, the
+    Nothing is fitted with the adapter method ``none``, ``data.shots=0`` or a schedule of no step
+    (``trainer.max_steps=0``, ``empty_schedule``): the model is then only tested (zero-shot), and no
+    adapters are saved. ``ckpt_path`` resumes an interrupted fit. With ``optimized_metric`` set, the
     metrics hold its value at the end of the fit under ``optimized_metric``. With ``adapter_scales``, the
     tested adapters are also tested at each update scale α (``test_by_scale``).
     """
@@ -138,18 +144,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     scales = adapter_scales(cfg)
     if scales != [1.0] and not cfg.get("test"):
         raise ConfigError("adapter_scales tests the adapters at each update scale, but test=false tests nothing.")
-    fits = bool(cfg.get("train")) and method != "none" and shots > 0
+    no_steps = empty_schedule(cfg)
+    fits = bool(cfg.get("train")) and method != "none" and shots > 0 and no_steps is None
     if cfg.get("train") and not fits:
-        log.warning(
-            "Nothing to train (adapter method %r, %d shots): zero-shot evaluation only.", method, shots
-        )
+        reason = no_steps if method != "none" and shots > 0 else f"adapter method {method!r}, {shots} shots"
+        log.warning("Nothing to train (%s): zero-shot evaluation only, no adapters saved.", reason)
     if cfg.get("ckpt_path") and not fits:
         raise ConfigError(
             "ckpt_path resumes training, but this run trains nothing; test a checkpoint with "
             "`python eval.py ckpt_path=...` instead."
         )
     check_test_ckpt(cfg)
-    _prepare(cfg)
+    _prepare(cfg, resume=fits)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg, "fit" if fits else "test")
     module = build_model(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,30 @@ def load_rgb_image(path: str) -> Image.Image:
         ) from err
 
 
+def check_images_present(datasets: Sequence[ImageListDataset], skip_corrupt: bool = False) -> None:
+    """Fail now, before any training, when image files that ``datasets`` list are not on disk: one
+    `DatasetNotFoundError` naming the first few, how many, and the folder they should be in. With
+    ``skip_corrupt`` they are only reported (the loaders skip them as unreadable)."""
+    missing = {dataset.name: dataset.missing_files() for dataset in datasets}
+    missing = {name: files for name, files in missing.items() if files}
+    if not missing:
+        return
+    files = sorted({file for found in missing.values() for file in found})
+    folder = os.path.commonpath([str(Path(file).parent) for file in files])
+    shown = ", ".join(Path(file).relative_to(folder).as_posix() for file in files[:5])
+    more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+    message = (
+        f"{len(files)} image files listed by {', '.join(missing)} are missing under {folder}: {shown}{more}."
+    )
+    if skip_corrupt:
+        log.warning("%s They are skipped (data.skip_corrupt=true).", message)
+        return
+    raise DatasetNotFoundError(
+        f"{message} Copy the dataset again (data/README.md says where each comes from), or pass "
+        "data.skip_corrupt=true to skip the missing images."
+    )
+
+
 class ImageListDataset(Dataset):
     """A classification dataset given as a list of `(image path, label)` pairs.
 
@@ -137,7 +162,10 @@ class ImageListDataset(Dataset):
 
     def missing_files(self) -> list[str]:
         """The samples whose image file is not on disk. With `open_image`, its `file_of(sample)` names the
-        file a sample comes from (None: an index into arrays, which reading the dataset already found)."""
+        file a sample comes from (None: an index into arrays, which reading the dataset already found). A
+        subclass that draws its images (`load_image` overridden: digits, glyphs) has no files."""
+        if type(self).load_image is not ImageListDataset.load_image:
+            return []
         file_of = getattr(self.open_image, "file_of", lambda sample: sample)
         files = {file_of(path) for path, _ in self.samples}
         return sorted(file for file in files if file is not None and not Path(file).is_file())

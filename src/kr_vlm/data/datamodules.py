@@ -34,7 +34,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from kr_vlm.data.atlas import atlas_fraction
-from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset
+from kr_vlm.data.base import ClassificationTask, DatasetNotFoundError, ImageListDataset, check_images_present
 from kr_vlm.data.fewshot import (
     base_new_labels,
     few_shot_split,
@@ -321,6 +321,8 @@ class FewShotDataModule(LightningDataModule):
             task, dataset = subsampled(source_test, source_test.samples, subsample, "test")
             self._add_test_set(task, dataset, "source" if subsample == "all" else subsample)
         self._add_extra_test_sets()
+        used = [self.train_dataset] if self.train_dataset is not None else []
+        check_images_present([*used, *self.val_datasets, *self.test_datasets], self.skip_corrupt)
 
         self._apply_transforms()
         self._is_set_up = True

@@ -42,6 +42,7 @@ from kr_vlm.models.hf_offline import (
     open_clip_config,
 )
 from kr_vlm.models.towers import convert_towers, initialize_random_towers
+from kr_vlm.models.weights_check import check_shipped_weights, check_weights_file, weights_load_errors
 
 __all__ = ["PRECISIONS", "SHIPPED_WEIGHTS", "WeightsNotFoundError", "load_clip"]
 
@@ -268,10 +269,12 @@ def _architecture_weights(
                 f"The weights kr_vlm ships for model {name!r} (pretrained={pretrained!r}) are missing: "
                 f"{shipped}. Reinstall kr_vlm, or regenerate them with scripts/pretrain_mini.py (README)."
             )
+        check_shipped_weights(shipped)
         return str(shipped), bool(force_quick_gelu), {}
     tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not tag_cfg:
         if os.path.isfile(pretrained):
+            check_weights_file(pretrained)
             return pretrained, bool(force_quick_gelu), {}
         if _looks_like_path(pretrained):
             raise WeightsNotFoundError(f"Pretrained weights file for model {name!r} not found: {pretrained}")
@@ -428,7 +431,7 @@ def load_clip(
     architecture = open_clip_config(registered)
     # Hugging Face text towers and tokenizers come from local files (kr_vlm.models.hf_offline).
     text_overrides = hf_text_overrides(name, architecture, cache_dir, allow_download)
-    with _without_random_init_warning(random_weights):
+    with _without_random_init_warning(random_weights), weights_load_errors(checkpoint, name):
         model = open_clip.create_model(
             registered,
             pretrained=checkpoint,

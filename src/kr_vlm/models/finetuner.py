@@ -50,6 +50,7 @@ ADAPTER_KEYS = ("method", "targets", "options")
 MODEL_PREFIX = "classifier.model."
 # Checkpoint entry holding torch's random generator states, for exact resumption.
 RNG_STATES_KEY = "kr_vlm_rng_states"
+SCHEDULE_KEY, SCHEDULE_FIELDS = "kr_vlm_schedule", ("max_steps", "max_epochs", "accumulate_grad_batches")
 
 # The three evaluation stages and the DataModule attribute that holds their tasks.
 _TASK_ATTRIBUTES = {"train": "train_task", "val": "val_tasks", "test": "test_tasks"}
@@ -440,7 +441,7 @@ class CLIPFineTuner(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only the adapter tensors (the frozen base model is rebuilt from the hyperparameters),
         and torch's random states, which adapter dropout draws from: a fit resumed from the checkpoint
-        then drops what the uninterrupted fit would have dropped. (The training loader's position and
+        then drops what the uninterrupted fit would have dropped; and the Trainer's schedule. (The training loader's position and
         augmentations come back with its own state, which Lightning saves: kr_vlm.data.loading.)"""
         keep = set(self.adapter_keys())
         checkpoint["state_dict"] = {
@@ -450,6 +451,8 @@ class CLIPFineTuner(LightningModule):
             "cpu": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
         }
+        # The Trainer's schedule, which a resumed fit must keep (kr_vlm.cli.resume).
+        checkpoint[SCHEDULE_KEY] = {field: getattr(self.trainer, field) for field in SCHEDULE_FIELDS}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Check the checkpoint's adapter tensors against this module's, then complete the state dict

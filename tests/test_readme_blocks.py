@@ -19,7 +19,8 @@ into the repository itself. A block that cannot run here says why in an HTML com
     <!-- readme-test: slow -->
         marked slow (it still runs in CI).
 
-Placeholders such as `<date>_<time>_<suffix>` become a glob: in a fresh copy the only run folder there is.
+A placeholder such as `logs/demo/runs/<date>_<time>_<suffix>` becomes the newest folder there when the line
+runs (in a fresh copy: the run the block made); any other placeholder becomes a glob.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ DOCUMENTS = ("README.md", "data/README.md")
 LANGUAGES = {"bash", "sh", "python"}
 DIRECTIVE = re.compile(r"<!--\s*readme-test:(.*?)-->", re.S)
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
+# `<parent>/<date>_<time>_<suffix>`: the newest entry of <parent> when the line runs; any other placeholder
+# (`<task>`) a glob.
+NEWEST = re.compile(r"(?P<parent>[\w.-]+(?:/[\w.-]+)*)/(?:<[a-z_]+>_?)+")
 PLACEHOLDER = re.compile(r"<[a-z_]+>")
 KNOWN_DIRECTIVES = {"skip", "compose", "shorten", "shorten-script", "slow", "reason"}
 TIMEOUT_S = 900
@@ -213,7 +217,8 @@ def test_readme_block_runs(block: Block, tmp_path):
     if block.language == "python":
         command = [sys.executable, "-c", block.code]
     else:
-        command = ["bash", "-euo", "pipefail", "-c", PLACEHOLDER.sub("*", block.code)]
+        code = NEWEST.sub(lambda match: f'{match["parent"]}/"$(ls -t {match["parent"]} | head -1)"', block.code)
+        command = ["bash", "-euo", "pipefail", "-c", PLACEHOLDER.sub("*", code)]
     done = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert done.returncode == 0, (
         f"{block.name} (line {block.line}) failed with exit status {done.returncode}:\n{block.code}\n"

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kr_vlm.benchmarks.mini.machine import machine_description
+from kr_vlm.benchmarks.mini import machine_description
 
 
 @dataclass

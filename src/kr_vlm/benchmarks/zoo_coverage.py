@@ -170,7 +170,7 @@ def walk_meta(command: str, small: bool) -> dict[str, Any]:
     import torch
     import transformers
 
-    from kr_vlm.benchmarks.mini.machine import machine_description
+    from kr_vlm.benchmarks.mini import machine_description
 
     machine = machine_description(workers=1)
     return {

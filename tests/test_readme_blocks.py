@@ -215,7 +215,10 @@ def test_readme_block_runs(block: Block, tmp_path):
     repo = repository_copy(tmp_path)
     env = environment(tmp_path, repo, block)
     if block.language == "python":
-        command = [sys.executable, "-c", block.code]
+        # Run as a module is imported: a block that ends in `if __name__ == "__main__":` is a script the
+        # README runs from the command line (its own test runs it so); here it must import and register.
+        (repo / "readme_block.py").write_text(block.code)
+        command = [sys.executable, "-c", "import runpy; runpy.run_path('readme_block.py', run_name='readme_block')"]
     else:
         code = NEWEST.sub(lambda match: f'{match["parent"]}/"$(ls -t {match["parent"]} | head -1)"', block.code)
         command = ["bash", "-euo", "pipefail", "-c", PLACEHOLDER.sub("*", code)]

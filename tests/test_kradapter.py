@@ -3,13 +3,15 @@ dropout; on nn.Linear and on transformers' Conv1D (weight stored transposed)."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from kr_vlm.adapters import KRAdapterLinear, kradapter_shapes
+from kr_vlm.adapters import AdapterConfig, KRAdapterLinear, adapted_layers, inject_adapters, kradapter_shapes
 from kr_vlm.adapters.layer import dense_weight
-from kr_vlm.spectral import effective_rank
+from kr_vlm.spectral import effective_rank, effective_rank_from_singular_values
 
 # (d_out, d_in): square, wide (d_out < d_in), tall (d_out > d_in), ragged (r * r2 > K) both ways,
 # and one where r * r2 == K exactly.
@@ -125,18 +127,32 @@ def test_custom_rank():
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == 48 * (4 + 16)
 
 
-def test_khatri_rao_update_has_high_effective_rank_lora_does_not():
+def test_the_layer_s_update_is_nearly_full_rank_where_lora_s_of_the_same_budget_is_not():
+    """What the rank monitor reports, through the layers' own code: KRAdapter's update (its factors as the
+    layer lays them out, and their spectral shortcut) reaches about the effective rank of a Gaussian matrix
+    and its rank cap is the layer's full rank; LoRA injected with the same budget stays at its r."""
     torch.manual_seed(0)
-    d = 768
-    _, _, r, r2 = kradapter_shapes(d, d)
-    u, v = torch.randn(d, r), torch.randn(d, r2)
-    kr_update = reference_delta(u, v, d, d)
-    gaussian = torch.randn(d, d)
-    assert effective_rank(kr_update) >= 0.9 * effective_rank(gaussian)
+    d = 256
+    base = nn.Sequential(nn.Linear(d, d))
+    kradapter = inject_adapters(copy.deepcopy(base), AdapterConfig("kradapter", ["0"]))
+    ((_, kr_layer),) = adapted_layers(kradapter)
+    lora_rank = kr_layer.kr_u.numel() + kr_layer.kr_v.numel()
+    lora_rank //= 2 * d  # the same parameter budget spent on B @ A
+    lora = inject_adapters(copy.deepcopy(base), AdapterConfig("lora", ["0"], r=lora_rank))
+    ((_, lora_layer),) = adapted_layers(lora)
+    with torch.no_grad():  # as if trained: every factor nonzero
+        for model in (kradapter, lora):
+            for parameter in model.parameters():
+                if parameter.requires_grad:
+                    parameter.normal_()
 
-    lora_rank = d * (r + r2) // (2 * d)  # the same parameter budget spent on B @ A
-    lora_update = torch.randn(d, lora_rank) @ torch.randn(lora_rank, d)
-    assert effective_rank(lora_update) <= lora_rank
+    gaussian = effective_rank(torch.randn(d, d))
+    kr_sigma = kr_layer.spectral_factors().singular_values()
+    assert kr_layer.rank_cap == d and effective_rank_from_singular_values(kr_sigma) >= 0.9 * gaussian
+    assert effective_rank(kr_layer.delta_weight().detach()) >= 0.9 * gaussian
+    lora_sigma = lora_layer.spectral_factors().singular_values()
+    assert lora_layer.rank_cap == lora_rank
+    assert 0.5 * lora_rank <= effective_rank_from_singular_values(lora_sigma) <= lora_rank + 1e-6
 
 
 def test_update_is_zero_at_init():

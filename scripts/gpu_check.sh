@@ -16,7 +16,7 @@
 #   8. bench_precision.py on the GPU, one seed: fp32 / bf16-mixed / fp16-mixed demo              [70 / 300]
 # A step that fails or runs out of time is marked so and the next one runs; the exit status is 0 only when
 # every step passed. Environment:
-#   PYTHON=python3.11   the interpreter (default: python)
+#   PYTHON=python3.11   the interpreter (default: the repository's .venv/bin/python where it exists, else python)
 #   KR_VLM_GPU_CHECK_DEVICE=cpu   a dry run of steps 3-8 on the CPU at the smallest settings, under the
 #                       CPU limits: checks the script itself where no GPU is (no install, no CUDA needed;
 #                       its figures mean nothing)
@@ -33,7 +33,10 @@ fi
 mkdir -p "$(dirname "$SUMMARY")"
 echo "The summary goes to $SUMMARY"
 cd "$ROOT"
-PYTHON=${PYTHON:-python}
+if [[ -z "${PYTHON:-}" ]]; then
+    # The README's install makes .venv; a user who has not activated it still checks that environment.
+    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
 DEVICE=${KR_VLM_GPU_CHECK_DEVICE:-cuda}
 LOGS=$(mktemp -d)
 trap 'rm -rf "$LOGS"' EXIT

@@ -87,3 +87,26 @@ def test_the_dry_run_settings_are_accepted_by_each_script(step, tmp_path):
     assert given
     for arguments in given:
         module.parse_args(arguments)
+
+
+def test_without_python_set_it_runs_the_repositorys_venv(tmp_path):
+    """The README's install makes `.venv`; `bash scripts/gpu_check.sh` in a shell where it is not activated
+    must check that environment, not whatever `python` is on PATH."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "gpu_check.sh").write_text(SCRIPT.read_text())
+    venv_python = repo / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.write_text(FAKE_PYTHON)
+    venv_python.chmod(venv_python.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    env = {key: value for key, value in os.environ.items() if key != "PYTHON"}
+    result = subprocess.run(
+        ["bash", str(repo / "scripts" / "gpu_check.sh"), str(tmp_path / "summary.md")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**env, "CALLS": str(calls), "KR_VLM_GPU_CHECK_DEVICE": "cpu"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(calls.read_text().splitlines()) == 6  # every step went through the venv's interpreter

@@ -228,7 +228,7 @@ def test_the_readme_example_registers_trains_with_the_rank_monitor_and_shows_in_
     script.write_text(readme_example())
     paths = [
         f"paths.{key}={tmp_path / folder}"
-        for key, folder in (("root_dir", ""), ("data_dir", "data"), ("log_dir", "logs"), ("cache_dir", "cache"))
+        for key, folder in (("root_dir", ""), ("data_dir", "data"), ("log_dir", "logs"))
     ]
     run_dir = tmp_path / "run"
     command = [

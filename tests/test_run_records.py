@@ -94,7 +94,6 @@ def train_command(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
             "trainer.max_steps=2",
             "callbacks.model_checkpoint.every_n_train_steps=1",
             f"paths.data_dir={cwd / 'data'}",
-            f"paths.cache_dir={cwd / 'cache'}",
             *overrides,
         ],
         cwd=cwd,
